@@ -1,0 +1,295 @@
+//! Running a durable pull consumer.
+//!
+//! Per message: call the handler; on success ack (the handler has committed its
+//! effects, so a crash before the ack means a redelivery the handler must treat
+//! as a no-op); on failure `Nak(Some(delay))` with exponential backoff (a plain
+//! NAK ignores the consumer's backoff); on the `max_deliver`-th failure publish
+//! a copy to the dead-letter stream — payload, original headers, the error and
+//! where it came from — then `Term` it so the consumer moves on.
+
+use std::{future::Future, pin::pin, sync::Arc, time::Duration};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        self,
+        consumer::{Consumer, pull},
+        message::AckKind,
+    },
+};
+use events::subjects::{MSG_ID, Namespace};
+use futures::StreamExt as _;
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::publisher::{Outgoing, Publisher};
+
+pub const HDR_DLQ_ERROR: &str = "Cp-Dlq-Error";
+pub const HDR_DLQ_CONSUMER: &str = "Cp-Dlq-Consumer";
+pub const HDR_DLQ_STREAM: &str = "Cp-Dlq-Stream";
+pub const HDR_DLQ_STREAM_SEQ: &str = "Cp-Dlq-Stream-Seq";
+pub const HDR_DLQ_SUBJECT: &str = "Cp-Dlq-Subject";
+pub const HDR_DLQ_DELIVERED: &str = "Cp-Dlq-Delivered";
+
+/// A handler failure; the runner retries it and finally dead-letters it.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message. Must be idempotent: the same message may come again.
+    fn handle(&self, message: &jetstream::Message) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+impl<H: Handler> Handler for Arc<H> {
+    fn handle(&self, message: &jetstream::Message) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (**self).handle(message)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Deliveries before dead-lettering; match the consumer's `max_deliver`.
+    pub max_deliver: i64,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Messages pulled per request.
+    pub batch: usize,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            max_deliver: 5,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            batch: 256,
+        }
+    }
+}
+
+impl RunnerConfig {
+    /// Delay before the next delivery after the `delivered`-th failure.
+    pub fn backoff(&self, delivered: i64) -> Duration {
+        let exponent = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
+        self.backoff_base
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.backoff_max)
+    }
+}
+
+#[derive(Debug)]
+pub struct ConsumerRunner<H> {
+    name: String,
+    consumer: Consumer<pull::Config>,
+    handler: Arc<H>,
+    dead_letters: Publisher,
+    namespace: Namespace,
+    config: RunnerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("cannot pull from consumer {consumer}: {source}")]
+    Pull { consumer: String, source: HandlerError },
+}
+
+impl<H: Handler> ConsumerRunner<H> {
+    pub fn new(
+        consumer: Consumer<pull::Config>,
+        handler: H,
+        dead_letters: Publisher,
+        namespace: Namespace,
+        config: RunnerConfig,
+    ) -> Self {
+        let name = consumer.cached_info().name.clone();
+        Self {
+            name,
+            consumer,
+            handler: Arc::new(handler),
+            dead_letters,
+            namespace,
+            config,
+        }
+    }
+
+    /// Processes messages until `shutdown` resolves. A lost connection is
+    /// retried; only a consumer that cannot be pulled at all is an error.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunnerError> {
+        let mut shutdown = pin!(shutdown);
+        loop {
+            let stream = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.config.batch)
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+                .map_err(|source| RunnerError::Pull {
+                    consumer: self.name.clone(),
+                    source: Box::new(source),
+                })?;
+            let mut stream = pin!(stream);
+            loop {
+                let next = tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    next = stream.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => self.process(message).await,
+                    Some(Err(error)) => {
+                        tracing::warn!(consumer = %self.name, %error, "pull stream error; re-subscribing");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn process(&self, message: jetstream::Message) {
+        let (stream_name, stream_sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
+            Err(error) => {
+                tracing::error!(consumer = %self.name, %error, "message without JetStream info; terminating it");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "consume",
+            otel.kind = "consumer",
+            consumer = %self.name,
+            stream = %stream_name,
+            stream_sequence,
+            delivered,
+        );
+        if let Some(headers) = &message.headers {
+            platform::telemetry::set_parent(&span, platform::telemetry::extract_nats(headers));
+        }
+        async {
+            let started = Instant::now();
+            let outcome = self.handler.handle(&message).await;
+            metrics::histogram!("nats_consumer_handle_seconds", "consumer" => self.name.clone())
+                .record(started.elapsed().as_secs_f64());
+            match outcome {
+                Ok(()) => {
+                    self.count("processed");
+                    if let Err(error) = message.ack().await {
+                        // The effects are committed; the redelivery will be a no-op.
+                        tracing::warn!(%error, "ack failed");
+                    }
+                }
+                Err(error) if delivered >= self.config.max_deliver => {
+                    tracing::error!(%error, msg_id = msg_id(&message), "giving up on message; dead-lettering it");
+                    self.dead_letter(&message, &stream_name, stream_sequence, delivered, &error)
+                        .await;
+                }
+                Err(error) => {
+                    let delay = self.config.backoff(delivered);
+                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
+                    self.count("retried");
+                    if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                        tracing::warn!(%error, "nak failed; redelivery after ack_wait");
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        stream_name: &str,
+        stream_sequence: u64,
+        delivered: i64,
+        error: &HandlerError,
+    ) {
+        let msg_id = msg_id(message).map_or_else(|| format!("{stream_name}:{stream_sequence}"), str::to_owned);
+        let mut headers = message.headers.clone().unwrap_or_default();
+        headers.insert(HDR_DLQ_ERROR, header_safe(&error.to_string()).as_str());
+        headers.insert(HDR_DLQ_CONSUMER, self.name.as_str());
+        headers.insert(HDR_DLQ_STREAM, stream_name);
+        headers.insert(HDR_DLQ_STREAM_SEQ, stream_sequence.to_string().as_str());
+        headers.insert(HDR_DLQ_SUBJECT, message.subject.as_str());
+        headers.insert(HDR_DLQ_DELIVERED, delivered.to_string().as_str());
+        let outgoing = Outgoing {
+            subject: self.namespace.dead_letter_subject(&self.name),
+            // same id again if we crash before Term: the dead-letter stream dedupes it
+            msg_id: format!("dlq:{}:{msg_id}", self.name),
+            headers: strip_msg_id(headers),
+            payload: message.payload.clone(),
+        };
+        match self.dead_letters.publish(outgoing).await {
+            Ok(_) => {
+                self.count("dead_lettered");
+                if let Err(error) = message.ack_with(AckKind::Term).await {
+                    tracing::warn!(%error, "term failed; the message will come once more and be deduped");
+                }
+            }
+            Err(error) => {
+                // Not stored anywhere yet: leave it to redelivery rather than lose it.
+                tracing::error!(%error, "dead-letter publish failed; message stays pending");
+                let _ = message.ack_with(AckKind::Nak(Some(self.config.backoff_max))).await;
+            }
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!("nats_consumer_messages_total", "consumer" => self.name.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+}
+
+fn msg_id(message: &jetstream::Message) -> Option<&str> {
+    message
+        .headers
+        .as_ref()?
+        .get(MSG_ID)
+        .map(async_nats::HeaderValue::as_str)
+}
+
+/// The original id goes back in under its own name so the DLQ entry keeps it.
+fn strip_msg_id(headers: HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in headers.iter() {
+        let key: &str = name.as_ref();
+        let key = if key == MSG_ID { "Cp-Dlq-Original-Msg-Id" } else { key };
+        for value in values {
+            out.append(key.to_owned(), value.as_str());
+        }
+    }
+    out
+}
+
+/// Header values may not hold CR/LF, and an error chain can be long.
+fn header_safe(text: &str) -> String {
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    flat.chars().take(1024).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let config = RunnerConfig {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            ..RunnerConfig::default()
+        };
+        assert_eq!(config.backoff(1), Duration::from_millis(100));
+        assert_eq!(config.backoff(2), Duration::from_millis(200));
+        assert_eq!(config.backoff(4), Duration::from_millis(800));
+        assert_eq!(config.backoff(5), Duration::from_secs(1));
+        assert_eq!(config.backoff(1_000), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn header_values_lose_line_breaks_and_length() {
+        assert_eq!(header_safe("a\r\nb"), "a  b");
+        assert_eq!(header_safe(&"x".repeat(5000)).len(), 1024);
+    }
+}

@@ -1,0 +1,28 @@
+//! The JetStream layer every City Picks service shares.
+//!
+//! - [`topology`]: streams and durable consumers as code, created or updated
+//!   idempotently by [`topology::ensure_topology`]. One stream per aggregate
+//!   type with one literal subject, so no consumer ever needs a wildcard
+//!   filter (measured: wildcard-filtered consumers run at a quarter of the speed).
+//! - [`publisher`]: publishing with `Nats-Msg-Id` (server-side dedupe) and W3C
+//!   trace headers, pipelined under `max_ack_inflight`, every ack awaited.
+//! - [`consumer`]: the runner for durable pull consumers: ack after the handler
+//!   commits, `Nak(Some(delay))` backoff on failure, and after `max_deliver`
+//!   a copy to the dead-letter stream with the error and original headers.
+
+pub mod consumer;
+pub mod publisher;
+pub mod topology;
+
+pub use consumer::{ConsumerRunner, Handler, HandlerError, RunnerConfig};
+pub use publisher::{Outgoing, PublishFailure, Publisher};
+pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology};
+
+/// Connects JetStream on top of a NATS client with the publish settings the
+/// measured facts call for.
+pub fn jetstream(client: async_nats::Client, max_ack_inflight: usize) -> async_nats::jetstream::Context {
+    async_nats::jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(max_ack_inflight)
+        .backpressure_on_inflight(true)
+        .build(client)
+}

@@ -1,0 +1,112 @@
+//! Configuration pieces that binaries flatten into their own clap parsers.
+//!
+//! Every value comes from the environment (or the equivalent flag); defaults
+//! point at the local stack of `./dev up`. Secrets have no default.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use clap::Args;
+
+/// A value that must never reach a log line: `Debug` prints a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PostgresConfig {
+    /// Postgres connection URL (may contain a password, hence a secret).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://citypicks@127.0.0.1:55432/citypicks",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub database_url: Secret,
+    /// Size of the connection pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisConfig {
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:56379/",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub redis_url: Secret,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NatsConfig {
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:54222")]
+    pub nats_url: String,
+    /// Prefix of every stream and subject; tests use their own to stay isolated.
+    #[arg(long, env = "NATS_NAMESPACE", default_value = "cp")]
+    pub nats_namespace: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuthConfig {
+    /// HS256 secret that signs and verifies JWTs. Required: there is no safe default.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Secret,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StartupConfig {
+    /// How long to wait for dependencies at start-up before giving up.
+    #[arg(long, env = "STARTUP_TIMEOUT_SECS", default_value_t = 30)]
+    pub startup_timeout_secs: u64,
+}
+
+impl StartupConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.startup_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryConfig {
+    /// `text` for people, `json` for log shippers.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// OTLP/HTTP collector; unset means no trace export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Service name in traces; defaults to the binary name.
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub service_name: Option<String>,
+}

@@ -1,0 +1,293 @@
+//! Logs, traces and metrics.
+//!
+//! Every process installs the same stack: a `tracing` subscriber (text or JSON),
+//! an OpenTelemetry layer so spans carry W3C trace ids (exported over OTLP/HTTP
+//! only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set), and a Prometheus recorder
+//! for the `metrics` macros, rendered by `GET /metrics`.
+//!
+//! Trace context crosses process boundaries in three carriers: HTTP headers,
+//! NATS headers and event metadata (`traceparent`/`tracestate` strings). The
+//! helpers here inject the current span's context into each and extract a
+//! parent context from each.
+
+use std::{collections::HashMap, sync::OnceLock};
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::{
+    Context,
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::TracerProvider as _,
+};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider},
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Latency buckets (seconds) shared by every histogram: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Keeps the trace exporter alive; dropping it flushes pending spans.
+#[derive(Debug)]
+pub struct Telemetry {
+    tracer_provider: SdkTracerProvider,
+    metrics: PrometheusHandle,
+}
+
+impl Telemetry {
+    pub fn metrics(&self) -> PrometheusHandle {
+        self.metrics.clone()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Err(error) = self.tracer_provider.shutdown() {
+            tracing::debug!(%error, "tracer provider shutdown");
+        }
+    }
+}
+
+/// Installs logging, tracing and metrics for a binary called `default_name`.
+pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
+    let service_name = config.service_name.clone().unwrap_or_else(|| default_name.to_owned());
+    let resource = Resource::builder().with_service_name(service_name).build();
+    let mut provider = SdkTracerProvider::builder().with_resource(resource);
+    provider = match config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) => {
+            let endpoint = traces_endpoint(endpoint);
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .with_context(|| format!("OTLP exporter for {endpoint}"))?;
+            provider
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+                .with_batch_exporter(exporter)
+        }
+        // Spans still get trace ids (so context propagates and logs correlate) but
+        // nothing is recorded for an exporter that does not exist.
+        None => provider.with_sampler(Sampler::AlwaysOff),
+    };
+    let tracer_provider = provider.build();
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer("citypicks"));
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt_layer = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).boxed(),
+    };
+    // A second init in one process (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init();
+
+    Ok(Telemetry {
+        tracer_provider,
+        metrics: metrics_handle(),
+    })
+}
+
+fn traces_endpoint(base: &str) -> String {
+    if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{}/v1/traces", base.trim_end_matches('/'))
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets(LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed already (a test harness): keep ours private.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Renders the Prometheus text exposition.
+pub fn render_metrics(handle: &PrometheusHandle) -> String {
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// Zero-sized: constructing one per call costs nothing.
+fn propagator() -> TraceContextPropagator {
+    TraceContextPropagator::new()
+}
+
+/// W3C trace context in string form, as stored in event metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl TraceHeaders {
+    /// The context of the current `tracing` span.
+    pub fn current() -> Self {
+        let mut carrier = HashMap::new();
+        propagator().inject_context(&tracing::Span::current().context(), &mut carrier);
+        Self {
+            traceparent: carrier.remove("traceparent"),
+            tracestate: carrier.remove("tracestate").filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The parent context these headers describe (empty when absent or malformed).
+    pub fn context(&self) -> Context {
+        let mut carrier = HashMap::new();
+        if let Some(traceparent) = &self.traceparent {
+            carrier.insert("traceparent".to_owned(), traceparent.clone());
+        }
+        if let Some(tracestate) = &self.tracestate {
+            carrier.insert("tracestate".to_owned(), tracestate.clone());
+        }
+        propagator().extract(&carrier)
+    }
+}
+
+/// Makes `span` a child of `parent` when `parent` carries a valid remote span.
+pub fn set_parent(span: &tracing::Span, parent: Context) {
+    use opentelemetry::trace::TraceContextExt as _;
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Writes the current span's context into outgoing HTTP headers.
+pub fn inject_http(headers: &mut http::HeaderMap) {
+    propagator().inject_context(&tracing::Span::current().context(), &mut HttpCarrier(headers));
+}
+
+/// Reads a parent context from incoming HTTP headers.
+pub fn extract_http(headers: &http::HeaderMap) -> Context {
+    propagator().extract(&HttpCarrierRef(headers))
+}
+
+/// Writes the current span's context into outgoing NATS headers.
+pub fn inject_nats(headers: &mut async_nats::HeaderMap) {
+    propagator().inject_context(&tracing::Span::current().context(), &mut NatsCarrier(headers));
+}
+
+/// Reads a parent context from the headers of a NATS message.
+pub fn extract_nats(headers: &async_nats::HeaderMap) -> Context {
+    propagator().extract(&NatsCarrierRef(headers))
+}
+
+struct HttpCarrier<'a>(&'a mut http::HeaderMap);
+struct HttpCarrierRef<'a>(&'a http::HeaderMap);
+struct NatsCarrier<'a>(&'a mut async_nats::HeaderMap);
+struct NatsCarrierRef<'a>(&'a async_nats::HeaderMap);
+
+impl Injector for HttpCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::header::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+impl Extractor for HttpCarrierRef<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+impl Injector for NatsCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+impl Extractor for NatsCarrierRef<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(async_nats::HeaderValue::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn http_headers_round_trip_a_remote_parent() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", http::HeaderValue::from_static(PARENT));
+        let cx = extract_http(&headers);
+        let mut out = HashMap::new();
+        propagator().inject_context(&cx, &mut out);
+        assert_eq!(out.get("traceparent").map(String::as_str), Some(PARENT));
+    }
+
+    #[test]
+    fn nats_headers_round_trip_a_remote_parent() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", PARENT);
+        let cx = extract_nats(&headers);
+        let mut out = async_nats::HeaderMap::new();
+        propagator().inject_context(&cx, &mut NatsCarrier(&mut out));
+        assert_eq!(
+            out.get("traceparent").map(async_nats::HeaderValue::as_str),
+            Some(PARENT)
+        );
+    }
+
+    #[test]
+    fn metadata_strings_round_trip_and_garbage_is_ignored() {
+        let headers = TraceHeaders {
+            traceparent: Some(PARENT.to_owned()),
+            tracestate: None,
+        };
+        let mut out = HashMap::new();
+        propagator().inject_context(&headers.context(), &mut out);
+        assert_eq!(out.get("traceparent").map(String::as_str), Some(PARENT));
+
+        let garbage = TraceHeaders {
+            traceparent: Some("not-a-trace".to_owned()),
+            tracestate: None,
+        };
+        let mut out = HashMap::new();
+        propagator().inject_context(&garbage.context(), &mut out);
+        assert!(!out.contains_key("traceparent"));
+    }
+
+    #[test]
+    fn otlp_endpoint_gets_the_traces_path_once() {
+        assert_eq!(traces_endpoint("http://jaeger:4318"), "http://jaeger:4318/v1/traces");
+        assert_eq!(traces_endpoint("http://jaeger:4318/"), "http://jaeger:4318/v1/traces");
+        assert_eq!(traces_endpoint("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
+    }
+}

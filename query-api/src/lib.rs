@@ -1,0 +1,63 @@
+//! The read side's HTTP API over the JSON document views.
+//!
+//! Layout: [`Config`] (env), [`AppState`], [`router`] (routes, for in-process
+//! tests) and [`run`] (connect, serve until shutdown). The view endpoints
+//! arrive with the read-side issue.
+
+use std::future::Future;
+
+use axum::{Router, extract::FromRef};
+use clap::Parser;
+use platform::{
+    config::{AuthConfig, PostgresConfig, StartupConfig, TelemetryConfig},
+    http::{Health, JwtKeys, Ops},
+};
+use tokio::net::TcpListener;
+
+pub const SERVICE: &str = "query-api";
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = SERVICE, about = "City Picks query API")]
+pub struct Config {
+    #[arg(long, env = "QUERY_API_ADDR", default_value = "127.0.0.1:8082")]
+    pub addr: String,
+    #[command(flatten)]
+    pub postgres: PostgresConfig,
+    #[command(flatten)]
+    pub auth: AuthConfig,
+    #[command(flatten)]
+    pub startup: StartupConfig,
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, FromRef)]
+pub struct AppState {
+    pub pool: sqlx::PgPool,
+    pub jwt: JwtKeys,
+    pub ops: Ops,
+}
+
+pub fn router(state: AppState) -> Router {
+    let ops = state.ops.clone();
+    platform::http::service_router(Router::new().with_state(state), ops)
+}
+
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = platform::pg::connect(&config.postgres, config.startup.timeout()).await?;
+    let ops = Ops {
+        health: Health::new().postgres(pool.clone()),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let state = AppState {
+        pool,
+        jwt: JwtKeys::new(&config.auth.jwt_secret),
+        ops,
+    };
+    platform::http::serve(listener, router(state), shutdown).await?;
+    Ok(())
+}
