@@ -45,14 +45,49 @@ impl<H: Handler> Handler for Arc<H> {
     }
 }
 
+/// Handles the messages that are ready together (one transaction for many),
+/// answering one outcome per message, in order, so one poison message does
+/// not fail its neighbours.
+pub trait BatchHandler: Send + Sync + 'static {
+    fn handle_batch(
+        &self,
+        messages: &[jetstream::Message],
+    ) -> impl Future<Output = Vec<Result<(), HandlerError>>> + Send;
+}
+
+/// Adapts a per-message [`Handler`]: messages are handled one after another.
+#[derive(Debug)]
+pub struct OneByOne<H>(pub H);
+
+impl<H: Handler> BatchHandler for OneByOne<H> {
+    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for message in messages {
+            let span = message_span("consume", message);
+            outcomes.push(self.0.handle(message).instrument(span).await);
+        }
+        outcomes
+    }
+}
+
+fn message_span(name: &'static str, message: &jetstream::Message) -> tracing::Span {
+    let span = tracing::info_span!("consume", otel.name = name, otel.kind = "consumer", subject = %message.subject);
+    if let Some(headers) = &message.headers {
+        platform::telemetry::set_parent(&span, platform::telemetry::extract_nats(headers));
+    }
+    span
+}
+
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// Deliveries before dead-lettering; match the consumer's `max_deliver`.
     pub max_deliver: i64,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Messages pulled per request.
+    /// Messages pulled per request, and the most handed to a batch handler.
     pub batch: usize,
+    /// After the first message of a batch, how long to wait for more.
+    pub linger: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -62,6 +97,7 @@ impl Default for RunnerConfig {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             batch: 256,
+            linger: Duration::from_millis(2),
         }
     }
 }
@@ -92,8 +128,22 @@ pub enum RunnerError {
     Pull { consumer: String, source: HandlerError },
 }
 
-impl<H: Handler> ConsumerRunner<H> {
+impl<H: Handler> ConsumerRunner<OneByOne<H>> {
+    /// A runner that hands messages to `handler` one at a time.
     pub fn new(
+        consumer: Consumer<pull::Config>,
+        handler: H,
+        dead_letters: Publisher,
+        namespace: Namespace,
+        config: RunnerConfig,
+    ) -> Self {
+        Self::batched(consumer, OneByOne(handler), dead_letters, namespace, config)
+    }
+}
+
+impl<H: BatchHandler> ConsumerRunner<H> {
+    /// A runner that hands every ready message (up to `config.batch`) to `handler` at once.
+    pub fn batched(
         consumer: Consumer<pull::Config>,
         handler: H,
         dead_letters: Publisher,
@@ -129,24 +179,47 @@ impl<H: Handler> ConsumerRunner<H> {
                 })?;
             let mut stream = pin!(stream);
             loop {
-                let next = tokio::select! {
+                let first = tokio::select! {
                     () = &mut shutdown => return Ok(()),
                     next = stream.next() => next,
                 };
-                match next {
-                    Some(Ok(message)) => self.process(message).await,
+                let mut batch = match first {
+                    Some(Ok(message)) => vec![message],
                     Some(Err(error)) => {
                         tracing::warn!(consumer = %self.name, %error, "pull stream error; re-subscribing");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         break;
                     }
                     None => break,
+                };
+                // Whatever else is ready joins the batch; a short linger lets a
+                // burst fill it without delaying a lone message noticeably.
+                while batch.len() < self.config.batch {
+                    match tokio::time::timeout(self.config.linger, stream.next()).await {
+                        Ok(Some(Ok(message))) => batch.push(message),
+                        _ => break,
+                    }
                 }
+                self.process(batch).await;
             }
         }
     }
 
-    async fn process(&self, message: jetstream::Message) {
+    async fn process(&self, batch: Vec<jetstream::Message>) {
+        let started = Instant::now();
+        let outcomes = self.handler.handle_batch(&batch).await;
+        metrics::histogram!("nats_consumer_handle_seconds", "consumer" => self.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let mut outcomes = outcomes.into_iter();
+        for message in batch {
+            let outcome = outcomes
+                .next()
+                .unwrap_or_else(|| Err("the handler returned no outcome".into()));
+            self.settle(message, outcome).await;
+        }
+    }
+
+    async fn settle(&self, message: jetstream::Message, outcome: Result<(), HandlerError>) {
         let (stream_name, stream_sequence, delivered) = match message.info() {
             Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
             Err(error) => {
@@ -155,47 +228,34 @@ impl<H: Handler> ConsumerRunner<H> {
                 return;
             }
         };
-        let span = tracing::info_span!(
-            "consume",
-            otel.kind = "consumer",
-            consumer = %self.name,
-            stream = %stream_name,
-            stream_sequence,
-            delivered,
-        );
-        if let Some(headers) = &message.headers {
-            platform::telemetry::set_parent(&span, platform::telemetry::extract_nats(headers));
-        }
-        async {
-            let started = Instant::now();
-            let outcome = self.handler.handle(&message).await;
-            metrics::histogram!("nats_consumer_handle_seconds", "consumer" => self.name.clone())
-                .record(started.elapsed().as_secs_f64());
-            match outcome {
-                Ok(()) => {
-                    self.count("processed");
-                    if let Err(error) = message.ack().await {
-                        // The effects are committed; the redelivery will be a no-op.
-                        tracing::warn!(%error, "ack failed");
-                    }
+        match outcome {
+            Ok(()) => {
+                self.count("processed");
+                if let Err(error) = message.ack().await {
+                    // The effects are committed; the redelivery will be a no-op.
+                    tracing::warn!(consumer = %self.name, %error, "ack failed");
                 }
-                Err(error) if delivered >= self.config.max_deliver => {
-                    tracing::error!(%error, msg_id = msg_id(&message), "giving up on message; dead-lettering it");
-                    self.dead_letter(&message, &stream_name, stream_sequence, delivered, &error)
-                        .await;
-                }
-                Err(error) => {
-                    let delay = self.config.backoff(delivered);
-                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
-                    self.count("retried");
-                    if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
-                        tracing::warn!(%error, "nak failed; redelivery after ack_wait");
-                    }
+            }
+            Err(error) if delivered >= self.config.max_deliver => {
+                tracing::error!(
+                    consumer = %self.name, %error, msg_id = msg_id(&message), stream_sequence,
+                    "giving up on message; dead-lettering it"
+                );
+                self.dead_letter(&message, &stream_name, stream_sequence, delivered, &error)
+                    .await;
+            }
+            Err(error) => {
+                let delay = self.config.backoff(delivered);
+                tracing::warn!(
+                    consumer = %self.name, %error, msg_id = msg_id(&message), delivered,
+                    retry_in_ms = delay.as_millis() as u64, "handler failed; will retry"
+                );
+                self.count("retried");
+                if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(%error, "nak failed; redelivery after ack_wait");
                 }
             }
         }
-        .instrument(span)
-        .await;
     }
 
     async fn dead_letter(

@@ -14,7 +14,7 @@ pub mod consumer;
 pub mod publisher;
 pub mod topology;
 
-pub use consumer::{ConsumerRunner, Handler, HandlerError, RunnerConfig};
+pub use consumer::{BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, RunnerConfig};
 pub use publisher::{Outgoing, PublishFailure, Publisher};
 pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology};
 

@@ -203,6 +203,7 @@ async fn start_runner(bus: &Bus, handler: Arc<Flaky>, max_deliver: i64) -> anyho
         backoff_base: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         batch: 16,
+        linger: Duration::from_millis(2),
     };
     let runner = ConsumerRunner::new(consumer, handler, bus.publisher.clone(), bus.namespace.clone(), config);
     let (stop, stopped) = oneshot::channel();

@@ -81,9 +81,18 @@ pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
     let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer("citypicks"));
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // colours only for a person at a terminal, not in log files
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt_layer = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     // A second init in one process (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()

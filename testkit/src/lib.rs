@@ -99,3 +99,152 @@ pub async fn redis() -> anyhow::Result<redis::aio::ConnectionManager> {
     let client = redis::Client::open(redis_url())?;
     Ok(redis::aio::ConnectionManager::new(client).await?)
 }
+
+/// A service started in-process on an ephemeral port, stopped on drop or by
+/// [`Server::stop`], which also waits for its graceful shutdown.
+#[derive(Debug)]
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    /// Binds 127.0.0.1:0 and spawns `run(listener, shutdown)`, then waits for `/health`.
+    pub async fn start<F, Fut>(run: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, futures_shutdown::Shutdown) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run(listener, futures_shutdown::Shutdown(stopped)));
+        let server = Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = client.get(self.url("/health")).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} never became healthy",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Signals shutdown and waits (bounded) for `run` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().context("already stopped")?;
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .context("graceful shutdown took over 10 s")??
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub mod futures_shutdown {
+    //! The shutdown future handed to a service's `run`.
+
+    use std::{
+        future::Future,
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    #[derive(Debug)]
+    pub struct Shutdown(pub(crate) tokio::sync::oneshot::Receiver<()>);
+
+    impl Future for Shutdown {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            // a dropped sender also means stop
+            Pin::new(&mut self.0).poll(cx).map(|_| ())
+        }
+    }
+}
+
+pub use reqwest;
+
+/// Checks what every service promises: `/health` is 200 and names `checks`,
+/// `/metrics` is Prometheus text counting the requests just made, and the
+/// server stops gracefully when asked.
+pub async fn assert_service_lifecycle(server: Server, checks: &[&str]) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let health = client.get(server.url("/health")).send().await?;
+    anyhow::ensure!(health.status() == 200, "/health answered {}", health.status());
+    let body: serde_json::Value = health.json().await?;
+    for check in checks {
+        let ok = body["checks"].as_array().is_some_and(|all| {
+            all.iter()
+                .any(|c| c["name"] == *check && c["ok"] == serde_json::Value::Bool(true))
+        });
+        anyhow::ensure!(ok, "/health does not report {check} ok: {body}");
+    }
+    let metrics = client.get(server.url("/metrics")).send().await?;
+    anyhow::ensure!(metrics.status() == 200, "/metrics answered {}", metrics.status());
+    let text = metrics.text().await?;
+    anyhow::ensure!(
+        text.contains("http_requests_total"),
+        "no request counter in /metrics:\n{text}"
+    );
+    server.stop().await
+}
+
+/// A pool whose every connection attempt is refused: a database that is down.
+pub fn unreachable_pool() -> PgPool {
+    PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+        .unwrap_or_else(|e| panic!("lazy pool: {e}"))
+}
+
+/// A NATS client that never connected: a broker that is down.
+pub async fn unreachable_nats() -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect("nats://127.0.0.1:1")
+        .await
+        .unwrap_or_else(|e| panic!("nats client: {e}"))
+}
+
+/// GET `path` on `router` in-process and return the status.
+pub async fn status_of(router: axum::Router, path: &str) -> u16 {
+    use tower::ServiceExt as _;
+    let request = http::Request::get(path)
+        .body(axum::body::Body::empty())
+        .unwrap_or_default();
+    match router.oneshot(request).await {
+        Ok(response) => response.status().as_u16(),
+        Err(never) => match never {},
+    }
+}
