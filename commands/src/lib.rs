@@ -1,26 +1,66 @@
-//! The write side of City Picks: the command API over the aggregates.
+//! The write side of City Picks: aggregates, the command API, the outbox
+//! relay and the seckill claim writer, in one process (`command-api`).
 //!
-//! Layout: [`Config`] (env), [`AppState`], [`router`] (routes, for in-process
-//! tests) and [`run`] (connect, serve until shutdown). Aggregates, the outbox
-//! relay and the reactors arrive with the write-side issue.
+//! Layout:
+//! - [`domain`]: the pure aggregates (Voucher, Order, Payment, Coupon, Product).
+//! - [`store`]: the event store as the write side uses it (multi-aggregate
+//!   appends, aggregate cache); [`bus`]: one command with bounded retries.
+//! - [`api`]: the HTTP handlers and their error type.
+//! - [`relay`]: the outbox relay, Postgres → JetStream in commit order.
+//! - [`claims`]: the seckill claim writer, JetStream → voucher + orders.
+//! - [`leader`]: single-active-instance helper (Postgres advisory lock).
+//! - [`Config`], [`AppState`], [`router`] (for in-process tests) and [`run`].
 
-use std::future::Future;
+pub mod api;
+pub mod bus;
+pub mod claims;
+pub mod domain;
+pub mod leader;
+pub mod relay;
+pub mod store;
+
+use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{Router, extract::FromRef};
 use clap::Parser;
+use events::Namespace;
 use platform::{
     config::{AuthConfig, NatsConfig, PostgresConfig, StartupConfig, TelemetryConfig},
     http::{Health, JwtKeys, Ops},
 };
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::Api,
+    bus::Commands,
+    claims::ClaimWriter,
+    domain::{SharedClock, SystemClock, VoucherServices},
+    relay::{Relay, RelayConfig},
+    store::{AggregateCache, EventStore},
+};
 
 pub const SERVICE: &str = "command-api";
+/// Durable consumer of the claim writer on the seckill requests stream.
+pub const CLAIM_WRITER_CONSUMER: &str = "claim-writer";
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = SERVICE, about = "City Picks command API")]
+#[command(name = SERVICE, about = "City Picks command API, outbox relay and claim writer")]
 pub struct Config {
     #[arg(long, env = "COMMAND_API_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
+    /// Run the outbox relay in this process (one instance is active at a time).
+    #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub relay_enabled: bool,
+    /// Events the relay reads and publishes per round.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2_000)]
+    pub relay_batch_size: i64,
+    /// Run the seckill claim writer in this process (one instance is active at a time).
+    #[arg(long, env = "CLAIM_WRITER_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub claim_writer_enabled: bool,
+    /// Most OrderRequested messages decided in one voucher append.
+    #[arg(long, env = "CLAIM_BATCH_SIZE", default_value_t = 1_000)]
+    pub claim_batch_size: usize,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -35,15 +75,46 @@ pub struct Config {
 
 #[derive(Debug, Clone, FromRef)]
 pub struct AppState {
-    pub pool: sqlx::PgPool,
-    pub nats: async_nats::Client,
-    pub jwt: JwtKeys,
+    pub api: Api,
     pub ops: Ops,
 }
 
+impl AppState {
+    /// Wires the write side over `pool` with the system clock.
+    pub fn new(pool: sqlx::PgPool, jwt: JwtKeys, ops: Ops) -> Self {
+        Self::with_clock(pool, jwt, ops, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(pool: sqlx::PgPool, jwt: JwtKeys, ops: Ops, clock: SharedClock) -> Self {
+        let store = EventStore::new(pool);
+        let voucher_cache = AggregateCache::new(10_000);
+        let vouchers =
+            Commands::new(store.clone(), VoucherServices::new(clock.clone())).with_cache(voucher_cache.clone());
+        let api = Api {
+            vouchers: Arc::new(vouchers),
+            voucher_cache,
+            orders: Arc::new(Commands::new(store.clone(), ())),
+            products: Arc::new(Commands::new(store.clone(), ())),
+            coupons: Arc::new(Commands::new(store.clone(), ())),
+            store,
+            clock,
+            jwt,
+        };
+        Self { api, ops }
+    }
+
+    pub fn claim_writer(&self) -> ClaimWriter {
+        ClaimWriter::new(
+            self.api.store.clone(),
+            self.api.voucher_cache.clone(),
+            self.api.vouchers.services().clone(),
+            (),
+        )
+    }
+}
+
 pub fn router(state: AppState) -> Router {
-    let ops = state.ops.clone();
-    platform::http::service_router(Router::new().with_state(state), ops)
+    platform::http::service_router(api::routes(state.api), state.ops)
 }
 
 pub async fn run(
@@ -54,16 +125,79 @@ pub async fn run(
     let timeout = config.startup.timeout();
     let pool = platform::pg::connect(&config.postgres, timeout).await?;
     let nats = platform::bus::connect(&config.nats, SERVICE, timeout).await?;
+    let namespace = Namespace::new(&config.nats.nats_namespace)?;
+    let js = cp_nats::jetstream(nats.clone(), 5_000);
+    cp_nats::ensure_topology(&js, &cp_nats::Topology::new(namespace.clone())).await?;
     let ops = Ops {
         health: Health::new().postgres(pool.clone()).nats(nats.clone()),
         metrics: platform::telemetry::metrics_handle(),
     };
-    let state = AppState {
-        pool,
-        nats,
-        jwt: JwtKeys::new(&config.auth.jwt_secret),
-        ops,
-    };
-    platform::http::serve(listener, router(state), shutdown).await?;
+    let state = AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops);
+    let stop = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+    let publisher = cp_nats::Publisher::new(js.clone(), 4_096);
+
+    if config.relay_enabled {
+        let relay_config = RelayConfig {
+            batch_size: config.relay_batch_size,
+            ..RelayConfig::default()
+        };
+        let relay = Relay::new(pool.clone(), publisher.clone(), namespace.clone(), relay_config);
+        background.spawn(relay.run(stop.clone().cancelled_owned()));
+    }
+    if config.claim_writer_enabled {
+        let writer = state.claim_writer();
+        let spec = cp_nats::ConsumerSpec::new(namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER)
+            .max_deliver(10)
+            .max_ack_pending(i64::try_from(config.claim_batch_size * 20).unwrap_or(20_000));
+        let runner_config = cp_nats::RunnerConfig {
+            max_deliver: 10,
+            batch: config.claim_batch_size,
+            ..cp_nats::RunnerConfig::default()
+        };
+        let (pool, js, stop) = (pool.clone(), js.clone(), stop.clone());
+        background.spawn(async move {
+            leader::while_leader(
+                &pool,
+                claims::CLAIM_WRITER_LOCK_KEY,
+                stop.clone().cancelled_owned(),
+                || {
+                    let (writer, js, spec, publisher, namespace, runner_config, stop) = (
+                        writer.clone(),
+                        js.clone(),
+                        spec.clone(),
+                        publisher.clone(),
+                        namespace.clone(),
+                        runner_config.clone(),
+                        stop.clone(),
+                    );
+                    async move {
+                        match cp_nats::ensure_consumer(&js, &spec).await {
+                            Ok(consumer) => {
+                                let runner = cp_nats::ConsumerRunner::batched(
+                                    consumer,
+                                    writer,
+                                    publisher,
+                                    namespace,
+                                    runner_config,
+                                );
+                                if let Err(error) = runner.run(stop.cancelled_owned()).await {
+                                    tracing::error!(%error, "claim writer stopped");
+                                }
+                            }
+                            Err(error) => tracing::error!(%error, "claim writer consumer unavailable"),
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
+            )
+            .await;
+        });
+    }
+
+    let served = platform::http::serve(listener, router(state), shutdown).await;
+    stop.cancel();
+    while background.join_next().await.is_some() {}
+    served?;
     Ok(())
 }

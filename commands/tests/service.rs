@@ -9,7 +9,15 @@ use platform::http::{Health, JwtKeys, Ops};
 async fn starts_reports_health_and_metrics_and_shuts_down_gracefully() -> anyhow::Result<()> {
     let db = testkit::TestDb::new().await?;
     let nats_url = testkit::nats_url();
-    let args = ["command-api", "--database-url", &db.url, "--nats-url", &nats_url, "--jwt-secret", "s3cret"];
+    let args = [
+        "command-api",
+        "--database-url",
+        &db.url,
+        "--nats-url",
+        &nats_url,
+        "--jwt-secret",
+        "s3cret",
+    ];
     let config = Config::try_parse_from(args)?;
     let server = testkit::Server::start(|listener, shutdown| commands::run(config, listener, shutdown)).await?;
     testkit::assert_service_lifecycle(server, &["postgres", "nats"]).await
@@ -19,14 +27,12 @@ async fn starts_reports_health_and_metrics_and_shuts_down_gracefully() -> anyhow
 async fn health_is_503_while_postgres_or_nats_is_down() -> anyhow::Result<()> {
     let db = testkit::TestDb::new().await?;
     let nats = testkit::nats().await?;
-    let state = |pool: sqlx::PgPool, nats: async_nats::Client| AppState {
-        pool: pool.clone(),
-        nats: nats.clone(),
-        jwt: JwtKeys::new(&platform::Secret::new("s")),
-        ops: Ops {
-            health: Health::new().postgres(pool).nats(nats),
+    let state = |pool: sqlx::PgPool, nats: async_nats::Client| {
+        let ops = Ops {
+            health: Health::new().postgres(pool.clone()).nats(nats),
             metrics: platform::telemetry::metrics_handle(),
-        },
+        };
+        AppState::new(pool, JwtKeys::new(&platform::Secret::new("s")), ops)
     };
     let up = commands::router(state(db.pool.clone(), nats.clone()));
     assert_eq!(testkit::status_of(up, "/health").await, 200);

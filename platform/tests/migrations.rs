@@ -85,6 +85,10 @@ async fn one_notification_per_insert_statement_not_per_row() -> anyhow::Result<(
     let db = testkit::TestDb::new().await?;
     let mut listener = PgListener::connect(&db.url).await?;
     listener.listen("events_appended").await?;
+    // writers notify only while the relay says it is waiting
+    sqlx::query("UPDATE relay_wakeup SET listening = true")
+        .execute(&db.pool)
+        .await?;
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          SELECT 'Voucher', 'v-1', n, 'SeckillClaimAccepted', '1.0', '{}'::jsonb, '{}'::jsonb
@@ -97,5 +101,25 @@ async fn one_notification_per_insert_statement_not_per_row() -> anyhow::Result<(
     assert!(matches!(first, Some(Ok(_))));
     let second = tokio::time::timeout(std::time::Duration::from_millis(300), stream.next()).await;
     assert!(second.is_err(), "a second notification arrived for the same statement");
+    Ok(())
+}
+
+#[tokio::test]
+async fn writers_do_not_notify_while_the_relay_is_busy() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let mut listener = PgListener::connect(&db.url).await?;
+    listener.listen("events_appended").await?;
+    sqlx::query("UPDATE relay_wakeup SET listening = false")
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('Voucher', 'v-1', 1, 'VoucherCreated', '2.0', '{}'::jsonb, '{}'::jsonb)",
+    )
+    .execute(&db.pool)
+    .await?;
+    let mut stream = listener.into_stream();
+    let notified = tokio::time::timeout(std::time::Duration::from_millis(300), stream.next()).await;
+    assert!(notified.is_err(), "a writer notified a relay that was not listening");
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! addresses come from `TEST_DATABASE_URL`, `TEST_NATS_URL` and
 //! `TEST_REDIS_URL`, defaulting to its ports.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use anyhow::Context as _;
 use sqlx::{Connection as _, Executor as _, PgConnection, PgPool, postgres::PgPoolOptions};
@@ -75,7 +75,7 @@ impl TestDb {
         admin.close().await?;
         let url = replace_database(&admin_url, &name)?;
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(32)
             .acquire_timeout(Duration::from_secs(10))
             .connect(&url)
             .await?;
@@ -114,7 +114,7 @@ impl Server {
     pub async fn start<F, Fut>(run: F) -> anyhow::Result<Self>
     where
         F: FnOnce(tokio::net::TcpListener, futures_shutdown::Shutdown) -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -247,4 +247,27 @@ pub async fn status_of(router: axum::Router, path: &str) -> u16 {
         Ok(response) => response.status().as_u16(),
         Err(never) => match never {},
     }
+}
+
+impl TestDb {
+    /// Drops the database (benchmarks clean up after themselves; tests leave
+    /// theirs for `./dev test` to drop, so a failure can be inspected).
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let mut admin = PgConnection::connect(&admin_url()).await?;
+        admin
+            .execute(format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name).as_str())
+            .await?;
+        Ok(())
+    }
+}
+
+/// Logs of the code under test, shown for failing tests (`RUST_LOG` filters, default `warn`).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }

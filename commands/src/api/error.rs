@@ -1,0 +1,80 @@
+//! The command API's one error type: every variant maps to a status in
+//! [`ApiError::into_response`]'s single exhaustive match.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use platform::http::{CommonError, error_response};
+
+use crate::{
+    bus::CommandError,
+    domain::{CouponError, DomainError, ErrorKind, OrderError, PaymentError, ProductError, VoucherError},
+    store::StoreError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Common(#[from] CommonError),
+    #[error(transparent)]
+    Voucher(VoucherError),
+    #[error(transparent)]
+    Order(OrderError),
+    #[error(transparent)]
+    Product(ProductError),
+    #[error(transparent)]
+    Coupon(CouponError),
+    #[error(transparent)]
+    Payment(PaymentError),
+    /// Optimistic-lock conflicts outlasted the retries.
+    #[error("the resource is being changed by others; try again")]
+    Contended,
+    /// The cause is logged, never sent.
+    #[error("the event store is unavailable")]
+    Store(#[source] StoreError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Common(error) => error.into_response(),
+            Self::Voucher(error) => domain(&error),
+            Self::Order(error) => domain(&error),
+            Self::Product(error) => domain(&error),
+            Self::Coupon(error) => domain(&error),
+            Self::Payment(error) => domain(&error),
+            Self::Contended => error_response(StatusCode::CONFLICT, "concurrent_modification", self.to_string()),
+            Self::Store(ref cause) => {
+                tracing::error!(error = ?cause, "event store failure");
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
+            }
+        }
+    }
+}
+
+fn domain(error: &impl DomainError) -> Response {
+    let status = match error.kind() {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+    };
+    error_response(status, error.code(), error.to_string())
+}
+
+/// Lifts a bus error given how to wrap the aggregate's own errors.
+pub fn from_command<E: std::error::Error>(error: CommandError<E>, wrap: impl FnOnce(E) -> ApiError) -> ApiError {
+    match error {
+        CommandError::Domain(error) => wrap(error),
+        CommandError::Conflict { .. } => ApiError::Contended,
+        CommandError::Store(error) => ApiError::Store(error),
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict => Self::Contended,
+            other => Self::Store(other),
+        }
+    }
+}

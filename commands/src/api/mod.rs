@@ -1,0 +1,417 @@
+//! The command API (API.md "Command API"): HTTP in, one command out.
+//!
+//! Handlers authenticate and authorise (JWT roles, ownership through the
+//! aggregate), build a command with ids and times from the edge of the
+//! system, run it through the command bus (bounded retries on conflicts), and
+//! answer with the aggregate's new `version` for read-your-writes.
+
+pub mod error;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http,
+    http::StatusCode,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use events::{CancellationReason, CouponSource, EventMetadata, RequestedItem, VoucherKind};
+use platform::{
+    http::{ApiJson, ApiPath, AuthUser, JwtKeys, Role},
+    telemetry::TraceHeaders,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use self::error::{ApiError, from_command};
+use crate::{
+    bus::Commands,
+    domain::{
+        CancellerRole, Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, SharedClock, Voucher,
+        VoucherCommand,
+    },
+    store::{AggregateCache, EventStore, Loaded, StoreError, decide, load_cached},
+};
+
+/// How long a claimed regular-voucher coupon stays spendable.
+pub const COUPON_VALIDITY: chrono::Duration = chrono::Duration::days(30);
+const CLAIM_ATTEMPTS: u32 = 5;
+
+/// Everything the handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct Api {
+    pub store: EventStore,
+    pub vouchers: Arc<Commands<Voucher>>,
+    pub voucher_cache: Arc<AggregateCache<Voucher>>,
+    pub orders: Arc<Commands<Order>>,
+    pub products: Arc<Commands<Product>>,
+    pub coupons: Arc<Commands<Coupon>>,
+    pub clock: SharedClock,
+    pub jwt: JwtKeys,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").finish_non_exhaustive()
+    }
+}
+
+impl axum::extract::FromRef<Api> for JwtKeys {
+    fn from_ref(api: &Api) -> Self {
+        api.jwt.clone()
+    }
+}
+
+pub fn routes(api: Api) -> Router {
+    Router::new()
+        .route("/vouchers", post(create_voucher))
+        .route("/vouchers/{id}/claim", post(claim_voucher))
+        .route("/products", post(create_product))
+        .route("/products/{id}/restock", post(restock_product))
+        .route("/orders", post(submit_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/orders/{id}/start-preparing", post(start_preparing))
+        .route("/orders/{id}/complete", post(complete_order))
+        .route("/openapi.json", get(openapi))
+        .with_state(api)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Who did it and under which trace: recorded on every event.
+fn metadata(user: &AuthUser) -> EventMetadata {
+    let trace = TraceHeaders::current();
+    let metadata = EventMetadata::for_user(&user.sub, user.role.as_str());
+    match trace.traceparent {
+        Some(traceparent) => metadata.with_trace(traceparent, trace.tracestate),
+        None => metadata,
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Created {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    voucher_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    product_id: Option<Uuid>,
+    version: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Versioned {
+    version: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVoucher {
+    title: String,
+    kind: VoucherKind,
+    price_cents: i64,
+    value_cents: i64,
+    #[serde(default)]
+    min_spend_cents: i64,
+    #[serde(default)]
+    stock: Option<u32>,
+    begins_at: DateTime<Utc>,
+    ends_at: DateTime<Utc>,
+}
+
+async fn create_voucher(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiJson(body): ApiJson<CreateVoucher>,
+) -> Result<impl IntoResponse, ApiError> {
+    user.require(&[Role::Admin, Role::Merchant])?;
+    let voucher_id = Uuid::now_v7();
+    let executed = api
+        .vouchers
+        .create(
+            &voucher_id.to_string(),
+            || VoucherCommand::Create {
+                voucher_id,
+                merchant_id: user.sub.clone(),
+                title: body.title.clone(),
+                kind: body.kind,
+                price_cents: body.price_cents,
+                value_cents: body.value_cents,
+                min_spend_cents: body.min_spend_cents,
+                stock: body.stock,
+                begins_at: body.begins_at,
+                ends_at: body.ends_at,
+            },
+            &metadata(&user),
+        )
+        .await
+        .map_err(|e| from_command(e, ApiError::Voucher))?;
+    let body = Created {
+        voucher_id: Some(voucher_id),
+        product_id: None,
+        version: executed.version,
+    };
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Debug, Serialize)]
+struct Claimed {
+    coupon_id: Uuid,
+    version: u64,
+}
+
+/// A regular voucher claimed once per user issues a coupon: the claim and
+/// the coupon are one transaction, so there is never one without the other.
+async fn claim_voucher(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiPath(voucher_id): ApiPath<Uuid>,
+) -> Result<impl IntoResponse, ApiError> {
+    user.require(&[Role::Customer])?;
+    let id = voucher_id.to_string();
+    let coupon_id = Uuid::now_v7();
+    let metadata = metadata(&user);
+    let _writer = api.voucher_cache.writer(&id).await;
+    for attempt in 1..=CLAIM_ATTEMPTS {
+        let loaded = load_cached(&api.store, Some(&api.voucher_cache), &id).await?;
+        let command = VoucherCommand::ClaimRegular {
+            user_id: user.sub.clone(),
+            coupon_id,
+        };
+        let claimed = match decide(&id, loaded, command, api.vouchers.services()).await {
+            Ok(decided) => decided,
+            Err((error, unchanged)) => {
+                api.voucher_cache.put(&id, unchanged);
+                return Err(ApiError::Voucher(error));
+            }
+        };
+        let now = api.clock.now();
+        let issue = CouponCommand::Issue {
+            coupon_id,
+            user_id: user.sub.clone(),
+            voucher_id,
+            value_cents: claimed.aggregate.value_cents().unwrap_or(0),
+            min_spend_cents: claimed.aggregate.min_spend_cents().unwrap_or(0),
+            expires_at: now + COUPON_VALIDITY,
+            source: CouponSource::RegularClaim,
+        };
+        let coupon = decide(
+            &coupon_id.to_string(),
+            Loaded {
+                aggregate: Coupon::default(),
+                version: 0,
+            },
+            issue,
+            &(),
+        )
+        .await
+        .map_err(|(error, _)| ApiError::Coupon(error))?;
+        let appends = [claimed.to_append(&metadata)?, coupon.to_append(&metadata)?];
+        match api.store.append(&appends).await {
+            Ok(()) => {
+                let version = claimed.version();
+                api.voucher_cache.put(&id, claimed.into_loaded());
+                return Ok((StatusCode::CREATED, Json(Claimed { coupon_id, version })));
+            }
+            Err(StoreError::Conflict) if attempt < CLAIM_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(u64::from(attempt) * rand_jitter_ms())).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(ApiError::Contended)
+}
+
+fn rand_jitter_ms() -> u64 {
+    use rand::Rng as _;
+    rand::rng().random_range(1..=10)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateProduct {
+    name: String,
+    price_cents: i64,
+    stock: u32,
+}
+
+async fn create_product(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiJson(body): ApiJson<CreateProduct>,
+) -> Result<impl IntoResponse, ApiError> {
+    user.require(&[Role::Admin, Role::Merchant])?;
+    let product_id = Uuid::now_v7();
+    let executed = api
+        .products
+        .create(
+            &product_id.to_string(),
+            || ProductCommand::Create {
+                product_id,
+                merchant_id: user.sub.clone(),
+                name: body.name.clone(),
+                price_cents: body.price_cents,
+                stock: body.stock,
+            },
+            &metadata(&user),
+        )
+        .await
+        .map_err(|e| from_command(e, ApiError::Product))?;
+    let body = Created {
+        voucher_id: None,
+        product_id: Some(product_id),
+        version: executed.version,
+    };
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Restock {
+    quantity: u32,
+}
+
+async fn restock_product(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiPath(product_id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<Restock>,
+) -> Result<Json<Versioned>, ApiError> {
+    user.require(&[Role::Admin, Role::Merchant])?;
+    let executed = api
+        .products
+        .execute(
+            &product_id.to_string(),
+            || ProductCommand::Restock {
+                quantity: body.quantity,
+            },
+            &metadata(&user),
+        )
+        .await
+        .map_err(|e| from_command(e, ApiError::Product))?;
+    Ok(Json(Versioned {
+        version: executed.version,
+    }))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Item {
+    product_id: Uuid,
+    quantity: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitOrder {
+    items: Vec<Item>,
+    #[serde(default)]
+    coupon_id: Option<Uuid>,
+}
+
+#[derive(Debug, Serialize)]
+struct Submitted {
+    order_id: Uuid,
+    version: u64,
+}
+
+/// Records a goods order; reserving its stock and coupon is the lifecycle saga's job.
+async fn submit_order(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiJson(body): ApiJson<SubmitOrder>,
+) -> Result<impl IntoResponse, ApiError> {
+    user.require(&[Role::Customer])?;
+    let order_id = Uuid::now_v7();
+    let submitted_at = api.clock.now();
+    let executed = api
+        .orders
+        .create(
+            &order_id.to_string(),
+            || OrderCommand::SubmitGoodsOrder {
+                order_id,
+                user_id: user.sub.clone(),
+                items: body
+                    .items
+                    .iter()
+                    .map(|item| RequestedItem {
+                        product_id: item.product_id,
+                        quantity: item.quantity,
+                    })
+                    .collect(),
+                coupon_id: body.coupon_id,
+                submitted_at,
+            },
+            &metadata(&user),
+        )
+        .await
+        .map_err(|e| from_command(e, ApiError::Order))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Submitted {
+            order_id,
+            version: executed.version,
+        }),
+    ))
+}
+
+async fn cancel_order(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiPath(order_id): ApiPath<Uuid>,
+) -> Result<Json<Versioned>, ApiError> {
+    user.require(&[Role::Customer, Role::Admin])?;
+    let (by_role, reason) = match user.role {
+        Role::Admin => (CancellerRole::Admin, CancellationReason::AdminRequested),
+        _ => (CancellerRole::Customer, CancellationReason::CustomerRequested),
+    };
+    let at = api.clock.now();
+    order_command(&api, &user, order_id, || OrderCommand::Cancel {
+        by: user.sub.clone(),
+        by_role,
+        reason,
+        at,
+    })
+    .await
+}
+
+async fn start_preparing(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiPath(order_id): ApiPath<Uuid>,
+) -> Result<Json<Versioned>, ApiError> {
+    user.require(&[Role::Merchant, Role::Admin])?;
+    let at = api.clock.now();
+    order_command(&api, &user, order_id, || OrderCommand::StartPreparing { at }).await
+}
+
+async fn complete_order(
+    State(api): State<Api>,
+    user: AuthUser,
+    ApiPath(order_id): ApiPath<Uuid>,
+) -> Result<Json<Versioned>, ApiError> {
+    user.require(&[Role::Merchant, Role::Admin])?;
+    let at = api.clock.now();
+    order_command(&api, &user, order_id, || OrderCommand::Complete { at }).await
+}
+
+async fn order_command(
+    api: &Api,
+    user: &AuthUser,
+    order_id: Uuid,
+    make: impl Fn() -> OrderCommand,
+) -> Result<Json<Versioned>, ApiError> {
+    let executed = api
+        .orders
+        .execute(&order_id.to_string(), make, &metadata(user))
+        .await
+        .map_err(|e| from_command(e, ApiError::Order))?;
+    Ok(Json(Versioned {
+        version: executed.version,
+    }))
+}

@@ -1,0 +1,192 @@
+//! Executing one command against one aggregate: load (through the cache if
+//! the aggregate type has one), decide, append with the loaded version as the
+//! optimistic lock, and on a conflict retry a bounded number of times with
+//! jittered backoff before giving up with [`CommandError::Conflict`] (a 409).
+
+use std::{sync::Arc, time::Duration};
+
+use cqrs_es::Aggregate;
+use events::EventMetadata;
+use rand::Rng as _;
+
+use crate::store::{AggregateCache, EventStore, Loaded, StoreError, decide, load_cached};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error> {
+    /// A business rule refused the command.
+    #[error(transparent)]
+    Domain(E),
+    /// Other writers kept winning the optimistic lock.
+    #[error("the aggregate kept changing; gave up after {attempts} attempts")]
+    Conflict { attempts: u32 },
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            base_delay: Duration::from_millis(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full jitter: a random delay below base × 2^attempt, so writers that
+    /// collided once do not collide again in lockstep.
+    fn delay(&self, attempt: u32) -> Duration {
+        let cap = self.base_delay.saturating_mul(2u32.saturating_pow(attempt.min(10)));
+        let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
+        Duration::from_micros(rand::rng().random_range(0..cap_us))
+    }
+}
+
+/// What a successful command left behind.
+#[derive(Debug)]
+pub struct Executed<A: Aggregate> {
+    /// The aggregate's version after the command (unchanged if it emitted nothing).
+    pub version: u64,
+    pub events: Vec<A::Event>,
+}
+
+/// Command execution for one aggregate type.
+pub struct Commands<A: Aggregate> {
+    store: EventStore,
+    cache: Option<Arc<AggregateCache<A>>>,
+    services: A::Services,
+    retry: RetryPolicy,
+}
+
+impl<A: Aggregate> std::fmt::Debug for Commands<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commands")
+            .field("aggregate", &A::TYPE)
+            .field("cached", &self.cache.is_some())
+            .finish()
+    }
+}
+
+impl<A: Aggregate> Commands<A> {
+    pub fn new(store: EventStore, services: A::Services) -> Self {
+        Self {
+            store,
+            cache: None,
+            services,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_cache(mut self, cache: Arc<AggregateCache<A>>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    pub fn services(&self) -> &A::Services {
+        &self.services
+    }
+
+    pub fn cache(&self) -> Option<&Arc<AggregateCache<A>>> {
+        self.cache.as_ref()
+    }
+
+    /// Runs a command that creates the aggregate under a fresh id (a UUIDv7
+    /// the caller just generated): nothing can be stored under it yet, so the
+    /// load is skipped and the append's primary key is the existence check.
+    /// Should the id exist after all, the command runs the normal way and the
+    /// aggregate answers (e.g. `AlreadyExists`, or an idempotent no-op).
+    pub async fn create(
+        &self,
+        aggregate_id: &str,
+        make: impl Fn() -> A::Command,
+        metadata: &EventMetadata,
+    ) -> Result<Executed<A>, CommandError<A::Error>> {
+        let fresh = Loaded {
+            aggregate: A::default(),
+            version: 0,
+        };
+        let decided = match decide(aggregate_id, fresh, make(), &self.services).await {
+            Ok(decided) => decided,
+            Err((error, _)) => return Err(CommandError::Domain(error)),
+        };
+        let append = decided.to_append(metadata).map_err(CommandError::Store)?;
+        match self.store.append(std::slice::from_ref(&append)).await {
+            Ok(()) => {
+                let version = decided.version();
+                let events = decided.events.clone();
+                self.keep(aggregate_id, decided.into_loaded());
+                Ok(Executed { version, events })
+            }
+            Err(StoreError::Conflict) => self.execute(aggregate_id, make, metadata).await,
+            Err(error) => Err(CommandError::Store(error)),
+        }
+    }
+
+    /// Runs the command `make()` builds (called again on every retry).
+    pub async fn execute(
+        &self,
+        aggregate_id: &str,
+        make: impl Fn() -> A::Command,
+        metadata: &EventMetadata,
+    ) -> Result<Executed<A>, CommandError<A::Error>> {
+        // hot aggregates: queue behind this process's other writers of the same id
+        let _writer = match &self.cache {
+            Some(cache) => Some(cache.writer(aggregate_id).await),
+            None => None,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let loaded = load_cached(&self.store, self.cache.as_deref(), aggregate_id)
+                .await
+                .map_err(CommandError::Store)?;
+            let decided = match decide(aggregate_id, loaded, make(), &self.services).await {
+                Ok(decided) => decided,
+                Err((error, unchanged)) => {
+                    self.keep(aggregate_id, unchanged);
+                    return Err(CommandError::Domain(error));
+                }
+            };
+            let append = decided.to_append(metadata).map_err(CommandError::Store)?;
+            match self.store.append(std::slice::from_ref(&append)).await {
+                Ok(()) => {
+                    let version = decided.version();
+                    let events = decided.events.clone();
+                    self.keep(aggregate_id, decided.into_loaded());
+                    return Ok(Executed { version, events });
+                }
+                // the taken cache entry is dropped: the next attempt reloads
+                Err(StoreError::Conflict) if attempt < self.retry.attempts => {
+                    metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
+                    tokio::time::sleep(self.retry.delay(attempt)).await;
+                }
+                Err(StoreError::Conflict) => {
+                    metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
+                    return Err(CommandError::Conflict { attempts: attempt });
+                }
+                Err(error) => return Err(CommandError::Store(error)),
+            }
+        }
+    }
+
+    fn keep(&self, aggregate_id: &str, loaded: Loaded<A>) {
+        if let Some(cache) = &self.cache {
+            cache.put(aggregate_id, loaded);
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The seckill claim writer: the event store's final guard against oversell.
+//!
+//! It consumes `OrderRequested` (admitted at the edge) in batches, groups them
+//! by voucher and runs each group as ONE `ProcessSeckillClaims` command
+//! through the voucher aggregate, which decides every claim (accepted, or
+//! rejected with a reason) and skips order ids it decided before. In the SAME
+//! transaction it creates each newly decided order (`OrderPlaced` or
+//! `OrderRejected`), so an admitted request ends as exactly one order whatever
+//! crashes where:
+//!
+//! - crash before the commit: nothing was stored; the redelivery decides again;
+//! - crash after the commit, before the ack: the redelivery finds the order
+//!   ids decided and does nothing.
+//!
+//! The voucher is a hot aggregate: it lives in an [`AggregateCache`], is
+//! caught up from its cached sequence before each batch and appended with
+//! that sequence as the optimistic lock. One writer per voucher is the design
+//! (the process runs the reactor under an advisory lock); a concurrent writer
+//! (e.g. a cancellation releasing stock) only costs a retry.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream;
+use chrono::Utc;
+use cp_nats::{BatchHandler, HandlerError};
+use events::{EventMetadata, OrderRejectionReason, OrderRequested, VoucherEvent};
+use platform::telemetry::TraceHeaders;
+use uuid::Uuid;
+
+use crate::{
+    domain::{
+        order::{Order, OrderCommand},
+        voucher::{SeckillClaim, Voucher, VoucherCommand, VoucherError},
+    },
+    store::{AggregateCache, Append, EventStore, Loaded, StoreError, decide, load_cached},
+};
+
+/// Advisory lock key of the claim writer ("cpclaim1").
+pub const CLAIM_WRITER_LOCK_KEY: i64 = 0x6370_636c_6169_6d31;
+/// How many times a batch is retried on an optimistic-lock conflict before
+/// its messages are nak'ed back to JetStream.
+const CONFLICT_ATTEMPTS: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("voucher {0} rejected the batch: {1}")]
+    Voucher(Uuid, VoucherError),
+    #[error("order {0} could not be recorded: {1}")]
+    Order(Uuid, crate::domain::order::OrderError),
+    #[error("voucher {0} kept conflicting")]
+    Conflict(Uuid),
+}
+
+/// One admitted request with what the event store needs to record it.
+#[derive(Debug, Clone)]
+struct Request {
+    index: usize,
+    claim: SeckillClaim,
+    voucher_id: Uuid,
+    trace: TraceHeaders,
+}
+
+#[derive(Clone)]
+pub struct ClaimWriter {
+    store: EventStore,
+    vouchers: Arc<AggregateCache<Voucher>>,
+    voucher_services: <Voucher as cqrs_es::Aggregate>::Services,
+    order_services: <Order as cqrs_es::Aggregate>::Services,
+}
+
+impl std::fmt::Debug for ClaimWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimWriter")
+            .field("cached_vouchers", &self.vouchers.len())
+            .finish()
+    }
+}
+
+impl ClaimWriter {
+    pub fn new(
+        store: EventStore,
+        vouchers: Arc<AggregateCache<Voucher>>,
+        voucher_services: <Voucher as cqrs_es::Aggregate>::Services,
+        order_services: <Order as cqrs_es::Aggregate>::Services,
+    ) -> Self {
+        Self {
+            store,
+            vouchers,
+            voucher_services,
+            order_services,
+        }
+    }
+
+    /// Records a decision and an order for each claim of one voucher.
+    /// Returns how many claims were newly decided (0 on a pure redelivery).
+    pub async fn process(
+        &self,
+        voucher_id: Uuid,
+        claims: &[SeckillClaim],
+        traces: &HashMap<Uuid, TraceHeaders>,
+    ) -> Result<usize, ClaimError> {
+        let id = voucher_id.to_string();
+        let _writer = self.vouchers.writer(&id).await;
+        for attempt in 1..=CONFLICT_ATTEMPTS {
+            let loaded = load_cached(&self.store, Some(&self.vouchers), &id).await?;
+            let command = VoucherCommand::ProcessSeckillClaims {
+                claims: claims.to_vec(),
+            };
+            let decided = match decide(&id, loaded, command, &self.voucher_services).await {
+                Ok(decided) => decided,
+                Err((VoucherError::NotFound, unchanged)) => {
+                    self.vouchers.put(&id, unchanged);
+                    return self.reject_unknown_voucher(voucher_id, claims, traces).await;
+                }
+                Err((error, unchanged)) => {
+                    self.vouchers.put(&id, unchanged);
+                    return Err(ClaimError::Voucher(voucher_id, error));
+                }
+            };
+            let (title, price_cents) = (
+                decided.aggregate.title().unwrap_or_default().to_owned(),
+                decided.aggregate.price_cents().unwrap_or(0),
+            );
+            let mut appends: Vec<Append> = Vec::with_capacity(decided.events.len() + 1);
+            let mut voucher_append = decided.to_append(&EventMetadata::system("claim-writer"))?;
+            let mut newly_decided = 0;
+            for (event, pending) in decided.events.iter().zip(voucher_append.events.iter_mut()) {
+                let (order_id, user_id, command) = match event {
+                    VoucherEvent::SeckillClaimAccepted { order_id, user_id, .. } => (
+                        *order_id,
+                        user_id.clone(),
+                        OrderCommand::PlaceSeckillOrder {
+                            order_id: *order_id,
+                            user_id: user_id.clone(),
+                            voucher_id,
+                            title: title.clone(),
+                            price_cents,
+                            placed_at: Utc::now(),
+                        },
+                    ),
+                    VoucherEvent::SeckillClaimRejected {
+                        order_id,
+                        user_id,
+                        reason,
+                    } => (
+                        *order_id,
+                        user_id.clone(),
+                        OrderCommand::RejectSeckillOrder {
+                            order_id: *order_id,
+                            user_id: user_id.clone(),
+                            voucher_id,
+                            reason: OrderRejectionReason::from(*reason),
+                            rejected_at: Utc::now(),
+                        },
+                    ),
+                    _ => continue,
+                };
+                newly_decided += 1;
+                // each decision carries its request's correlation (the order id) and trace
+                let metadata = request_metadata(order_id, &user_id, traces.get(&order_id));
+                pending.metadata = crate::store::metadata_json(&metadata)?;
+                let order = new_order(&order_id.to_string(), command, &self.order_services)
+                    .await
+                    .map_err(|e| ClaimError::Order(order_id, e))?;
+                appends.push(order.to_append(&metadata)?);
+            }
+            appends.insert(0, voucher_append);
+            match self.store.append(&appends).await {
+                Ok(()) => {
+                    self.vouchers.put(&id, decided.into_loaded());
+                    metrics::counter!("seckill_claims_decided_total").increment(newly_decided as u64);
+                    return Ok(newly_decided);
+                }
+                Err(StoreError::Conflict) => {
+                    metrics::counter!("command_conflicts_total", "aggregate" => "Voucher").increment(1);
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ClaimError::Conflict(voucher_id))
+    }
+
+    /// A request for a voucher the store does not know still ends as an order.
+    async fn reject_unknown_voucher(
+        &self,
+        voucher_id: Uuid,
+        claims: &[SeckillClaim],
+        traces: &HashMap<Uuid, TraceHeaders>,
+    ) -> Result<usize, ClaimError> {
+        let mut recorded = 0;
+        for claim in claims {
+            let id = claim.order_id.to_string();
+            let loaded = self.store.load::<Order>(&id).await?;
+            let command = OrderCommand::RejectSeckillOrder {
+                order_id: claim.order_id,
+                user_id: claim.user_id.clone(),
+                voucher_id,
+                reason: OrderRejectionReason::VoucherNotFound,
+                rejected_at: Utc::now(),
+            };
+            let decided = decide(&id, loaded, command, &self.order_services)
+                .await
+                .map_err(|(e, _)| ClaimError::Order(claim.order_id, e))?;
+            let metadata = request_metadata(claim.order_id, &claim.user_id, traces.get(&claim.order_id));
+            match self.store.append(&[decided.to_append(&metadata)?]).await {
+                Ok(()) => recorded += decided.events.len(),
+                // a redelivery racing itself: the order exists, which is all we want
+                Err(StoreError::Conflict) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(recorded)
+    }
+}
+
+async fn new_order(
+    order_id: &str,
+    command: OrderCommand,
+    services: &<Order as cqrs_es::Aggregate>::Services,
+) -> Result<crate::store::Decided<Order>, crate::domain::order::OrderError> {
+    decide(
+        order_id,
+        Loaded {
+            aggregate: Order::default(),
+            version: 0,
+        },
+        command,
+        services,
+    )
+    .await
+    .map_err(|(e, _)| e)
+}
+
+fn request_metadata(order_id: Uuid, user_id: &str, trace: Option<&TraceHeaders>) -> EventMetadata {
+    let mut metadata = EventMetadata::for_user(user_id, "customer");
+    metadata.correlation_id = order_id;
+    if let Some(trace) = trace {
+        metadata.traceparent.clone_from(&trace.traceparent);
+        metadata.tracestate.clone_from(&trace.tracestate);
+    }
+    metadata
+}
+
+/// The JetStream side: decode, group by voucher, process, one outcome per message.
+impl BatchHandler for ClaimWriter {
+    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
+        let mut outcomes: Vec<Result<(), HandlerError>> = (0..messages.len()).map(|_| Ok(())).collect();
+        let mut by_voucher: HashMap<Uuid, Vec<Request>> = HashMap::new();
+        for (index, message) in messages.iter().enumerate() {
+            match serde_json::from_slice::<OrderRequested>(&message.payload) {
+                Ok(request) => {
+                    let trace = message.headers.as_ref().map(trace_of).unwrap_or_default();
+                    by_voucher.entry(request.voucher_id).or_default().push(Request {
+                        index,
+                        voucher_id: request.voucher_id,
+                        claim: SeckillClaim {
+                            order_id: request.order_id,
+                            user_id: request.user_id,
+                            requested_at: request.requested_at,
+                        },
+                        trace,
+                    });
+                }
+                Err(error) => outcomes[index] = Err(format!("not an OrderRequested: {error}").into()),
+            }
+        }
+        for (voucher_id, requests) in by_voucher {
+            let claims: Vec<SeckillClaim> = requests.iter().map(|r| r.claim.clone()).collect();
+            let traces: HashMap<Uuid, TraceHeaders> =
+                requests.iter().map(|r| (r.claim.order_id, r.trace.clone())).collect();
+            let span = tracing::info_span!("claim_batch", %voucher_id, claims = claims.len());
+            let result = tracing::Instrument::instrument(self.process(voucher_id, &claims, &traces), span).await;
+            if let Err(error) = result {
+                tracing::warn!(%voucher_id, %error, "claim batch failed");
+                let text = error.to_string();
+                for request in &requests {
+                    debug_assert_eq!(request.voucher_id, voucher_id);
+                    outcomes[request.index] = Err(text.clone().into());
+                }
+            }
+        }
+        outcomes
+    }
+}
+
+fn trace_of(headers: &async_nats::HeaderMap) -> TraceHeaders {
+    let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+    TraceHeaders {
+        traceparent: get(events::subjects::TRACEPARENT),
+        tracestate: get(events::subjects::TRACESTATE),
+    }
+}

@@ -1,0 +1,58 @@
+//! One active instance among several: a session-level Postgres advisory
+//! lock held on a dedicated connection. If the holder dies, its session ends,
+//! Postgres releases the lock and a standby's next try takes it.
+
+use std::{future::Future, pin::pin, time::Duration};
+
+use sqlx::{Connection as _, PgConnection, PgPool};
+
+/// Runs `work` only while this process holds the advisory lock `lock_key`;
+/// standbys retry and take over when the holder's session ends. `work` is
+/// started again if it returns while the lock is still held.
+pub async fn while_leader<F, Fut>(pool: &PgPool, lock_key: i64, shutdown: impl Future<Output = ()>, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let session = async {
+            let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(lock_key)
+                .fetch_one(&mut conn)
+                .await?;
+            if !locked {
+                return Ok::<bool, sqlx::Error>(false);
+            }
+            tracing::info!(lock_key, "leader lock acquired");
+            // Lead until the lock's session breaks: a broken session means a
+            // standby may have taken over.
+            tokio::select! {
+                () = work() => {}
+                error = keep_alive(&mut conn) => tracing::warn!(%error, "leader session lost"),
+            }
+            Ok(true)
+        };
+        tokio::select! {
+            () = &mut shutdown => return,
+            outcome = session => match outcome {
+                Ok(true) => {}
+                Ok(false) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(error) => {
+                    tracing::warn!(%error, "leader election failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn keep_alive(conn: &mut PgConnection) -> sqlx::Error {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Err(error) = sqlx::query("SELECT 1").execute(&mut *conn).await {
+            return error;
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The outbox relay: every committed event onto JetStream, in commit order,
+//! nothing lost, nothing duplicated.
+//!
+//! - **Which rows**: only those of finished transactions,
+//!   `tx_id < pg_snapshot_xmin(pg_current_snapshot())`, read in
+//!   `(tx_id, global_position)` order after the stored cursor. Every
+//!   transaction below the snapshot's xmin has ended, so that set can no
+//!   longer grow; a transaction that drew a lower `global_position` but
+//!   commits later sorts after the cursor and is published, never skipped
+//!   (docs/EVENTS.md). No wall-clock gap skipping.
+//! - **Publishing**: `Nats-Msg-Id` = the event's stable id, its `traceparent`,
+//!   pipelined within the publisher's window, every ack awaited.
+//! - **Cursor**: stored only after the acks, and only forwards. A crash between
+//!   publish and cursor write re-publishes the batch; JetStream drops the
+//!   duplicates by id.
+//! - **Waking**: `LISTEN events_appended` (one `NOTIFY` per insert statement)
+//!   or a poll every `poll_interval` (≤ 50 ms), whichever comes first.
+//!   Writers notify only while the relay sleeps (`relay_wakeup.listening`),
+//!   because a notifying transaction serializes every commit behind it
+//!   (see the migration `notify_only_a_sleeping_relay`).
+//! - **One active relay**: a session advisory lock on a dedicated connection.
+//!   Standbys retry the lock; when the active relay's process dies its session
+//!   ends and a standby takes over from the stored cursor. Every read and
+//!   cursor write goes through the lock's connection, so a relay that lost its
+//!   session stops instead of publishing beside the new one.
+
+use std::{future::Future, pin::pin, time::Duration};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use cp_nats::{Outgoing, Publisher};
+use events::{
+    EventEnvelope, EventMetadata, Namespace,
+    subjects::{
+        HDR_AGGREGATE_ID, HDR_AGGREGATE_TYPE, HDR_CORRELATION_ID, HDR_EVENT_TYPE, HDR_EVENT_VERSION,
+        HDR_GLOBAL_POSITION, HDR_SEQUENCE,
+    },
+};
+use platform::telemetry::TraceHeaders;
+use serde_json::Value;
+use sqlx::{Connection as _, PgConnection, PgPool, Row as _, postgres::PgListener};
+use tokio::time::{Instant, sleep};
+
+/// Advisory lock key of the relay ("cprelay1" as bytes).
+pub const RELAY_LOCK_KEY: i64 = 0x6370_7265_6c61_7931;
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Cursor row name; one per relay deployment.
+    pub name: String,
+    pub batch_size: i64,
+    pub poll_interval: Duration,
+    /// How often a standby retries the lock.
+    pub standby_retry: Duration,
+    pub lock_key: i64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            name: "main".to_owned(),
+            batch_size: 2_000,
+            poll_interval: Duration::from_millis(50),
+            standby_retry: Duration::from_millis(500),
+            lock_key: RELAY_LOCK_KEY,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("publish: {0}")]
+    Publish(#[from] cp_nats::PublishFailure),
+}
+
+/// Where the relay got to: the last published `(tx_id, global_position)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub tx_id: u64,
+    pub position: i64,
+}
+
+#[derive(Debug)]
+pub struct Relay {
+    pool: PgPool,
+    publisher: Publisher,
+    namespace: Namespace,
+    config: RelayConfig,
+}
+
+struct Row {
+    cursor: Cursor,
+    recorded_at: DateTime<Utc>,
+    message: Outgoing,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, publisher: Publisher, namespace: Namespace, config: RelayConfig) -> Self {
+        Self {
+            pool,
+            publisher,
+            namespace,
+            config,
+        }
+    }
+
+    /// Runs until `shutdown` resolves: standby until it holds the lock, then active.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = pin!(shutdown);
+        loop {
+            let outcome = tokio::select! {
+                () = &mut shutdown => return,
+                outcome = self.session() => outcome,
+            };
+            metrics::gauge!("relay_active").set(0.0);
+            match outcome {
+                Ok(()) => sleep(self.config.standby_retry).await,
+                Err(error) => {
+                    tracing::warn!(%error, "relay session ended; retrying");
+                    sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// One database session: returns Ok(()) when another relay holds the lock.
+    async fn session(&self) -> Result<(), RelayError> {
+        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(self.config.lock_key)
+            .fetch_one(&mut conn)
+            .await?;
+        if !locked {
+            return Ok(());
+        }
+        tracing::info!(relay = %self.config.name, "relay is active");
+        metrics::gauge!("relay_active").set(1.0);
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("events_appended").await?;
+        sqlx::query("INSERT INTO relay_cursor (relay_name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(&self.config.name)
+            .execute(&mut conn)
+            .await?;
+        let row = sqlx::query("SELECT last_tx_id::text AS tx, last_position FROM relay_cursor WHERE relay_name = $1")
+            .bind(&self.config.name)
+            .fetch_one(&mut conn)
+            .await?;
+        let mut cursor = Cursor {
+            tx_id: parse_xid(row.try_get("tx")?),
+            position: row.try_get("last_position")?,
+        };
+        loop {
+            let mut rows = self.fetch(&mut conn, cursor).await?;
+            if rows.is_empty() {
+                metrics::gauge!("relay_lag_events").set(0.0);
+                metrics::gauge!("relay_lag_seconds").set(0.0);
+                // Ask writers to notify, then look once more: a row committed
+                // before they could see the flag would otherwise wait a poll.
+                set_listening(&mut conn, true).await?;
+                rows = self.fetch(&mut conn, cursor).await?;
+                if rows.is_empty() {
+                    // The poll covers a notification missed around the flip
+                    // or while the listener reconnects.
+                    let _ = tokio::time::timeout(self.config.poll_interval, listener.try_recv()).await;
+                }
+                set_listening(&mut conn, false).await?;
+                if rows.is_empty() {
+                    continue;
+                }
+            }
+            let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= self.config.batch_size;
+            metrics::gauge!("relay_lag_seconds")
+                .set((Utc::now() - rows[0].recorded_at).num_milliseconds().max(0) as f64 / 1000.0);
+            let published = self.publish(rows).await;
+            let (advanced, failure) = match published {
+                Ok(last) => (last, None),
+                Err((last, error)) => (last, Some(error)),
+            };
+            if let Some(last) = advanced
+                && last > cursor
+            {
+                cursor = last;
+                store_cursor(&mut conn, &self.config.name, cursor).await?;
+            }
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            if full {
+                let head: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM events")
+                    .fetch_one(&mut conn)
+                    .await?;
+                metrics::gauge!("relay_lag_events")
+                    .set(head.unwrap_or(0).saturating_sub(cursor.position).max(0) as f64);
+            }
+        }
+    }
+
+    async fn fetch(&self, conn: &mut PgConnection, after: Cursor) -> Result<Vec<Row>, RelayError> {
+        let rows = sqlx::query(
+            "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
+                    global_position, tx_id::text AS tx, recorded_at
+               FROM events
+              WHERE (tx_id, global_position) > ($1::text::xid8, $2)
+                AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY tx_id, global_position
+              LIMIT $3",
+        )
+        .bind(after.tx_id.to_string())
+        .bind(after.position)
+        .bind(self.config.batch_size)
+        .fetch_all(conn)
+        .await?;
+        rows.iter().map(|row| self.to_message(row)).collect()
+    }
+
+    fn to_message(&self, row: &sqlx::postgres::PgRow) -> Result<Row, RelayError> {
+        let aggregate_type: String = row.try_get("aggregate_type")?;
+        let aggregate_id: String = row.try_get("aggregate_id")?;
+        let sequence: i64 = row.try_get("sequence")?;
+        let global_position: i64 = row.try_get("global_position")?;
+        let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+        let metadata_json: Value = row.try_get("metadata")?;
+        let metadata_map = serde_json::from_value(metadata_json).unwrap_or_default();
+        let metadata = EventMetadata::from_map(&metadata_map).unwrap_or_else(|error| {
+            // Published anyway: holding up every later event for a malformed
+            // audit field would be worse. The id stays stable, so dedupe holds.
+            tracing::warn!(%error, %aggregate_type, %aggregate_id, sequence, "event metadata incomplete");
+            EventMetadata::system("unknown")
+        });
+        let envelope = EventEnvelope {
+            event_id: events::event_id(&aggregate_type, &aggregate_id, sequence.unsigned_abs()),
+            aggregate_type,
+            aggregate_id,
+            sequence: sequence.unsigned_abs(),
+            global_position,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            metadata,
+            recorded_at,
+        };
+        let body = serde_json::to_vec(&envelope).unwrap_or_default();
+        let trace = TraceHeaders {
+            traceparent: envelope.metadata.traceparent.clone(),
+            tracestate: envelope.metadata.tracestate.clone(),
+        };
+        let message = Outgoing::new(
+            self.namespace.events_subject(&envelope.aggregate_type),
+            envelope.event_id.to_string(),
+            Bytes::from(body),
+        )
+        .trace(&trace)
+        .header(HDR_EVENT_TYPE, &envelope.event_type)
+        .header(HDR_EVENT_VERSION, &envelope.event_version)
+        .header(HDR_AGGREGATE_TYPE, &envelope.aggregate_type)
+        .header(HDR_AGGREGATE_ID, &envelope.aggregate_id)
+        .header(HDR_SEQUENCE, envelope.sequence.to_string())
+        .header(HDR_GLOBAL_POSITION, global_position.to_string())
+        .header(HDR_CORRELATION_ID, envelope.metadata.correlation_id.to_string());
+        let tx: String = row.try_get("tx")?;
+        Ok(Row {
+            cursor: Cursor {
+                tx_id: parse_xid(tx),
+                position: global_position,
+            },
+            recorded_at,
+            message,
+        })
+    }
+
+    /// Publishes in order; returns the cursor of the last acknowledged row.
+    async fn publish(&self, rows: Vec<Row>) -> Result<Option<Cursor>, (Option<Cursor>, RelayError)> {
+        let started = Instant::now();
+        let cursors: Vec<(Cursor, DateTime<Utc>)> = rows.iter().map(|r| (r.cursor, r.recorded_at)).collect();
+        let result = self.publisher.publish_all(rows.into_iter().map(|r| r.message)).await;
+        let acked = match &result {
+            Ok(acks) => acks.len(),
+            Err(failure) => failure.index,
+        };
+        let now = Utc::now();
+        for (_, recorded_at) in &cursors[..acked] {
+            metrics::histogram!("relay_commit_to_ack_seconds")
+                .record((now - *recorded_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+        }
+        metrics::counter!("relay_published_total").increment(acked as u64);
+        metrics::histogram!("relay_batch_seconds").record(started.elapsed().as_secs_f64());
+        let last = acked.checked_sub(1).map(|i| cursors[i].0);
+        match result {
+            Ok(_) => Ok(last),
+            Err(failure) => Err((last, failure.into())),
+        }
+    }
+}
+
+async fn set_listening(conn: &mut PgConnection, listening: bool) -> Result<(), RelayError> {
+    sqlx::query(
+        "INSERT INTO relay_wakeup (singleton, listening) VALUES (true, $1)
+         ON CONFLICT (singleton) DO UPDATE SET listening = EXCLUDED.listening",
+    )
+    .bind(listening)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn store_cursor(conn: &mut PgConnection, name: &str, cursor: Cursor) -> Result<(), RelayError> {
+    // Only forwards: a relay that lost its lock late cannot move it back.
+    sqlx::query(
+        "UPDATE relay_cursor SET last_tx_id = $2::text::xid8, last_position = $3, updated_at = now()
+          WHERE relay_name = $1 AND (last_tx_id, last_position) < ($2::text::xid8, $3)",
+    )
+    .bind(name)
+    .bind(cursor.tx_id.to_string())
+    .bind(cursor.position)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn parse_xid(text: String) -> u64 {
+    text.parse().unwrap_or(0)
+}
+
+/// The stored cursor of relay `name` (for tests and operations).
+pub async fn cursor(pool: &PgPool, name: &str) -> Result<Option<Cursor>, sqlx::Error> {
+    let row = sqlx::query("SELECT last_tx_id::text AS tx, last_position FROM relay_cursor WHERE relay_name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| {
+        Ok(Cursor {
+            tx_id: parse_xid(row.try_get("tx")?),
+            position: row.try_get("last_position")?,
+        })
+    })
+    .transpose()
+}

@@ -1,0 +1,269 @@
+//! The command API in-process against a real Postgres: auth, validation,
+//! conflicts and versions.
+
+use std::time::Duration;
+
+use axum::{Router, body::Body};
+use commands::AppState;
+use http::{Request, StatusCode, header};
+use platform::http::{Health, JwtKeys, Ops, Role};
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+struct Api {
+    router: Router,
+    keys: JwtKeys,
+    _db: testkit::TestDb,
+}
+
+async fn api() -> anyhow::Result<Api> {
+    let db = testkit::TestDb::new().await?;
+    let keys = JwtKeys::new(&platform::Secret::new("api-test-secret"));
+    let ops = Ops {
+        health: Health::new(),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let router = commands::router(AppState::new(db.pool.clone(), keys.clone(), ops));
+    Ok(Api { router, keys, _db: db })
+}
+
+impl Api {
+    fn token(&self, sub: &str, role: Role) -> String {
+        self.keys.issue(sub, role, Duration::from_secs(300)).unwrap_or_default()
+    }
+
+    async fn post(&self, path: &str, as_user: Option<(&str, Role)>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = Request::post(path);
+        if let Some((sub, role)) = as_user {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", self.token(sub, role)));
+        }
+        let body = match body {
+            Some(json) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(json.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(body).unwrap_or_default())
+            .await
+            .unwrap_or_else(|e| match e {});
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
+
+const MERCHANT: Option<(&str, Role)> = Some(("m-1", Role::Merchant));
+const ALICE: Option<(&str, Role)> = Some(("alice", Role::Customer));
+const BOB: Option<(&str, Role)> = Some(("bob", Role::Customer));
+const ADMIN: Option<(&str, Role)> = Some(("root", Role::Admin));
+
+fn regular_voucher() -> Value {
+    json!({
+        "title": "10 off", "kind": "regular", "price_cents": 0, "value_cents": 1000, "min_spend_cents": 3000,
+        "begins_at": "2020-01-01T00:00:00Z", "ends_at": "2099-01-01T00:00:00Z"
+    })
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+#[tokio::test]
+async fn creating_needs_a_token_and_the_right_role() -> anyhow::Result<()> {
+    let api = api().await?;
+    let (status, body) = api.post("/vouchers", None, Some(regular_voucher())).await;
+    assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, "missing_token"));
+    let (status, body) = api.post("/vouchers", ALICE, Some(regular_voucher())).await;
+    assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "forbidden"));
+    let (status, body) = api.post("/vouchers", MERCHANT, Some(regular_voucher())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["version"], 1);
+    assert!(
+        body["voucher_id"]
+            .as_str()
+            .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
+    );
+    let (status, _) = api
+        .post(
+            "/products",
+            ADMIN,
+            Some(json!({"name": "Tea", "price_cents": 300, "stock": 5})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_input_is_refused_and_records_nothing() -> anyhow::Result<()> {
+    let api = api().await?;
+    let mut seckill_without_stock = regular_voucher();
+    seckill_without_stock["kind"] = json!("seckill");
+    let mut backwards = regular_voucher();
+    backwards["ends_at"] = json!("2019-01-01T00:00:00Z");
+    let mut unknown_field = regular_voucher();
+    unknown_field["discount"] = json!(5);
+    let mut negative_stock = regular_voucher();
+    negative_stock["stock"] = json!(-1);
+    let cases = [
+        (seckill_without_stock, StatusCode::UNPROCESSABLE_ENTITY),
+        (backwards, StatusCode::UNPROCESSABLE_ENTITY),
+        (unknown_field, StatusCode::UNPROCESSABLE_ENTITY),
+        (negative_stock, StatusCode::UNPROCESSABLE_ENTITY),
+        (json!({"title": "x"}), StatusCode::UNPROCESSABLE_ENTITY),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = api.post("/vouchers", MERCHANT, Some(body.clone())).await;
+        assert_eq!(status, expected, "{body} → {answer}");
+        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (status, body) = api
+        .post(
+            "/products",
+            MERCHANT,
+            Some(json!({"name": "", "price_cents": 1, "stock": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = api.post("/orders", ALICE, Some(json!({"items": []}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = api.post("/orders/not-a-uuid/cancel", ALICE, None).await;
+    assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "invalid_path"));
+
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&api._db.pool)
+        .await?;
+    assert_eq!(events, 0, "a refused command recorded something");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_regular_voucher_is_claimed_once_per_user_and_issues_a_coupon() -> anyhow::Result<()> {
+    let api = api().await?;
+    let (_, created) = api.post("/vouchers", MERCHANT, Some(regular_voucher())).await;
+    let path = format!("/vouchers/{}/claim", created["voucher_id"].as_str().unwrap_or_default());
+    let (status, first) = api.post(&path, ALICE, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["version"], 2);
+    let (status, again) = api.post(&path, ALICE, None).await;
+    assert_eq!((status, code(&again)), (StatusCode::CONFLICT, "already_claimed"));
+    let (status, _) = api.post(&path, BOB, None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = api.post(&path, MERCHANT, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = api
+        .post(&format!("/vouchers/{}/claim", uuid::Uuid::now_v7()), ALICE, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let coupon_id = first["coupon_id"].as_str().unwrap_or_default();
+    let issued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'Coupon' AND aggregate_id = $1 AND event_type = 'CouponIssued'",
+    )
+    .bind(coupon_id)
+    .fetch_one(&api._db.pool)
+    .await?;
+    assert_eq!(issued, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_claims_on_one_voucher_are_retried_not_lost() -> anyhow::Result<()> {
+    let api = api().await?;
+    let (_, created) = api.post("/vouchers", MERCHANT, Some(regular_voucher())).await;
+    let path = format!("/vouchers/{}/claim", created["voucher_id"].as_str().unwrap_or_default());
+    let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    let results = futures::future::join_all(users.iter().map(|user| {
+        let api = &api;
+        let path = path.clone();
+        async move { api.post(&path, Some((user.as_str(), Role::Customer)), None).await.0 }
+    }))
+    .await;
+    let created = results.iter().filter(|s| **s == StatusCode::CREATED).count();
+    let contended = results.iter().filter(|s| **s == StatusCode::CONFLICT).count();
+    assert_eq!(created + contended, 40, "{results:?}");
+    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'VoucherClaimed'")
+        .fetch_one(&api._db.pool)
+        .await?;
+    assert_eq!(claims, i64::try_from(created)?, "answers and the store disagree");
+    assert_eq!(
+        created, 40,
+        "writers of one voucher in one process queue instead of colliding"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn order_transitions_follow_the_lifecycle_and_illegal_ones_are_409() -> anyhow::Result<()> {
+    let api = api().await?;
+    let (_, product) = api
+        .post(
+            "/products",
+            MERCHANT,
+            Some(json!({"name": "Tea", "price_cents": 300, "stock": 5})),
+        )
+        .await;
+    let product_id = product["product_id"].clone();
+    let order = json!({"items": [{"product_id": product_id, "quantity": 2}], "coupon_id": null});
+    let (status, submitted) = api.post("/orders", ALICE, Some(order)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{submitted}");
+    let order_id = submitted["order_id"].as_str().unwrap_or_default().to_owned();
+
+    let (status, body) = api
+        .post(&format!("/orders/{order_id}/start-preparing"), MERCHANT, None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "an unpaid order cannot be prepared: {body}"
+    );
+    let (status, body) = api.post(&format!("/orders/{order_id}/complete"), MERCHANT, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = api.post(&format!("/orders/{order_id}/cancel"), BOB, None).await;
+    assert!(
+        matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND),
+        "another user's order: {body}"
+    );
+    let (status, body) = api.post(&format!("/orders/{order_id}/cancel"), MERCHANT, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = api.post(&format!("/orders/{order_id}/cancel"), ALICE, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], 2);
+    let (status, body) = api.post(&format!("/orders/{order_id}/cancel"), ALICE, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "cancelling twice: {body}");
+    let (status, body) = api
+        .post(&format!("/orders/{}/cancel", uuid::Uuid::now_v7()), ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let (status, body) = api
+        .post(
+            &format!("/products/{}/restock", product_id.as_str().unwrap_or_default()),
+            MERCHANT,
+            Some(json!({"quantity": 3})),
+        )
+        .await;
+    assert_eq!((status, body["version"].as_u64()), (StatusCode::OK, Some(2)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route() -> anyhow::Result<()> {
+    let doc: Value = serde_json::from_str(commands::api::OPENAPI)?;
+    assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    let source = include_str!("../src/api/mod.rs");
+    for part in source.split(".route(\"").skip(1) {
+        let path = part.split('"').next().unwrap_or_default();
+        assert!(doc["paths"].get(path).is_some(), "{path} is served but not documented");
+    }
+    for path in ["/health", "/metrics"] {
+        assert!(doc["paths"].get(path).is_some());
+    }
+    Ok(())
+}

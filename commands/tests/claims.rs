@@ -1,0 +1,261 @@
+//! The seckill claim writer against real Postgres and NATS: the event store
+//! as the final guard against oversell.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use chrono::{Duration as Span, Utc};
+use commands::{
+    AppState,
+    domain::{Order, SharedClock, SystemClock, Voucher, VoucherCommand},
+};
+use cp_nats::{ConsumerRunner, ConsumerSpec, Outgoing, Publisher, RunnerConfig, Topology, ensure_consumer};
+use events::{EventMetadata, Namespace, OrderRequested, OrderStatus, VoucherKind};
+use platform::http::{Health, JwtKeys, Ops};
+use uuid::Uuid;
+
+fn state(db: &testkit::TestDb) -> AppState {
+    let ops = Ops {
+        health: Health::new(),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let clock: SharedClock = Arc::new(SystemClock);
+    AppState::with_clock(db.pool.clone(), JwtKeys::new(&platform::Secret::new("s")), ops, clock)
+}
+
+async fn seckill_voucher(state: &AppState, stock: u32) -> anyhow::Result<Uuid> {
+    let voucher_id = Uuid::now_v7();
+    let now = Utc::now();
+    state
+        .api
+        .vouchers
+        .execute(
+            &voucher_id.to_string(),
+            || VoucherCommand::Create {
+                voucher_id,
+                merchant_id: "m-1".into(),
+                title: "Hotpot for two".into(),
+                kind: VoucherKind::Seckill,
+                price_cents: 990,
+                value_cents: 5_000,
+                min_spend_cents: 0,
+                stock: Some(stock),
+                begins_at: now - Span::minutes(1),
+                ends_at: now + Span::hours(1),
+            },
+            &EventMetadata::system("test"),
+        )
+        .await?;
+    Ok(voucher_id)
+}
+
+async fn order_statuses(pool: &sqlx::PgPool) -> anyhow::Result<HashMap<String, (String, String)>> {
+    // (status-deciding event, user) per order, straight from the event store
+    let rows: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT aggregate_id, event_type, payload FROM events WHERE aggregate_type = 'Order' AND sequence = 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, event_type, payload)| {
+            let user = payload[&event_type]["user_id"].as_str().unwrap_or_default().to_owned();
+            (id, (event_type, user))
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn five_thousand_requests_from_two_thousand_users_for_stock_500_place_exactly_500_orders() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let voucher_id = seckill_voucher(&state, 500).await?;
+
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
+    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    let publisher = Publisher::new(js.clone(), 4_096);
+
+    // deterministic pseudo-random users, so some users ask several times
+    let mut seed: u64 = 42;
+    let mut requests = Vec::new();
+    for _ in 0..5_000 {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let user = format!("user-{}", (seed >> 33) % 2_000);
+        let request = OrderRequested {
+            order_id: Uuid::now_v7(),
+            voucher_id,
+            user_id: user,
+            requested_at: Utc::now(),
+        };
+        requests.push(request);
+    }
+    let messages: Vec<Outgoing> = requests
+        .iter()
+        .map(|r| {
+            Outgoing::new(
+                namespace.seckill_requests_subject(),
+                r.order_id.to_string(),
+                serde_json::to_vec(r).unwrap_or_default(),
+            )
+        })
+        .collect();
+    publisher.publish_all(messages.clone()).await?;
+    // and a redelivery storm: the first 300 again under fresh message ids
+    let replays: Vec<Outgoing> = messages[..300]
+        .iter()
+        .cloned()
+        .map(|mut m| {
+            m.msg_id = format!("replay-{}", m.msg_id);
+            m
+        })
+        .collect();
+    publisher.publish_all(replays).await?;
+
+    let consumer = ensure_consumer(
+        &js,
+        &ConsumerSpec::new(namespace.seckill_requests_stream(), "claim-writer"),
+    )
+    .await?;
+    let config = RunnerConfig {
+        batch: 500,
+        ..RunnerConfig::default()
+    };
+    let runner = ConsumerRunner::batched(consumer, state.claim_writer(), publisher, namespace, config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async {
+        let _ = stopped.await;
+    }));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let orders = loop {
+        let orders = order_statuses(&db.pool).await?;
+        if orders.len() >= 5_000 {
+            break orders;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} orders after 60 s",
+            orders.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the replays drain
+    let _ = stop.send(());
+    let _ = task.await;
+
+    let orders_after = order_statuses(&db.pool).await?;
+    assert_eq!(orders_after.len(), 5_000, "every admitted request is exactly one order");
+    let placed: Vec<&(String, String)> = orders.values().filter(|(e, _)| e == "OrderPlaced").collect();
+    assert_eq!(placed.len(), 500, "no oversell, no undersell");
+    let mut buyers: Vec<&str> = placed.iter().map(|(_, user)| user.as_str()).collect();
+    buyers.sort_unstable();
+    buyers.dedup();
+    assert_eq!(buyers.len(), 500, "a user bought twice");
+    assert_eq!(orders.values().filter(|(e, _)| e == "OrderRejected").count(), 4_500);
+
+    let voucher = state.api.store.load::<Voucher>(&voucher_id.to_string()).await?;
+    assert_eq!(voucher.aggregate.remaining(), 0);
+    assert_eq!(voucher.aggregate.claimed(), 500);
+    // the voucher's decisions and the orders were written together
+    let split: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events v JOIN events o
+             ON o.aggregate_type = 'Order' AND o.sequence = 1
+            AND o.aggregate_id = coalesce(v.payload->'SeckillClaimAccepted'->>'order_id', v.payload->'SeckillClaimRejected'->>'order_id')
+          WHERE v.aggregate_type = 'Voucher' AND v.tx_id <> o.tx_id",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(split, 0, "a decision and its order were committed apart");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redelivered_batch_claims_nothing_twice() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let voucher_id = seckill_voucher(&state, 10).await?;
+    let writer = state.claim_writer();
+    let claims: Vec<_> = (0..5)
+        .map(|i| commands::domain::SeckillClaim {
+            order_id: Uuid::now_v7(),
+            user_id: format!("u-{i}"),
+            requested_at: Utc::now(),
+        })
+        .collect();
+    assert_eq!(writer.process(voucher_id, &claims, &HashMap::new()).await?, 5);
+    assert_eq!(writer.process(voucher_id, &claims, &HashMap::new()).await?, 0);
+    // a fresh writer (a restarted process, empty cache) agrees
+    assert_eq!(
+        self::state(&db)
+            .claim_writer()
+            .process(voucher_id, &claims, &HashMap::new())
+            .await?,
+        0
+    );
+    let voucher = state.api.store.load::<Voucher>(&voucher_id.to_string()).await?;
+    assert_eq!(voucher.aggregate.claimed(), 5);
+    for claim in &claims {
+        let order = state.api.store.load::<Order>(&claim.order_id.to_string()).await?;
+        assert_eq!(order.version, 1);
+        assert_eq!(order.aggregate.status(), Some(OrderStatus::PendingPayment));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_for_an_unknown_voucher_still_ends_as_a_rejected_order() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let claim = commands::domain::SeckillClaim {
+        order_id: Uuid::now_v7(),
+        user_id: "u".into(),
+        requested_at: Utc::now(),
+    };
+    let writer = state.claim_writer();
+    let unknown = Uuid::now_v7();
+    assert_eq!(
+        writer
+            .process(unknown, std::slice::from_ref(&claim), &HashMap::new())
+            .await?,
+        1
+    );
+    // redelivered: the order exists, nothing more is recorded
+    assert_eq!(
+        writer
+            .process(unknown, std::slice::from_ref(&claim), &HashMap::new())
+            .await?,
+        0
+    );
+    let order = state.api.store.load::<Order>(&claim.order_id.to_string()).await?;
+    assert_eq!(
+        (order.version, order.aggregate.status()),
+        (1, Some(OrderStatus::Rejected))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_cached_voucher_catches_up_with_writes_made_elsewhere() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let voucher_id = seckill_voucher(&state, 3).await?;
+    let claim = |user: &str| commands::domain::SeckillClaim {
+        order_id: Uuid::now_v7(),
+        user_id: user.into(),
+        requested_at: Utc::now(),
+    };
+    let first = state.claim_writer();
+    first.process(voucher_id, &[claim("a")], &HashMap::new()).await?; // cached at version 2
+    // another process (a second writer instance) takes the last two units
+    self::state(&db)
+        .claim_writer()
+        .process(voucher_id, &[claim("b"), claim("c")], &HashMap::new())
+        .await?;
+    // the first writer's cache is stale; it must catch up, not oversell
+    first.process(voucher_id, &[claim("d")], &HashMap::new()).await?;
+    let voucher = state.api.store.load::<Voucher>(&voucher_id.to_string()).await?;
+    assert_eq!((voucher.aggregate.claimed(), voucher.aggregate.remaining()), (3, 0));
+    Ok(())
+}
