@@ -42,3 +42,87 @@ async fn health_is_503_while_postgres_or_nats_is_down() -> anyhow::Result<()> {
     assert_eq!(testkit::status_of(nats_down, "/health").await, 503);
     Ok(())
 }
+
+/// The whole process: HTTP command → event store → relay → JetStream, and
+/// OrderRequested on JetStream → claim writer → order in the event store.
+#[tokio::test]
+async fn a_command_reaches_jetstream_and_an_admitted_request_becomes_an_order() -> anyhow::Result<()> {
+    use std::time::Duration;
+
+    use events::{Namespace, OrderRequested};
+    use platform::http::Role;
+
+    let db = testkit::TestDb::new().await?;
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    let nats_url = testkit::nats_url();
+    let args = [
+        "command-api",
+        "--database-url",
+        &db.url,
+        "--nats-url",
+        &nats_url,
+        "--nats-namespace",
+        namespace.as_str(),
+        "--jwt-secret",
+        "s3cret",
+    ];
+    let config = Config::try_parse_from(args)?;
+    let server = testkit::Server::start(|listener, shutdown| commands::run(config, listener, shutdown)).await?;
+    let token = JwtKeys::new(&platform::Secret::new("s3cret")).issue("m-1", Role::Merchant, Duration::from_secs(60))?;
+    let client = testkit::reqwest::Client::new();
+
+    let now = chrono::Utc::now();
+    let created: serde_json::Value = client
+        .post(server.url("/vouchers"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({
+            "title": "Flash hotpot", "kind": "seckill", "price_cents": 990, "value_cents": 5000,
+            "stock": 2, "begins_at": now - chrono::Duration::minutes(1), "ends_at": now + chrono::Duration::hours(1)
+        }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let voucher_id: uuid::Uuid = created["voucher_id"].as_str().unwrap_or_default().parse()?;
+
+    let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
+    let vouchers = js.get_stream(namespace.events_stream("Voucher")).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while vouchers.get_info().await?.state.messages < 1 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "VoucherCreated never reached JetStream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let request = OrderRequested {
+        order_id: uuid::Uuid::now_v7(),
+        voucher_id,
+        user_id: "alice".into(),
+        requested_at: now,
+    };
+    cp_nats::Publisher::new(js.clone(), 16)
+        .publish(cp_nats::Outgoing::new(
+            namespace.seckill_requests_subject(),
+            request.order_id.to_string(),
+            serde_json::to_vec(&request)?,
+        ))
+        .await?;
+    let orders = js.get_stream(namespace.events_stream("Order")).await?;
+    while orders.get_info().await?.state.messages < 1 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the admitted request never became an order"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let placed = orders.get_raw_message(1).await?;
+    let envelope: events::EventEnvelope = serde_json::from_slice(&placed.payload)?;
+    assert_eq!(
+        (envelope.aggregate_id, envelope.event_type.as_str()),
+        (request.order_id.to_string(), "OrderPlaced")
+    );
+    server.stop().await
+}
