@@ -282,6 +282,14 @@ async fn claims_bench() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Benchmarks leave no streams behind on the dev stack's NATS.
+async fn drop_streams(js: &async_nats::jetstream::Context, namespace: &Namespace) -> anyhow::Result<()> {
+    for stream in Topology::new(namespace.clone()).streams() {
+        js.delete_stream(&stream.name).await?;
+    }
+    Ok(())
+}
+
 async fn relay_fixture() -> anyhow::Result<(
     testkit::TestDb,
     async_nats::jetstream::Context,
@@ -348,10 +356,11 @@ async fn relay_bench() -> anyhow::Result<()> {
     let rate = BACKLOG as f64 / started.elapsed().as_secs_f64();
     println!("backlog of {BACKLOG} events drained at {rate:.0} events/s (target ≥ 20,000/s)");
     task.abort();
+    drop_streams(&js, &namespace).await?;
     db.drop_database().await?;
 
     // latency at a steady offered load
-    let (db, _js, namespace, task) = relay_fixture().await?;
+    let (db, js, namespace, task) = relay_fixture().await?;
     let client = testkit::nats().await?;
     let mut subscription = client.subscribe(namespace.events_subject("Order")).await?;
     const RATE: u64 = 2_000;
@@ -403,6 +412,7 @@ async fn relay_bench() -> anyhow::Result<()> {
         pct(0.99),
         latencies[latencies.len() - 1]
     );
+    drop_streams(&js, &namespace).await?;
     db.drop_database().await?;
     Ok(())
 }
