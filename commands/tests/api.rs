@@ -267,3 +267,35 @@ async fn the_openapi_document_describes_every_route() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A creation skips the load; a repeated id must still be refused by the aggregate.
+#[tokio::test]
+async fn creating_under_an_existing_id_falls_back_to_the_aggregate_rules() -> anyhow::Result<()> {
+    use commands::{
+        bus::CommandError,
+        domain::{ProductCommand, ProductError},
+    };
+    let db = testkit::TestDb::new().await?;
+    let ops = Ops {
+        health: Health::new(),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let state = AppState::new(db.pool.clone(), JwtKeys::new(&platform::Secret::new("s")), ops);
+    let id = uuid::Uuid::now_v7();
+    let create = || ProductCommand::Create {
+        product_id: id,
+        merchant_id: "m".into(),
+        name: "Tea".into(),
+        price_cents: 300,
+        stock: 1,
+    };
+    let metadata = events::EventMetadata::system("test");
+    let first = state.api.products.create(&id.to_string(), create, &metadata).await?;
+    assert_eq!(first.version, 1);
+    let second = state.api.products.create(&id.to_string(), create, &metadata).await;
+    assert!(
+        matches!(second, Err(CommandError::Domain(ProductError::AlreadyExists))),
+        "{second:?}"
+    );
+    Ok(())
+}
