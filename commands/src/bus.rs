@@ -9,7 +9,7 @@ use cqrs_es::Aggregate;
 use events::EventMetadata;
 use rand::Rng as _;
 
-use crate::store::{AggregateCache, EventStore, Loaded, StoreError, decide, load_cached};
+use crate::store::{AggregateCache, Decided, EventStore, Loaded, StoreError, decide, load_cached};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError<E: std::error::Error> {
@@ -41,7 +41,7 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Full jitter: a random delay below base × 2^attempt, so writers that
     /// collided once do not collide again in lockstep.
-    fn delay(&self, attempt: u32) -> Duration {
+    pub fn delay(&self, attempt: u32) -> Duration {
         let cap = self.base_delay.saturating_mul(2u32.saturating_pow(attempt.min(10)));
         let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
         Duration::from_micros(rand::rng().random_range(0..cap_us))
@@ -88,21 +88,8 @@ impl<A: Aggregate> Commands<A> {
         self
     }
 
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
-    }
-
-    pub fn store(&self) -> &EventStore {
-        &self.store
-    }
-
     pub fn services(&self) -> &A::Services {
         &self.services
-    }
-
-    pub fn cache(&self) -> Option<&Arc<AggregateCache<A>>> {
-        self.cache.as_ref()
     }
 
     /// Runs a command that creates the aggregate under a fresh id (a UUIDv7
@@ -126,12 +113,7 @@ impl<A: Aggregate> Commands<A> {
         };
         let append = decided.to_append(metadata).map_err(CommandError::Store)?;
         match self.store.append(std::slice::from_ref(&append)).await {
-            Ok(()) => {
-                let version = decided.version();
-                let events = decided.events.clone();
-                self.keep(aggregate_id, decided.into_loaded());
-                Ok(Executed { version, events })
-            }
+            Ok(()) => Ok(self.stored(aggregate_id, decided)),
             Err(StoreError::Conflict) => self.execute(aggregate_id, make, metadata).await,
             Err(error) => Err(CommandError::Store(error)),
         }
@@ -164,12 +146,7 @@ impl<A: Aggregate> Commands<A> {
             };
             let append = decided.to_append(metadata).map_err(CommandError::Store)?;
             match self.store.append(std::slice::from_ref(&append)).await {
-                Ok(()) => {
-                    let version = decided.version();
-                    let events = decided.events.clone();
-                    self.keep(aggregate_id, decided.into_loaded());
-                    return Ok(Executed { version, events });
-                }
+                Ok(()) => return Ok(self.stored(aggregate_id, decided)),
                 // the taken cache entry is dropped: the next attempt reloads
                 Err(StoreError::Conflict) if attempt < self.retry.attempts => {
                     metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
@@ -182,6 +159,16 @@ impl<A: Aggregate> Commands<A> {
                 Err(error) => return Err(CommandError::Store(error)),
             }
         }
+    }
+
+    /// After a successful append: the outcome, and the new state cached.
+    fn stored(&self, aggregate_id: &str, decided: Decided<A>) -> Executed<A> {
+        let executed = Executed {
+            version: decided.version(),
+            events: decided.events.clone(),
+        };
+        self.keep(aggregate_id, decided.into_loaded());
+        executed
     }
 
     fn keep(&self, aggregate_id: &str, loaded: Loaded<A>) {

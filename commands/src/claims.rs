@@ -18,7 +18,7 @@
 //! (the process runs the reactor under an advisory lock); a concurrent writer
 //! (e.g. a cancellation releasing stock) only costs a retry.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use async_nats::jetstream;
 use chrono::Utc;
@@ -28,6 +28,7 @@ use platform::telemetry::TraceHeaders;
 use uuid::Uuid;
 
 use crate::{
+    bus::RetryPolicy,
     domain::{
         order::{Order, OrderCommand},
         voucher::{SeckillClaim, Voucher, VoucherCommand, VoucherError},
@@ -37,9 +38,6 @@ use crate::{
 
 /// Advisory lock key of the claim writer ("cpclaim1").
 pub const CLAIM_WRITER_LOCK_KEY: i64 = 0x6370_636c_6169_6d31;
-/// How many times a batch is retried on an optimistic-lock conflict before
-/// its messages are nak'ed back to JetStream.
-const CONFLICT_ATTEMPTS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
@@ -58,7 +56,6 @@ pub enum ClaimError {
 struct Request {
     index: usize,
     claim: SeckillClaim,
-    voucher_id: Uuid,
     trace: TraceHeaders,
 }
 
@@ -103,7 +100,12 @@ impl ClaimWriter {
     ) -> Result<usize, ClaimError> {
         let id = voucher_id.to_string();
         let _writer = self.vouchers.writer(&id).await;
-        for attempt in 1..=CONFLICT_ATTEMPTS {
+        // after the last attempt the batch's messages go back to JetStream (nak)
+        let retry = RetryPolicy {
+            attempts: 8,
+            ..RetryPolicy::default()
+        };
+        for attempt in 1..=retry.attempts {
             let loaded = load_cached(&self.store, Some(&self.vouchers), &id).await?;
             let command = VoucherCommand::ProcessSeckillClaims {
                 claims: claims.to_vec(),
@@ -175,7 +177,7 @@ impl ClaimWriter {
                 }
                 Err(StoreError::Conflict) => {
                     metrics::counter!("command_conflicts_total", "aggregate" => "Voucher").increment(1);
-                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
+                    tokio::time::sleep(retry.delay(attempt)).await;
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -255,7 +257,6 @@ impl BatchHandler for ClaimWriter {
                     let trace = message.headers.as_ref().map(trace_of).unwrap_or_default();
                     by_voucher.entry(request.voucher_id).or_default().push(Request {
                         index,
-                        voucher_id: request.voucher_id,
                         claim: SeckillClaim {
                             order_id: request.order_id,
                             user_id: request.user_id,
@@ -277,7 +278,6 @@ impl BatchHandler for ClaimWriter {
                 tracing::warn!(%voucher_id, %error, "claim batch failed");
                 let text = error.to_string();
                 for request in &requests {
-                    debug_assert_eq!(request.voucher_id, voucher_id);
                     outcomes[request.index] = Err(text.clone().into());
                 }
             }

@@ -322,18 +322,3 @@ async fn store_cursor(conn: &mut PgConnection, name: &str, cursor: Cursor) -> Re
 fn parse_xid(text: String) -> u64 {
     text.parse().unwrap_or(0)
 }
-
-/// The stored cursor of relay `name` (for tests and operations).
-pub async fn cursor(pool: &PgPool, name: &str) -> Result<Option<Cursor>, sqlx::Error> {
-    let row = sqlx::query("SELECT last_tx_id::text AS tx, last_position FROM relay_cursor WHERE relay_name = $1")
-        .bind(name)
-        .fetch_optional(pool)
-        .await?;
-    row.map(|row| {
-        Ok(Cursor {
-            tx_id: parse_xid(row.try_get("tx")?),
-            position: row.try_get("last_position")?,
-        })
-    })
-    .transpose()
-}

@@ -7,7 +7,7 @@
 
 pub mod error;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use self::error::{ApiError, from_command};
 use crate::{
-    bus::Commands,
+    bus::{Commands, RetryPolicy},
     domain::{
         CancellerRole, Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, SharedClock, Voucher,
         VoucherCommand,
@@ -38,7 +38,6 @@ use crate::{
 
 /// How long a claimed regular-voucher coupon stays spendable.
 pub const COUPON_VALIDITY: chrono::Duration = chrono::Duration::days(30);
-const CLAIM_ATTEMPTS: u32 = 5;
 
 /// Everything the handlers need; cheap to clone.
 #[derive(Clone)]
@@ -177,7 +176,8 @@ async fn claim_voucher(
     let coupon_id = Uuid::now_v7();
     let metadata = metadata(&user);
     let _writer = api.voucher_cache.writer(&id).await;
-    for attempt in 1..=CLAIM_ATTEMPTS {
+    let retry = RetryPolicy::default();
+    for attempt in 1..=retry.attempts {
         let loaded = load_cached(&api.store, Some(&api.voucher_cache), &id).await?;
         let command = VoucherCommand::ClaimRegular {
             user_id: user.sub.clone(),
@@ -218,18 +218,11 @@ async fn claim_voucher(
                 api.voucher_cache.put(&id, claimed.into_loaded());
                 return Ok((StatusCode::CREATED, Json(Claimed { coupon_id, version })));
             }
-            Err(StoreError::Conflict) if attempt < CLAIM_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(u64::from(attempt) * rand_jitter_ms())).await;
-            }
+            Err(StoreError::Conflict) if attempt < retry.attempts => tokio::time::sleep(retry.delay(attempt)).await,
             Err(error) => return Err(error.into()),
         }
     }
     Err(ApiError::Contended)
-}
-
-fn rand_jitter_ms() -> u64 {
-    use rand::Rng as _;
-    rand::rng().random_range(1..=10)
 }
 
 #[derive(Debug, Deserialize)]
