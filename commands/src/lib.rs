@@ -41,8 +41,7 @@ use crate::{
 };
 
 pub const SERVICE: &str = "command-api";
-/// Durable consumer of the claim writer on the seckill requests stream.
-pub const CLAIM_WRITER_CONSUMER: &str = "claim-writer";
+pub use events::subjects::CLAIM_WRITER_CONSUMER;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = SERVICE, about = "City Picks command API, outbox relay and claim writer")]

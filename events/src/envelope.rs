@@ -85,17 +85,27 @@ impl EventEnvelope {
 
     /// The payload as an event enum, upcast first if it is an old version.
     pub fn decode<E: DeserializeOwned>(&self) -> Result<E, EnvelopeError> {
-        let decoded = if upcast::needs_upcast(&self.event_type, &self.event_version) {
-            let (_, payload) = upcast::upcast(&self.event_type, &self.event_version, self.payload.clone());
-            serde_json::from_value(payload)
-        } else {
-            E::deserialize(&self.payload)
-        };
-        decoded.map_err(|source| EnvelopeError::Decode {
-            event_type: self.event_type.clone(),
-            source,
-        })
+        decode_payload(&self.event_type, &self.event_version, &self.payload)
     }
+}
+
+/// A stored payload as an event enum, upcast first if it is an old version:
+/// for readers of the `events` table that do not build whole envelopes.
+pub fn decode_payload<E: DeserializeOwned>(
+    event_type: &str,
+    event_version: &str,
+    payload: &Value,
+) -> Result<E, EnvelopeError> {
+    let decoded = if upcast::needs_upcast(event_type, event_version) {
+        let (_, payload) = upcast::upcast(event_type, event_version, payload.clone());
+        serde_json::from_value(payload)
+    } else {
+        E::deserialize(payload)
+    };
+    decoded.map_err(|source| EnvelopeError::Decode {
+        event_type: event_type.to_owned(),
+        source,
+    })
 }
 
 /// An event of any aggregate, for consumers that read more than one stream.

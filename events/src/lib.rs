@@ -30,7 +30,7 @@ pub mod voucher;
 pub use cqrs_es::DomainEvent;
 
 pub use coupon::{CouponEvent, CouponSource, CouponStatus};
-pub use envelope::{AnyEvent, EVENT_ID_NAMESPACE, EnvelopeError, EventEnvelope, event_id};
+pub use envelope::{AnyEvent, EVENT_ID_NAMESPACE, EnvelopeError, EventEnvelope, decode_payload, event_id};
 pub use integration::OrderRequested;
 pub use metadata::{Actor, ActorKind, EventMetadata, MetadataError};
 pub use order::{

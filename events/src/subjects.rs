@@ -36,6 +36,13 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
+/// Durable consumer of the claim writer (commands) on the seckill requests
+/// stream; the edge watches its ack floor before a re-warm.
+pub const CLAIM_WRITER_CONSUMER: &str = "claim-writer";
+/// Durable consumer of the seckill edge on the Voucher events stream
+/// (warm-up and re-credit), shared by every edge instance.
+pub const SECKILL_EDGE_CONSUMER: &str = "seckill-edge";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NamespaceError {
     #[error("namespace is empty")]

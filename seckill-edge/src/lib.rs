@@ -1,19 +1,42 @@
 //! The flash-sale gate: Redis Lua admission, the Redis-stream forwarder to
-//! JetStream, warm-up and re-credit.
+//! JetStream, warm-up, re-warm and re-credit.
 //!
-//! Layout: [`Config`] (env), [`AppState`], [`router`] (routes, for in-process
-//! tests) and [`run`] (connect, serve until shutdown). Admission, forwarder
-//! and warm-up arrive with the seckill-edge issue.
+//! Layout:
+//! - [`admission`]: `POST /seckill/{voucher_id}`, with the in-process
+//!   sold-out and unknown-voucher flags of [`flags`];
+//! - [`gate`]: the Lua scripts (`lua/`) and typed calls to them; [`keys`]:
+//!   the key layout, one hash tag per voucher;
+//! - [`forwarder`]: Redis streams → JetStream `OrderRequested`;
+//! - [`ledger`] (pure) and [`warmup`]: rebuilding a voucher's gate from the
+//!   event store, and the consumer of Voucher events (warm-up, re-credit);
+//! - [`Config`] (env), [`AppState`], [`router`] (routes, for in-process
+//!   tests) and [`run`] (connect, serve until shutdown).
 
-use std::future::Future;
+pub mod admission;
+pub mod error;
+pub mod flags;
+pub mod forwarder;
+pub mod gate;
+pub mod keys;
+pub mod ledger;
+pub mod warmup;
 
-use axum::{Router, extract::FromRef};
+use std::{future::Future, sync::Arc, time::Duration};
+
+use axum::{Router, extract::FromRef, routing::post};
 use clap::Parser;
+use events::{Namespace, VoucherEvent, subjects::SECKILL_EDGE_CONSUMER};
 use platform::{
-    config::{AuthConfig, NatsConfig, RedisConfig, StartupConfig, TelemetryConfig},
+    config::{AuthConfig, NatsConfig, PostgresConfig, RedisConfig, StartupConfig, TelemetryConfig},
     http::{Health, JwtKeys, Ops},
 };
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use admission::Edge;
+use forwarder::{Forwarder, ForwarderConfig};
+use gate::{Gate, RateLimit};
+use warmup::{SaleEvents, Warmer, WarmerConfig};
 
 pub const SERVICE: &str = "seckill-edge";
 
@@ -22,6 +45,44 @@ pub const SERVICE: &str = "seckill-edge";
 pub struct Config {
     #[arg(long, env = "SECKILL_EDGE_ADDR", default_value = "127.0.0.1:8081")]
     pub addr: String,
+    /// Prefix of every Redis key of the edge (one per deployment sharing a Redis).
+    #[arg(long, env = "SECKILL_KEY_PREFIX", default_value = "cp:")]
+    pub key_prefix: String,
+    /// Attempts a user may burst on one voucher before the rate limit applies.
+    #[arg(long, env = "SECKILL_RATE_LIMIT_BURST", default_value_t = 10)]
+    pub rate_limit_burst: u32,
+    /// Sustained attempts per second per user and voucher; 0 turns the limit off.
+    #[arg(long, env = "SECKILL_RATE_LIMIT_PER_SEC", default_value_t = 5.0)]
+    pub rate_limit_per_sec: f64,
+    /// How long this process answers "sold out" without asking Redis.
+    #[arg(long, env = "SECKILL_SOLD_OUT_TTL_MS", default_value_t = 1_000)]
+    pub sold_out_ttl_ms: u64,
+    /// How long this process answers 404 for an id the event store does not know.
+    #[arg(long, env = "SECKILL_UNKNOWN_TTL_MS", default_value_t = 2_000)]
+    pub unknown_ttl_ms: u64,
+    /// How long an `Idempotency-Key`'s answer is kept.
+    #[arg(long, env = "SECKILL_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
+    /// Run the forwarder (Redis streams → JetStream) in this process.
+    #[arg(long, env = "SECKILL_FORWARDER_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub forwarder_enabled: bool,
+    /// Entries the forwarder reads and publishes per round.
+    #[arg(long, env = "SECKILL_FORWARDER_BATCH", default_value_t = 1_000)]
+    pub forwarder_batch: usize,
+    /// Pending entries idle this long are taken over from a dead forwarder.
+    #[arg(long, env = "SECKILL_FORWARDER_CLAIM_IDLE_MS", default_value_t = 10_000)]
+    pub forwarder_claim_idle_ms: u64,
+    /// Consume Voucher events here (warm-up and re-credit).
+    #[arg(long, env = "SECKILL_SALE_EVENTS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sale_events_enabled: bool,
+    /// How long a re-warm waits for the claim writer to catch up.
+    #[arg(long, env = "SECKILL_REWARM_DRAIN_TIMEOUT_MS", default_value_t = 5_000)]
+    pub rewarm_drain_timeout_ms: u64,
+    /// This instance's name in the forwarder's consumer groups (default: random).
+    #[arg(long, env = "SECKILL_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    #[command(flatten)]
+    pub postgres: PostgresConfig,
     #[command(flatten)]
     pub redis: RedisConfig,
     #[command(flatten)]
@@ -34,23 +95,42 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-#[derive(Clone, FromRef)]
+impl Config {
+    pub fn rate_limit(&self) -> RateLimit {
+        RateLimit {
+            burst: self.rate_limit_burst.max(1),
+            per_second: self.rate_limit_per_sec.max(0.0),
+        }
+    }
+
+    pub fn instance_id(&self) -> String {
+        self.instance_id
+            .clone()
+            .unwrap_or_else(|| format!("edge-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+    }
+}
+
+#[derive(Debug, Clone, FromRef)]
 pub struct AppState {
-    pub redis: redis::aio::ConnectionManager,
-    pub nats: async_nats::Client,
+    pub edge: Edge,
     pub jwt: JwtKeys,
     pub ops: Ops,
 }
 
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").finish_non_exhaustive()
-    }
-}
-
 pub fn router(state: AppState) -> Router {
     let ops = state.ops.clone();
-    platform::http::service_router(Router::new().with_state(state), ops)
+    let routes = Router::new()
+        .route("/seckill/{voucher_id}", post(admission::attempt))
+        .route("/openapi.json", axum::routing::get(openapi))
+        .with_state(state);
+    platform::http::service_router(routes, ops)
+}
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
 }
 
 pub async fn run(
@@ -60,17 +140,95 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let timeout = config.startup.timeout();
     let redis = platform::kv::connect(&config.redis, timeout).await?;
+    let redis_client = redis::Client::open(config.redis.redis_url.expose())?;
     let nats = platform::bus::connect(&config.nats, SERVICE, timeout).await?;
+    let namespace = Namespace::new(&config.nats.nats_namespace)?;
+    let js = cp_nats::jetstream(nats.clone(), 5_000);
+    cp_nats::ensure_topology(&js, &cp_nats::Topology::new(namespace.clone())).await?;
+    // Only a re-warm reads the event store: admission keeps working while it is down.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.postgres.database_max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(config.postgres.database_url.expose())?;
+
+    let gate = Gate::new(
+        redis.clone(),
+        config.key_prefix.clone(),
+        config.rate_limit(),
+        Duration::from_secs(config.idempotency_ttl_secs),
+    );
+    gate.load_scripts().await?;
+    let flags = Arc::new(flags::VoucherFlags::new(
+        Duration::from_millis(config.sold_out_ttl_ms),
+        Duration::from_millis(config.unknown_ttl_ms),
+    ));
+    let warmer = Arc::new(Warmer::new(
+        gate.clone(),
+        pool,
+        js.clone(),
+        namespace.clone(),
+        WarmerConfig {
+            drain_timeout: Duration::from_millis(config.rewarm_drain_timeout_ms),
+            ..WarmerConfig::default()
+        },
+    ));
+    let edge = Edge {
+        gate: gate.clone(),
+        flags: flags.clone(),
+        warmer: warmer.clone(),
+    };
     let ops = Ops {
-        health: Health::new().redis(redis.clone()).nats(nats.clone()),
+        health: Health::new().redis(redis).nats(nats),
         metrics: platform::telemetry::metrics_handle(),
     };
     let state = AppState {
-        redis,
-        nats,
+        edge,
         jwt: JwtKeys::new(&config.auth.jwt_secret),
         ops,
     };
-    platform::http::serve(listener, router(state), shutdown).await?;
+
+    let stop = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+    let publisher = cp_nats::Publisher::new(js.clone(), 4_096);
+    if config.forwarder_enabled {
+        let forwarder_config = ForwarderConfig {
+            batch: config.forwarder_batch.max(1),
+            claim_idle: Duration::from_millis(config.forwarder_claim_idle_ms),
+            ..ForwarderConfig::new(config.instance_id())
+        };
+        let forwarder = Forwarder::new(
+            redis_client,
+            config.key_prefix.clone(),
+            publisher.clone(),
+            namespace.clone(),
+            forwarder_config,
+        );
+        background.spawn(forwarder.run(stop.clone()));
+    }
+    if config.sale_events_enabled {
+        let spec = cp_nats::ConsumerSpec::new(
+            namespace.events_stream(<VoucherEvent as events::AggregateEvents>::AGGREGATE_TYPE),
+            SECKILL_EDGE_CONSUMER,
+        )
+        .max_deliver(10);
+        let consumer = cp_nats::ensure_consumer(&js, &spec).await?;
+        let handler = SaleEvents { warmer, gate, flags };
+        let runner_config = cp_nats::RunnerConfig {
+            max_deliver: 10,
+            ..cp_nats::RunnerConfig::default()
+        };
+        let runner = cp_nats::ConsumerRunner::new(consumer, handler, publisher, namespace, runner_config);
+        let stop = stop.clone();
+        background.spawn(async move {
+            if let Err(error) = runner.run(stop.cancelled_owned()).await {
+                tracing::error!(%error, "sale events consumer stopped");
+            }
+        });
+    }
+
+    let served = platform::http::serve(listener, router(state), shutdown).await;
+    stop.cancel();
+    while background.join_next().await.is_some() {}
+    served?;
     Ok(())
 }

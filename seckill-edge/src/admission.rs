@@ -1,0 +1,155 @@
+//! `POST /seckill/{voucher_id}`: one attempt, answered in one Redis round
+//! trip (or none, for a voucher this process knows is sold out).
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+};
+use platform::{
+    http::{ApiPath, AuthUser, Role},
+    telemetry::TraceHeaders,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    error::ApiError,
+    flags::VoucherFlags,
+    gate::{Admission, Gate},
+    warmup::{Warmer, Warmth},
+};
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// What admission needs, shared by every request.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    pub gate: Gate,
+    pub flags: Arc<VoucherFlags>,
+    pub warmer: Arc<Warmer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queued {
+    pub order_id: Uuid,
+    pub status: String,
+}
+
+pub async fn attempt(
+    State(edge): State<Edge>,
+    user: AuthUser,
+    ApiPath(voucher_id): ApiPath<Uuid>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Queued>), ApiError> {
+    user.require(&[Role::Customer])?;
+    let idempotency_key = idempotency_key(&headers)?;
+    // A keyed retry must get its stored answer, which only Redis has.
+    if idempotency_key.is_none() && edge.flags.is_sold_out(voucher_id) {
+        metrics::counter!("seckill_attempts_total", "outcome" => "sold_out_cached").increment(1);
+        return Err(ApiError::SoldOut);
+    }
+    if edge.flags.is_unknown(voucher_id) {
+        return Err(ApiError::VoucherNotFound);
+    }
+    // time-ordered, so order ids sort by admission
+    let order_id = Uuid::now_v7();
+    let trace = TraceHeaders::current();
+    let admit = || {
+        edge.gate
+            .admit(voucher_id, &user.sub, order_id, idempotency_key, &trace)
+    };
+    let mut admission = admit().await.map_err(ApiError::unavailable)?;
+    if admission == Admission::Cold {
+        admission = match edge.warmer.ensure(voucher_id).await.map_err(ApiError::unavailable)? {
+            Warmth::Ready => admit().await.map_err(ApiError::unavailable)?,
+            Warmth::Unknown => {
+                edge.flags.mark_unknown(voucher_id);
+                return Err(ApiError::VoucherNotFound);
+            }
+            Warmth::Busy => return Err(ApiError::WarmingUp),
+        };
+    }
+    let outcome = outcome_label(&admission);
+    metrics::counter!("seckill_attempts_total", "outcome" => outcome).increment(1);
+    match admission {
+        Admission::Admitted { order_id, .. } => Ok((
+            StatusCode::ACCEPTED,
+            Json(Queued {
+                order_id,
+                status: "queued".to_owned(),
+            }),
+        )),
+        Admission::SoldOut => {
+            edge.flags.mark_sold_out(voucher_id);
+            Err(ApiError::SoldOut)
+        }
+        Admission::AlreadyPurchased => Err(ApiError::AlreadyPurchased),
+        Admission::SaleNotStarted => Err(ApiError::SaleNotStarted),
+        Admission::SaleEnded => Err(ApiError::SaleEnded),
+        Admission::RateLimited { retry_after } => Err(ApiError::RateLimited { retry_after }),
+        Admission::Cold => Err(ApiError::WarmingUp),
+    }
+}
+
+fn outcome_label(admission: &Admission) -> &'static str {
+    match admission {
+        Admission::Admitted { .. } => "admitted",
+        Admission::SoldOut => "sold_out",
+        Admission::AlreadyPurchased => "already_purchased",
+        Admission::SaleNotStarted => "sale_not_started",
+        Admission::SaleEnded => "sale_ended",
+        Admission::RateLimited { .. } => "rate_limited",
+        Admission::Cold => "warming_up",
+    }
+}
+
+/// The optional `Idempotency-Key`: visible ASCII only, as it becomes part of a Redis key.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| ApiError::InvalidIdempotencyKey)?;
+    let valid = !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic());
+    if valid {
+        Ok(Some(key))
+    } else {
+        Err(ApiError::InvalidIdempotencyKey)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn with_key(value: &[u8]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_bytes(value).expect("header value"));
+        headers
+    }
+
+    #[test]
+    fn an_absent_key_is_fine_and_a_visible_ascii_key_is_taken() {
+        assert_eq!(idempotency_key(&HeaderMap::new()).ok(), Some(None));
+        let headers = with_key(b"order-7f3a_01");
+        assert_eq!(idempotency_key(&headers).ok(), Some(Some("order-7f3a_01")));
+    }
+
+    #[test]
+    fn keys_with_spaces_controls_non_ascii_or_too_long_are_refused() {
+        let long = vec![b'a'; MAX_IDEMPOTENCY_KEY_LEN + 1];
+        for value in [&b"has space"[..], b"tab\tkey", "caf\u{e9}".as_bytes(), &long] {
+            assert!(
+                matches!(idempotency_key(&with_key(value)), Err(ApiError::InvalidIdempotencyKey)),
+                "{value:?}"
+            );
+        }
+        let longest = vec![b'a'; MAX_IDEMPOTENCY_KEY_LEN];
+        assert!(idempotency_key(&with_key(&longest)).is_ok());
+    }
+}
