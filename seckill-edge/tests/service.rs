@@ -1,9 +1,11 @@
 //! The seckill edge process: starts against real Redis and NATS, reports
 //! them on /health, serves /metrics, and stops on request.
 
+mod support;
+
 use clap::Parser as _;
-use platform::http::{Health, JwtKeys, Ops};
-use seckill_edge::{AppState, Config};
+use platform::http::{Health, Ops};
+use seckill_edge::{AppState, Config, Edge};
 
 #[tokio::test]
 async fn starts_reports_health_and_metrics_and_shuts_down_gracefully() -> anyhow::Result<()> {
@@ -24,17 +26,46 @@ async fn starts_reports_health_and_metrics_and_shuts_down_gracefully() -> anyhow
 
 #[tokio::test]
 async fn health_is_503_while_nats_is_down() -> anyhow::Result<()> {
-    let redis = testkit::redis().await?;
-    let nats = testkit::unreachable_nats().await;
+    let harness = support::Harness::new(support::NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
     let state = AppState {
-        redis: redis.clone(),
-        nats: nats.clone(),
-        jwt: JwtKeys::new(&platform::Secret::new("s")),
+        edge: Edge {
+            gate: harness.gate.clone(),
+            flags: harness.flags.clone(),
+            warmer: harness.warmer.clone(),
+        },
+        jwt: harness.jwt.clone(),
         ops: Ops {
-            health: Health::new().redis(redis).nats(nats),
+            health: Health::new()
+                .redis(harness.redis.clone())
+                .nats(testkit::unreachable_nats().await),
             metrics: platform::telemetry::metrics_handle(),
         },
     };
     assert_eq!(testkit::status_of(seckill_edge::router(state), "/health").await, 503);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route() -> anyhow::Result<()> {
+    let harness = support::Harness::new(support::NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
+    let response = tower::ServiceExt::oneshot(
+        harness.router(),
+        http::Request::get("/openapi.json").body(axum::body::Body::empty())?,
+    )
+    .await?;
+    assert_eq!(response.status(), 200);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)?;
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    for path in ["/seckill/{voucher_id}", "/health", "/metrics", "/openapi.json"] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
+    let codes = doc["paths"]["/seckill/{voucher_id}"]["post"]["responses"]
+        .as_object()
+        .map(|r| r.keys().cloned().collect::<Vec<_>>())
+        .unwrap_or_default();
+    for status in ["202", "400", "401", "403", "404", "409", "429", "503"] {
+        assert!(codes.iter().any(|c| c == status), "{status} documented");
+    }
     Ok(())
 }
