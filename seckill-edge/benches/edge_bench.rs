@@ -1,0 +1,392 @@
+//! The helper program of `./dev bench seckill_edge` (`seckill-edge/bench/run.sh`).
+//!
+//! ```text
+//! edge_bench tokens N FILE [--split T]     N customer JWTs (distinct subs), one a line,
+//!                                          signed with $JWT_SECRET; with --split, FILE.0 ..
+//!                                          FILE.<T-1>, dealt round robin (one per wrk thread)
+//! edge_bench seed STOCK                    load a fresh voucher (sale open now) with STOCK
+//!                                          units under --prefix; prints shell assignments
+//!                                          VOUCHER=, META=, USERS=, RES=, STREAM=, RATE=, IDEM=
+//! edge_bench forwarder [--entries N] [--rounds R] [--batch B]
+//!                                          N admitted requests prefilled in a voucher's Redis
+//!                                          stream → Forwarder::forward_voucher → JetStream in a
+//!                                          fresh namespace, R rounds, median requests/s
+//! edge_bench cleanup                       UNLINK every key under --prefix
+//! edge_bench drop-namespace NS             delete the JetStream streams of namespace NS
+//! ```
+//! Common options: `--redis-url` (default $REDIS_URL or the dev Redis),
+//! `--nats-url` ($NATS_URL or the dev NATS), `--prefix` (Redis key prefix).
+
+#![allow(clippy::print_stdout)]
+
+use std::{
+    collections::HashMap,
+    io::{BufWriter, Write as _},
+    time::{Duration, Instant},
+};
+
+use chrono::{Duration as Span, Utc};
+use cp_nats::{Publisher, Topology};
+use events::Namespace;
+use platform::{
+    config::Secret,
+    http::{JwtKeys, Role},
+};
+use redis::aio::ConnectionManager;
+use seckill_edge::{
+    forwarder::{Forwarder, ForwarderConfig},
+    gate::{Gate, RateLimit},
+    keys::{VoucherKeys, registry},
+    ledger::VoucherSnapshot,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The edge's defaults (`seckill_edge::Config`).
+const EDGE_RATE: RateLimit = RateLimit {
+    burst: 10,
+    per_second: 5.0,
+};
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(86_400);
+
+struct Args {
+    positional: Vec<String>,
+    options: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse() -> anyhow::Result<Self> {
+        let mut positional = Vec::new();
+        let mut options = HashMap::new();
+        let mut raw = std::env::args().skip(1).filter(|a| a != "--bench");
+        while let Some(arg) = raw.next() {
+            if let Some(name) = arg.strip_prefix("--") {
+                let value = raw.next().ok_or_else(|| anyhow::anyhow!("--{name} needs a value"))?;
+                options.insert(name.to_owned(), value);
+            } else {
+                positional.push(arg);
+            }
+        }
+        Ok(Self { positional, options })
+    }
+
+    fn option(&self, name: &str, env: &str, default: &str) -> String {
+        self.options
+            .get(name)
+            .cloned()
+            .or_else(|| std::env::var(env).ok())
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn number<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        Ok(match self.options.get(name) {
+            Some(value) => value.parse()?,
+            None => default,
+        })
+    }
+
+    fn redis_url(&self) -> String {
+        self.option("redis-url", "REDIS_URL", "redis://127.0.0.1:56379/")
+    }
+
+    fn nats_url(&self) -> String {
+        self.option("nats-url", "NATS_URL", "nats://127.0.0.1:54222")
+    }
+
+    fn prefix(&self) -> anyhow::Result<String> {
+        self.options
+            .get("prefix")
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("--prefix is required"))
+    }
+
+    fn arg(&self, index: usize, what: &str) -> anyhow::Result<&str> {
+        self.positional
+            .get(index)
+            .map(String::as_str)
+            .ok_or_else(|| anyhow::anyhow!("missing {what}"))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse()?;
+    match args.positional.first().map(String::as_str) {
+        Some("tokens") => tokens(&args),
+        Some("seed") => seed(&args).await,
+        Some("forwarder") => forwarder_bench(&args).await,
+        Some("cleanup") => cleanup(&args).await,
+        Some("drop-namespace") => {
+            let js = jetstream(&args.nats_url()).await?;
+            drop_namespace(&js, &Namespace::new(args.arg(1, "namespace")?)?).await
+        }
+        _ => anyhow::bail!("usage: edge_bench tokens|seed|forwarder|cleanup|drop-namespace ... (see the source)"),
+    }
+}
+
+async fn redis(url: &str) -> anyhow::Result<ConnectionManager> {
+    Ok(ConnectionManager::new(redis::Client::open(url)?).await?)
+}
+
+async fn jetstream(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {
+    Ok(cp_nats::jetstream(async_nats::connect(url).await?, 5_000))
+}
+
+/// `tokens N FILE [--split T]`: signing is spread over the cores.
+fn tokens(args: &Args) -> anyhow::Result<()> {
+    let count: usize = args.arg(1, "N")?.parse()?;
+    let file = args.arg(2, "FILE")?;
+    let split: usize = args.number("split", 0)?;
+    let ttl = Duration::from_secs(args.number("ttl-secs", 4 * 3_600)?);
+    let secret = std::env::var("JWT_SECRET").map_err(|_| anyhow::anyhow!("JWT_SECRET is not set"))?;
+    let keys = JwtKeys::new(&Secret::new(secret));
+    let started = Instant::now();
+    let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    let chunk = count.div_ceil(workers).max(1);
+    let signed: Vec<Vec<String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..count)
+            .step_by(chunk)
+            .map(|start| {
+                let keys = keys.clone();
+                scope.spawn(move || {
+                    (start..(start + chunk).min(count))
+                        .map(|i| keys.issue(&format!("u{i:015}"), Role::Customer, ttl))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a signing thread panicked"))?.map_err(Into::into))
+            .collect::<anyhow::Result<_>>()
+    })?;
+    let outputs = if split == 0 {
+        vec![file.to_owned()]
+    } else {
+        (0..split).map(|t| format!("{file}.{t}")).collect()
+    };
+    let mut writers = outputs
+        .iter()
+        .map(|path| Ok(BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for (i, token) in signed.iter().flatten().enumerate() {
+        let writer = &mut writers[i % outputs.len()];
+        writer.write_all(token.as_bytes())?;
+        writer.write_all(b"\n")?;
+    }
+    for mut writer in writers {
+        writer.flush()?;
+    }
+    eprintln!(
+        "{count} tokens in {:.1} s → {}",
+        started.elapsed().as_secs_f64(),
+        outputs.join(", ")
+    );
+    Ok(())
+}
+
+fn open_sale(voucher_id: Uuid, stock: u32) -> VoucherSnapshot {
+    let now = Utc::now();
+    VoucherSnapshot {
+        voucher_id,
+        stock,
+        begins_at: now - Span::hours(1),
+        ends_at: now + Span::days(1),
+        version: 1,
+        buyers: Vec::new(),
+    }
+}
+
+/// `seed STOCK`: prints the voucher's keys as shell assignments.
+async fn seed(args: &Args) -> anyhow::Result<()> {
+    let stock: u32 = args.arg(1, "STOCK")?.parse()?;
+    let prefix = args.prefix()?;
+    let gate = Gate::new(redis(&args.redis_url()).await?, prefix.clone(), EDGE_RATE, IDEMPOTENCY_TTL);
+    let voucher_id = Uuid::now_v7();
+    anyhow::ensure!(gate.load(&open_sale(voucher_id, stock)).await?, "voucher already loaded");
+    let keys = VoucherKeys::new(&prefix, voucher_id);
+    let rate = keys.rate("");
+    for (name, value) in [
+        ("VOUCHER", voucher_id.to_string().as_str()),
+        ("META", &keys.meta),
+        ("USERS", &keys.users),
+        ("RES", &keys.reservations),
+        ("STREAM", &keys.stream),
+        ("RATE", &rate),
+        ("IDEM", &keys.no_idempotency()),
+    ] {
+        anyhow::ensure!(!value.contains('\''), "unexpected quote in {value}");
+        println!("{name}='{value}'");
+    }
+    Ok(())
+}
+
+/// `cleanup`: every key under the prefix, the registry included.
+async fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let prefix = args.prefix()?;
+    anyhow::ensure!(prefix.len() >= 4, "refusing to clean up under the short prefix {prefix:?}");
+    let mut redis = redis(&args.redis_url()).await?;
+    let pattern = format!("{prefix}*");
+    let mut cursor = 0_u64;
+    let mut removed = 0_usize;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut redis)
+            .await?;
+        if !keys.is_empty() {
+            removed += redis::cmd("UNLINK").arg(&keys).query_async::<usize>(&mut redis).await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    eprintln!("removed {removed} keys under {prefix}");
+    Ok(())
+}
+
+/// Benchmarks leave no streams behind on the dev stack's NATS.
+async fn drop_namespace(js: &async_nats::jetstream::Context, namespace: &Namespace) -> anyhow::Result<()> {
+    for stream in Topology::new(namespace.clone()).streams() {
+        if let Err(error) = js.delete_stream(&stream.name).await {
+            // a stream never created (nothing to delete) is fine
+            if js.get_stream(&stream.name).await.is_ok() {
+                anyhow::bail!("cannot delete stream {}: {error}", stream.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// `forwarder`: a backlog of admitted requests drained into JetStream.
+async fn forwarder_bench(args: &Args) -> anyhow::Result<()> {
+    let entries: usize = args.number("entries", 300_000)?;
+    let rounds: usize = args.number("rounds", 3)?;
+    let batch: usize = args.number("batch", 1_000)?;
+    let prefix = args.prefix()?;
+    let redis_url = args.redis_url();
+    let mut redis = redis(&redis_url).await?;
+    let js = jetstream(&args.nats_url()).await?;
+    let gate = Gate::new(redis.clone(), prefix.clone(), EDGE_RATE, IDEMPOTENCY_TTL);
+    let mut rates = Vec::new();
+    for round in 1..=rounds {
+        let namespace = Namespace::new(format!("b{}", &Uuid::new_v4().simple().to_string()[..12]))?;
+        cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+        let outcome = forward_round(&gate, &mut redis, &redis_url, &js, &namespace, entries, batch).await;
+        drop_namespace(&js, &namespace).await?;
+        let (rate, seconds) = outcome?;
+        println!(
+            "FORWARDER round={round} entries={entries} seconds={seconds:.3} rate={rate:.0} batch={batch} namespace={}",
+            namespace.as_str()
+        );
+        rates.push(rate);
+    }
+    println!("FORWARDER_MEDIAN rate={:.0} rounds={rounds}", median(rates));
+    Ok(())
+}
+
+async fn forward_round(
+    gate: &Gate,
+    redis: &mut ConnectionManager,
+    redis_url: &str,
+    js: &async_nats::jetstream::Context,
+    namespace: &Namespace,
+    entries: usize,
+    batch: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let voucher_id = Uuid::now_v7();
+    let stock = u32::try_from(entries)?;
+    gate.load(&open_sale(voucher_id, stock)).await?;
+    let keys = gate.keys(voucher_id);
+    // what the admission script writes: o, u, t, tp, ts
+    let now = Utc::now().timestamp_millis();
+    let filled = Instant::now();
+    for start in (0..entries).step_by(10_000) {
+        let mut pipe = redis::pipe();
+        for i in start..(start + 10_000).min(entries) {
+            pipe.cmd("XADD")
+                .arg(&keys.stream)
+                .arg("*")
+                .arg("o")
+                .arg(Uuid::now_v7().to_string())
+                .arg("u")
+                .arg(format!("u{i:015}"))
+                .arg("t")
+                .arg(now)
+                .arg("tp")
+                .arg("")
+                .arg("ts")
+                .arg("")
+                .ignore();
+        }
+        pipe.query_async::<()>(redis).await?;
+    }
+    let length: usize = redis::cmd("XLEN").arg(&keys.stream).query_async(redis).await?;
+    anyhow::ensure!(length == entries, "prefilled {length} of {entries}");
+    eprintln!(
+        "prefilled {entries} entries in {:.1} s",
+        filled.elapsed().as_secs_f64()
+    );
+
+    let forwarder = Forwarder::new(
+        redis::Client::open(redis_url)?,
+        gate.prefix(),
+        Publisher::new(js.clone(), 4_096),
+        namespace.clone(),
+        ForwarderConfig {
+            batch,
+            ..ForwarderConfig::new(format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]))
+        },
+    );
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { forwarder.forward_voucher(voucher_id, stop).await })
+    };
+    let stream = js.get_stream(namespace.seckill_requests_stream()).await?;
+    let outcome = loop {
+        let left: usize = redis::cmd("XLEN").arg(&keys.stream).query_async(redis).await?;
+        if left == 0 {
+            break Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            break Err(anyhow::anyhow!("forwarder stalled with {left} entries left"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    stop.cancel();
+    task.await?;
+    let elapsed = outcome?;
+    let stored = stream.get_info().await?.state.messages;
+    redis::cmd("UNLINK")
+        .arg(&keys.meta)
+        .arg(&keys.users)
+        .arg(&keys.reservations)
+        .arg(&keys.stream)
+        .query_async::<()>(redis)
+        .await?;
+    redis::cmd("SREM")
+        .arg(registry(gate.prefix()))
+        .arg(voucher_id.to_string())
+        .query_async::<()>(redis)
+        .await?;
+    anyhow::ensure!(
+        stored == u64::try_from(entries)?,
+        "JetStream holds {stored} messages, expected {entries}"
+    );
+    Ok((entries as f64 / elapsed.as_secs_f64(), elapsed.as_secs_f64()))
+}
