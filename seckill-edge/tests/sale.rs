@@ -1,0 +1,273 @@
+//! Scripted sales through the whole system, every part a real server: the
+//! command API creates the voucher, its relay publishes it, the edge warms
+//! up, admits, forwards; the claim writer decides in the event store.
+//! Exactly `stock` orders are placed, each admitted request ends as exactly
+//! one order, and Redis losing its data mid-sale changes none of that.
+
+mod support;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{Duration as Span, Utc};
+use clap::Parser as _;
+use platform::http::{JwtKeys, Role};
+use seckill_edge::keys::VoucherKeys;
+use serde_json::json;
+use support::{SECRET, eventually};
+use testkit::{RedisServer, Server, TestDb, reqwest};
+use uuid::Uuid;
+
+struct System {
+    db: TestDb,
+    redis: RedisServer,
+    prefix: String,
+    commands: Server,
+    edge: Server,
+    jwt: JwtKeys,
+    http: reqwest::Client,
+}
+
+impl System {
+    async fn start() -> anyhow::Result<Self> {
+        let db = TestDb::new().await?;
+        let redis = RedisServer::start().await?;
+        let namespace = testkit::unique_namespace();
+        let prefix = testkit::unique_prefix();
+        let nats_url = testkit::nats_url();
+        let commands_config = commands::Config::try_parse_from([
+            "command-api",
+            "--database-url",
+            &db.url,
+            "--nats-url",
+            &nats_url,
+            "--nats-namespace",
+            &namespace,
+            "--jwt-secret",
+            SECRET,
+        ])?;
+        let commands =
+            Server::start(|listener, shutdown| commands::run(commands_config, listener, shutdown)).await?;
+        let redis_url = redis.url();
+        let edge_config = seckill_edge::Config::try_parse_from([
+            "seckill-edge",
+            "--database-url",
+            &db.url,
+            "--redis-url",
+            &redis_url,
+            "--nats-url",
+            &nats_url,
+            "--nats-namespace",
+            &namespace,
+            "--jwt-secret",
+            SECRET,
+            "--key-prefix",
+            &prefix,
+            "--rate-limit-per-sec",
+            "0",
+            "--forwarder-claim-idle-ms",
+            "1000",
+            "--rewarm-drain-timeout-ms",
+            "15000",
+        ])?;
+        let edge = Server::start(|listener, shutdown| seckill_edge::run(edge_config, listener, shutdown)).await?;
+        Ok(Self {
+            db,
+            redis,
+            prefix,
+            commands,
+            edge,
+            jwt: JwtKeys::new(&platform::Secret::new(SECRET)),
+            http: reqwest::Client::new(),
+        })
+    }
+
+    fn token(&self, sub: &str, role: Role) -> String {
+        self.jwt.issue(sub, role, Duration::from_secs(600)).expect("token")
+    }
+
+    async fn create_sale(&self, stock: u32) -> anyhow::Result<Uuid> {
+        let now = Utc::now();
+        let response = self
+            .http
+            .post(self.commands.url("/vouchers"))
+            .bearer_auth(self.token("shop-1", Role::Merchant))
+            .json(&json!({
+                "title": "Hotpot for two",
+                "kind": "seckill",
+                "price_cents": 990,
+                "value_cents": 5_000,
+                "min_spend_cents": 0,
+                "stock": stock,
+                "begins_at": now - Span::minutes(1),
+                "ends_at": now + Span::hours(1),
+            }))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status() == 201, "voucher not created: {}", response.status());
+        let body: serde_json::Value = response.json().await?;
+        Ok(body["voucher_id"].as_str().unwrap_or_default().parse()?)
+    }
+
+    async fn redis(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
+        self.redis.connect().await
+    }
+
+    async fn meta(&self, voucher: Uuid) -> anyhow::Result<HashMap<String, String>> {
+        let keys = VoucherKeys::new(&self.prefix, voucher);
+        Ok(redis::cmd("HGETALL")
+            .arg(&keys.meta)
+            .query_async(&mut self.redis().await?)
+            .await?)
+    }
+
+    /// One attempt per user, 64 in flight; a `warming_up` answer is retried
+    /// as its Retry-After asks (shortened for the test).
+    async fn crowd(&self, voucher: Uuid, users: Vec<String>) -> anyhow::Result<Vec<(String, u16, String, Option<Uuid>)>> {
+        let limit = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for user in users {
+            let (limit, http) = (limit.clone(), self.http.clone());
+            let url = self.edge.url(&format!("/seckill/{voucher}"));
+            let token = self.token(&user, Role::Customer);
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await?;
+                for _ in 0..200 {
+                    let response = http.post(&url).bearer_auth(&token).send().await?;
+                    let status = response.status().as_u16();
+                    let body: serde_json::Value = response.json().await?;
+                    let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+                    if status == 503 && code == "warming_up" {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    let order = body["order_id"].as_str().and_then(|id| id.parse().ok());
+                    return Ok::<_, anyhow::Error>((user, status, code, order));
+                }
+                anyhow::bail!("{user}: the sale never warmed up")
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(answer) = tasks.join_next().await {
+            answers.push(answer??);
+        }
+        Ok(answers)
+    }
+
+    /// Every order in the event store: id → (how it was decided, user).
+    async fn orders(&self) -> anyhow::Result<HashMap<Uuid, (String, String)>> {
+        let rows: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+            "SELECT aggregate_id, event_type, payload FROM events WHERE aggregate_type = 'Order' AND sequence = 1",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut orders = HashMap::new();
+        for (id, event_type, payload) in rows {
+            let body = payload.as_object().and_then(|o| o.values().next()).cloned().unwrap_or_default();
+            let user = body["user_id"].as_str().unwrap_or_default().to_owned();
+            orders.insert(id.parse()?, (event_type, user));
+        }
+        Ok(orders)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.edge.stop().await?;
+        self.commands.stop().await?;
+        drop(self.redis);
+        self.db.drop_database().await
+    }
+}
+
+fn admitted(answers: &[(String, u16, String, Option<Uuid>)]) -> HashMap<Uuid, String> {
+    answers
+        .iter()
+        .filter(|(_, status, _, _)| *status == 202)
+        .map(|(user, _, _, order)| (order.expect("admitted with an order id"), user.clone()))
+        .collect()
+}
+
+/// Each admitted request is exactly one placed order of its user, and
+/// nothing else was placed.
+fn assert_placed_exactly(orders: &HashMap<Uuid, (String, String)>, admitted: &HashMap<Uuid, String>) {
+    let placed: HashMap<Uuid, String> = orders
+        .iter()
+        .filter(|(_, (event, _))| event == "OrderPlaced")
+        .map(|(id, (_, user))| (*id, user.clone()))
+        .collect();
+    assert_eq!(&placed, admitted);
+    let users: HashSet<&String> = placed.values().collect();
+    assert_eq!(users.len(), placed.len(), "one order per user");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scripted_sale_leaves_exactly_stock_placed_orders() -> anyhow::Result<()> {
+    const STOCK: u32 = 300;
+    let system = System::start().await?;
+    let voucher = system.create_sale(STOCK).await?;
+    // warm-up: the creation travels relay → JetStream → edge, no attempt needed
+    eventually(Duration::from_secs(15), || async {
+        Ok(system.meta(voucher).await?.get("left").map(String::as_str) == Some("300"))
+    })
+    .await?;
+
+    // 1,200 users, two attempts each, all at once
+    let users: Vec<String> = (0..2_400).map(|i| format!("user-{}", i % 1_200)).collect();
+    let answers = system.crowd(voucher, users).await?;
+    let admitted = admitted(&answers);
+    assert_eq!(admitted.len(), STOCK as usize);
+    for (user, status, code, _) in &answers {
+        assert!(
+            *status == 202 || (*status == 409 && (code == "sold_out" || code == "already_purchased")),
+            "{user}: {status} {code}"
+        );
+    }
+
+    eventually(Duration::from_secs(30), || async { Ok(system.orders().await?.len() >= admitted.len()) }).await?;
+    let orders = system.orders().await?;
+    assert_eq!(orders.len(), admitted.len(), "every admitted request is one order, nothing more");
+    assert_placed_exactly(&orders, &admitted);
+    assert_eq!(system.meta(voucher).await?.get("left").map(String::as_str), Some("0"));
+    system.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_losing_its_data_mid_sale_is_rewarmed_from_the_event_store() -> anyhow::Result<()> {
+    const STOCK: u32 = 200;
+    let system = System::start().await?;
+    let voucher = system.create_sale(STOCK).await?;
+    let keys = VoucherKeys::new(&system.prefix, voucher);
+
+    let first: Vec<String> = (0..100).map(|i| format!("early-{i}")).collect();
+    let early = admitted(&system.crowd(voucher, first.clone()).await?);
+    assert_eq!(early.len(), 100);
+    // forwarded, but maybe not yet decided by the claim writer
+    eventually(Duration::from_secs(15), || async {
+        let length: u64 = redis::cmd("XLEN").arg(&keys.stream).query_async(&mut system.redis().await?).await?;
+        Ok(length == 0)
+    })
+    .await?;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut system.redis().await?).await?;
+
+    // the early buyers come back with 400 newcomers
+    let second: Vec<String> = first.iter().cloned().chain((0..400).map(|i| format!("late-{i}"))).collect();
+    let answers = system.crowd(voucher, second).await?;
+    for (user, status, code, _) in answers.iter().filter(|(user, ..)| user.starts_with("early-")) {
+        assert_eq!((*status, code.as_str()), (409, "already_purchased"), "{user}");
+    }
+    let late = admitted(&answers);
+    assert_eq!(late.len(), 100, "the rebuilt gate offers exactly what the store has left");
+
+    let mut all = early;
+    all.extend(late);
+    eventually(Duration::from_secs(30), || async { Ok(system.orders().await?.len() >= all.len()) }).await?;
+    let orders = system.orders().await?;
+    assert_eq!(orders.len(), all.len());
+    assert_placed_exactly(&orders, &all);
+    // admitted + remaining == stock
+    let left: i64 = system.meta(voucher).await?.get("left").map_or(Ok(-1), |v| v.parse())?;
+    assert_eq!(left + i64::try_from(all.len())?, i64::from(STOCK));
+    system.stop().await
+}
