@@ -276,7 +276,8 @@ impl Handler for SaleEvents {
             } => {
                 // Rebuilt from the store, not from this event: a replay of an
                 // old VoucherCreated must not offer the whole stock again.
-                if self.warmer.ensure(voucher_id).await? == Warmth::Ready {
+                let warmth = self.warmer.ensure(voucher_id).await?;
+                if warmth == Warmth::Ready {
                     self.flags.clear_unknown(voucher_id);
                 }
             }
