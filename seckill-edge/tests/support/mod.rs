@@ -53,7 +53,10 @@ impl Harness {
     pub async fn on(redis_url: String, rate: RateLimit, pool: PgPool) -> anyhow::Result<Self> {
         let prefix = testkit::unique_prefix();
         let namespace = Namespace::new(testkit::unique_namespace())?;
-        let redis = redis::aio::ConnectionManager::new(redis::Client::open(redis_url.as_str())?).await?;
+        // generous: the whole suite shares two cores, and a timeout answers 503
+        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+        let client = redis::Client::open(redis_url.as_str())?;
+        let redis = redis::aio::ConnectionManager::new_with_config(client, config).await?;
         let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
         cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
         let gate = Gate::new(redis.clone(), prefix.clone(), rate, Duration::from_secs(3_600));
