@@ -30,14 +30,13 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use cp_nats::{Outgoing, Publisher};
 use events::{
-    EventEnvelope, EventMetadata, Namespace,
+    Namespace,
     subjects::{
         HDR_AGGREGATE_ID, HDR_AGGREGATE_TYPE, HDR_CORRELATION_ID, HDR_EVENT_TYPE, HDR_EVENT_VERSION,
         HDR_GLOBAL_POSITION, HDR_SEQUENCE,
     },
 };
 use platform::telemetry::TraceHeaders;
-use serde_json::Value;
 use sqlx::{Connection as _, PgConnection, PgPool, Row as _, postgres::PgListener};
 use tokio::time::{Instant, sleep};
 
@@ -200,7 +199,7 @@ impl Relay {
     async fn fetch(&self, conn: &mut PgConnection, after: Cursor) -> Result<Vec<Row>, RelayError> {
         let rows = sqlx::query(
             "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-                    global_position, tx_id::text AS tx, recorded_at
+                    global_position, recorded_at, tx_id::text AS tx
                FROM events
               WHERE (tx_id, global_position) > ($1::text::xid8, $2)
                 AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
@@ -216,31 +215,8 @@ impl Relay {
     }
 
     fn to_message(&self, row: &sqlx::postgres::PgRow) -> Result<Row, RelayError> {
-        let aggregate_type: String = row.try_get("aggregate_type")?;
-        let aggregate_id: String = row.try_get("aggregate_id")?;
-        let sequence: i64 = row.try_get("sequence")?;
-        let global_position: i64 = row.try_get("global_position")?;
-        let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
-        let metadata_json: Value = row.try_get("metadata")?;
-        let metadata_map = serde_json::from_value(metadata_json).unwrap_or_default();
-        let metadata = EventMetadata::from_map(&metadata_map).unwrap_or_else(|error| {
-            // Published anyway: holding up every later event for a malformed
-            // audit field would be worse. The id stays stable, so dedupe holds.
-            tracing::warn!(%error, %aggregate_type, %aggregate_id, sequence, "event metadata incomplete");
-            EventMetadata::system("unknown")
-        });
-        let envelope = EventEnvelope {
-            event_id: events::event_id(&aggregate_type, &aggregate_id, sequence.unsigned_abs()),
-            aggregate_type,
-            aggregate_id,
-            sequence: sequence.unsigned_abs(),
-            global_position,
-            event_type: row.try_get("event_type")?,
-            event_version: row.try_get("event_version")?,
-            payload: row.try_get("payload")?,
-            metadata,
-            recorded_at,
-        };
+        let envelope = platform::pg::envelope_from_row(row)?;
+        let (global_position, recorded_at) = (envelope.global_position, envelope.recorded_at);
         let body = serde_json::to_vec(&envelope).unwrap_or_default();
         let trace = TraceHeaders {
             traceparent: envelope.metadata.traceparent.clone(),

@@ -1,18 +1,41 @@
-//! The projection daemon: builds the JSON document views from JetStream.
+//! The read side's writers: projectors that build JSON document views, the
+//! projection daemon that keeps them current from JetStream, and the replay
+//! CLI that rebuilds them from the event store.
 //!
-//! Layout: [`Config`] (env), [`AppState`], [`router`] (its `/health` and
-//! `/metrics`) and [`run`] (connect, serve until shutdown). Projectors, the
-//! daemon's consumers and the replay CLI arrive with the read-side issue.
+//! Layout:
+//! - [`views`]: the pure projectors (`apply(view, event)`), one per view;
+//! - [`writer`]: documents in a view table and the version rule, shared by
+//!   the daemon and the replay;
+//! - [`daemon`]: the batch handler of each projection's durable consumer,
+//!   committing views and checkpoint in one transaction;
+//! - [`replay`]: rebuild into a shadow table and swap (binary `replay`);
+//! - [`catalog`]: every projection by name;
+//! - [`Config`] (env), [`AppState`], [`router`] (`/health`, `/metrics`) and
+//!   [`run`] (the `projection-daemon` process).
 
-use std::future::Future;
+pub mod catalog;
+pub mod daemon;
+pub mod replay;
+pub mod views;
+pub mod writer;
+
+use std::{future::Future, time::Duration};
 
 use axum::Router;
 use clap::Parser;
+use cp_nats::{ConsumerRunner, ConsumerSpec, Publisher, RunnerConfig, Topology};
+use events::Namespace;
 use platform::{
     config::{NatsConfig, PostgresConfig, StartupConfig, TelemetryConfig},
     http::{Health, Ops},
 };
+use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use catalog::Projection;
+use daemon::ProjectionHandler;
+use views::{CouponProjector, OrderProjector, ProductProjector, Projector, VoucherProjector};
 
 pub const SERVICE: &str = "projection-daemon";
 
@@ -22,6 +45,12 @@ pub struct Config {
     /// Where the daemon serves /health and /metrics.
     #[arg(long, env = "PROJECTIONS_ADDR", default_value = "127.0.0.1:8083")]
     pub addr: String,
+    /// Events applied per transaction, at most.
+    #[arg(long, env = "PROJECTIONS_BATCH_SIZE", default_value_t = 1_000)]
+    pub batch_size: usize,
+    /// Deliveries of an event before it is dead-lettered and skipped.
+    #[arg(long, env = "PROJECTIONS_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -34,13 +63,91 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub pool: sqlx::PgPool,
+    pub pool: PgPool,
     pub nats: async_nats::Client,
     pub ops: Ops,
 }
 
 pub fn router(state: AppState) -> Router {
     platform::http::service_router(Router::new(), state.ops)
+}
+
+/// What running the projections needs.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub pool: PgPool,
+    pub js: async_nats::jetstream::Context,
+    pub namespace: Namespace,
+    pub batch_size: usize,
+    pub max_deliver: i64,
+}
+
+impl Daemon {
+    /// Runs every projection's consumer and the lag reporter until `stop`.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.clone().project::<OrderProjector>(stop.clone()));
+        tasks.spawn(self.clone().project::<CouponProjector>(stop.clone()));
+        tasks.spawn(self.clone().project::<VoucherProjector>(stop.clone()));
+        tasks.spawn(self.clone().project::<ProductProjector>(stop.clone()));
+        tasks.spawn(self.clone().report_lag(stop.clone()));
+        let mut result = Ok(());
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Err(error)) = done {
+                // one projection failing to start stops them all: better loud than half a read side
+                stop.cancel();
+                result = Err(error);
+            }
+        }
+        result
+    }
+
+    async fn project<P: Projector>(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let spec = ConsumerSpec::new(
+            self.namespace.events_stream(P::AGGREGATE_TYPE),
+            daemon::consumer_name(P::NAME),
+        )
+        .max_deliver(self.max_deliver)
+        .max_ack_pending(i64::try_from(self.batch_size * 4).unwrap_or(4_000));
+        let consumer = cp_nats::ensure_consumer(&self.js, &spec).await?;
+        let runner = ConsumerRunner::batched(
+            consumer,
+            ProjectionHandler::<P>::new(self.pool.clone(), self.max_deliver),
+            Publisher::new(self.js.clone(), 256),
+            self.namespace.clone(),
+            RunnerConfig {
+                max_deliver: self.max_deliver,
+                batch: self.batch_size,
+                ..RunnerConfig::default()
+            },
+        );
+        tracing::info!(projection = P::NAME, "projecting");
+        runner.run(stop.cancelled_owned()).await?;
+        Ok(())
+    }
+
+    async fn report_lag(self, stop: CancellationToken) -> anyhow::Result<()> {
+        while !stop.is_cancelled() {
+            for projection in Projection::ALL {
+                let stream = self
+                    .js
+                    .get_stream(self.namespace.events_stream(projection.aggregate_type()))
+                    .await;
+                let reported = match stream {
+                    Ok(stream) => daemon::report_lag(&self.pool, &stream, projection.name()).await,
+                    Err(error) => Err(error.into()),
+                };
+                if let Err(error) = reported {
+                    tracing::debug!(projection = projection.name(), %error, "lag not reported");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(
@@ -51,11 +158,35 @@ pub async fn run(
     let timeout = config.startup.timeout();
     let pool = platform::pg::connect(&config.postgres, timeout).await?;
     let nats = platform::bus::connect(&config.nats, SERVICE, timeout).await?;
+    let namespace = Namespace::new(&config.nats.nats_namespace)?;
+    let js = cp_nats::jetstream(nats.clone(), 5_000);
+    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
     let ops = Ops {
         health: Health::new().postgres(pool.clone()).nats(nats.clone()),
         metrics: platform::telemetry::metrics_handle(),
     };
+    let daemon = Daemon {
+        pool: pool.clone(),
+        js,
+        namespace,
+        batch_size: config.batch_size.max(1),
+        max_deliver: config.max_deliver.max(1),
+    };
+    let stop = CancellationToken::new();
+    let mut projecting = tokio::spawn(daemon.run(stop.clone()));
     let state = AppState { pool, nats, ops };
-    platform::http::serve(listener, router(state), shutdown).await?;
-    Ok(())
+    let serving = platform::http::serve(listener, router(state), shutdown);
+    tokio::select! {
+        served = serving => {
+            stop.cancel();
+            projecting.await??;
+            served?;
+            Ok(())
+        }
+        // a daemon that cannot project must not look healthy: exit, get restarted
+        done = &mut projecting => {
+            done??;
+            anyhow::bail!("the projections stopped")
+        }
+    }
 }

@@ -1,0 +1,373 @@
+//! Rebuilding a view from the event store while the live one keeps serving.
+//!
+//! 1. A shadow table `<view>_shadow` (same columns and indexes) is filled by
+//!    reading the projection's events in `global_position` order, a page at
+//!    a time (never all in memory), through the same projector and writer
+//!    as the daemon.
+//! 2. Transactions still open when the scan started may commit events below
+//!    the scan's position later; the final catch-up reads them too (every
+//!    event of a transaction at or above the start's xmin), and the version
+//!    rule makes reading an event twice harmless.
+//! 3. The swap runs in one transaction holding the projection's checkpoint
+//!    row, which the daemon locks in every batch, so the daemon pauses: the
+//!    catch-up brings the shadow to everything committed, the tables are
+//!    renamed, and the daemon resumes on the new table. Whatever it had
+//!    applied to the old table was committed, hence is in the store and in
+//!    the catch-up; whatever it applies next goes through the version rule.
+//!    No event is lost or applied twice. Readers wait for the rename (ms),
+//!    never fail.
+//!
+//! `--dry-run` stops after step 2 and compares the shadow with the live view.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection as _, PgConnection, PgPool, Row as _};
+
+use crate::{
+    views::Projector,
+    writer::{Documents, Step, dead_letter, record_dead_letters},
+};
+
+/// Above this many held documents, stored ones are forgotten between pages.
+const DOCUMENT_CACHE: usize = 200_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("another replay of {0} is running")]
+    Busy(&'static str),
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Events per page read from the store.
+    pub batch: usize,
+    pub dry_run: bool,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            batch: 10_000,
+            dry_run: false,
+        }
+    }
+}
+
+/// How the rebuilt view differs from the live one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Differences {
+    /// Documents the replay has and the live view does not.
+    pub missing_live: u64,
+    /// Documents the live view has and the replay does not.
+    pub missing_replay: u64,
+    /// Documents in both whose content or version differ.
+    pub changed: u64,
+    /// Up to ten ids of differing documents.
+    pub sample: Vec<String>,
+}
+
+impl Differences {
+    pub fn is_empty(&self) -> bool {
+        self.missing_live == 0 && self.missing_replay == 0 && self.changed == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayReport {
+    pub projection: &'static str,
+    pub events: u64,
+    pub documents: u64,
+    pub dead_letters: u64,
+    pub elapsed: Duration,
+    /// Set by a dry run.
+    pub differences: Option<Differences>,
+}
+
+impl ReplayReport {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Told how far a replay is.
+pub trait Progress {
+    fn start(&mut self, projection: &str, total: u64);
+    fn advance(&mut self, done: u64);
+    fn finish(&mut self, report: &ReplayReport);
+}
+
+/// Reports nothing (tests, benchmarks).
+#[derive(Debug, Default)]
+pub struct Silent;
+
+impl Progress for Silent {
+    fn start(&mut self, _: &str, _: u64) {}
+    fn advance(&mut self, _: u64) {}
+    fn finish(&mut self, _: &ReplayReport) {}
+}
+
+pub fn shadow_table(table: &str) -> String {
+    format!("{table}_shadow")
+}
+
+/// Rebuilds `P`'s view from the event store and swaps it in (or, on a dry
+/// run, compares it with the live one and drops it).
+pub async fn replay<P: Projector>(
+    pool: &PgPool,
+    options: &ReplayOptions,
+    progress: &mut dyn Progress,
+) -> Result<ReplayReport, ReplayError> {
+    let started = Instant::now();
+    let shadow = shadow_table(P::TABLE);
+    // A connection of its own, not the pool's: the session lock below goes
+    // with it when it closes, however the replay ends.
+    let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(format!("replay:{}", P::NAME))
+        .fetch_one(&mut conn)
+        .await?;
+    if !locked {
+        return Err(ReplayError::Busy(P::NAME));
+    }
+    sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!("CREATE TABLE {shadow} (LIKE {} INCLUDING ALL)", P::TABLE))
+        .execute(&mut conn)
+        .await?;
+    // Transactions open now may still commit events below the scan's position.
+    let xmin: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        .fetch_one(&mut conn)
+        .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = $1")
+        .bind(P::AGGREGATE_TYPE)
+        .fetch_one(&mut conn)
+        .await?;
+    progress.start(P::NAME, total.unsigned_abs());
+
+    let mut docs = Documents::<P>::new(shadow.clone());
+    let mut letters = Vec::new();
+    let mut cursor = 0i64;
+    let mut events = 0u64;
+    let page_size = i64::try_from(options.batch.max(1)).unwrap_or(10_000);
+    let page_query = format!(
+        "SELECT {} FROM events WHERE aggregate_type = $1 AND global_position > $2 ORDER BY global_position LIMIT $3",
+        platform::pg::ENVELOPE_COLUMNS
+    );
+    loop {
+        let rows = sqlx::query(&page_query)
+            .bind(P::AGGREGATE_TYPE)
+            .bind(cursor)
+            .bind(page_size)
+            .fetch_all(&mut conn)
+            .await?;
+        let Some(last) = rows.last() else { break };
+        cursor = last.try_get("global_position")?;
+        events += apply_rows::<P>(&mut conn, &mut docs, &rows, &mut letters).await?;
+        docs.flush(&mut conn).await?;
+        if docs.len() > DOCUMENT_CACHE {
+            docs.forget_clean();
+        }
+        progress.advance(events);
+    }
+
+    let catch_up = format!(
+        "SELECT {} FROM events WHERE aggregate_type = $1 AND (global_position > $2 OR tx_id >= $3::text::xid8)
+          ORDER BY global_position",
+        platform::pg::ENVELOPE_COLUMNS
+    );
+    let differences = if options.dry_run {
+        let rows = sqlx::query(&catch_up)
+            .bind(P::AGGREGATE_TYPE)
+            .bind(cursor)
+            .bind(&xmin)
+            .fetch_all(&mut conn)
+            .await?;
+        events += apply_rows::<P>(&mut conn, &mut docs, &rows, &mut letters).await?;
+        docs.flush(&mut conn).await?;
+        let differences = compare(&mut conn, P::TABLE, &shadow).await?;
+        sqlx::query(&format!("DROP TABLE {shadow}")).execute(&mut conn).await?;
+        Some(differences)
+    } else {
+        let mut tx = conn.begin().await?;
+        sqlx::query("INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(P::NAME)
+            .execute(&mut *tx)
+            .await?;
+        // pauses the daemon of this projection until the swap commits
+        sqlx::query("SELECT 1 FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
+            .bind(P::NAME)
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(&catch_up)
+            .bind(P::AGGREGATE_TYPE)
+            .bind(cursor)
+            .bind(&xmin)
+            .fetch_all(&mut *tx)
+            .await?;
+        events += apply_rows::<P>(&mut tx, &mut docs, &rows, &mut letters).await?;
+        docs.flush(&mut tx).await?;
+        letters.append(&mut docs.dead_letters);
+        record_dead_letters(&mut tx, P::NAME, &letters).await?;
+        let old = format!("{}_old", P::TABLE);
+        for statement in [
+            format!("ALTER TABLE {} RENAME TO {old}", P::TABLE),
+            format!("ALTER TABLE {shadow} RENAME TO {}", P::TABLE),
+            format!("DROP TABLE {old}"),
+        ] {
+            sqlx::query(&statement).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        None
+    };
+    let documents: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", P::TABLE))
+        .fetch_one(&mut conn)
+        .await?;
+    let report = ReplayReport {
+        projection: P::NAME,
+        events,
+        documents: documents.unsigned_abs(),
+        dead_letters: letters.len() as u64,
+        elapsed: started.elapsed(),
+        differences,
+    };
+    progress.finish(&report);
+    Ok(report)
+}
+
+/// Applies stored events; returns how many were read.
+async fn apply_rows<P: Projector>(
+    conn: &mut PgConnection,
+    docs: &mut Documents<P>,
+    rows: &[sqlx::postgres::PgRow],
+    letters: &mut Vec<crate::writer::DeadLetter>,
+) -> Result<u64, sqlx::Error> {
+    let envelopes = rows
+        .iter()
+        .map(platform::pg::envelope_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    docs.load(conn, envelopes.iter().map(|e| e.aggregate_id.as_str()))
+        .await?;
+    for envelope in &envelopes {
+        if let Step::Failed(error) = docs.apply(conn, envelope).await? {
+            // a stored event no retry can change: the daemon dead-letters it too
+            tracing::error!(projection = P::NAME, event_id = %envelope.event_id, %error, "event does not apply; skipped");
+            letters.push(dead_letter(envelope, &error));
+            docs.skip(envelope);
+        }
+    }
+    Ok(envelopes.len() as u64)
+}
+
+/// Compares a rebuilt view with the live one, document by document.
+pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Result<Differences, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "SELECT count(*) FILTER (WHERE l.id IS NULL) AS missing_live,
+                count(*) FILTER (WHERE r.id IS NULL) AS missing_replay,
+                count(*) FILTER (WHERE l.id IS NOT NULL AND r.id IS NOT NULL
+                                   AND (l.doc <> r.doc OR l.version <> r.version)) AS changed
+           FROM {live} l FULL OUTER JOIN {rebuilt} r ON l.id = r.id"
+    ))
+    .fetch_one(&mut *conn)
+    .await?;
+    let sample: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT COALESCE(l.id, r.id) FROM {live} l FULL OUTER JOIN {rebuilt} r ON l.id = r.id
+          WHERE l.id IS NULL OR r.id IS NULL OR l.doc <> r.doc OR l.version <> r.version
+          ORDER BY 1 LIMIT 10"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Differences {
+        missing_live: row.try_get::<i64, _>("missing_live")?.unsigned_abs(),
+        missing_replay: row.try_get::<i64, _>("missing_replay")?.unsigned_abs(),
+        changed: row.try_get::<i64, _>("changed")?.unsigned_abs(),
+        sample,
+    })
+}
+
+/// Progress for people: one rewritten line on a terminal, a plain line
+/// every few seconds otherwise (logs, CI).
+#[derive(Debug)]
+pub struct LineProgress {
+    terminal: bool,
+    projection: String,
+    total: u64,
+    started: Instant,
+    last_print: Instant,
+}
+
+impl LineProgress {
+    pub fn new(terminal: bool) -> Self {
+        let now = Instant::now();
+        Self {
+            terminal,
+            projection: String::new(),
+            total: 0,
+            started: now,
+            last_print: now,
+        }
+    }
+
+    fn line(&self, done: u64) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / elapsed;
+        let eta = if rate > 0.0 && self.total > done {
+            format!("{:.0}s", (self.total - done) as f64 / rate)
+        } else {
+            "-".to_owned()
+        };
+        let percent = if self.total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / self.total as f64
+        };
+        format!(
+            "[{}] {done}/{} events ({percent:.0}%), {rate:.0} events/s, ETA {eta}",
+            self.projection, self.total
+        )
+    }
+}
+
+impl Progress for LineProgress {
+    fn start(&mut self, projection: &str, total: u64) {
+        self.projection = projection.to_owned();
+        self.total = total;
+        self.started = Instant::now();
+        self.last_print = self.started;
+        eprintln!("[{projection}] replaying {total} events");
+    }
+
+    fn advance(&mut self, done: u64) {
+        let every = if self.terminal {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if self.last_print.elapsed() < every {
+            return;
+        }
+        self.last_print = Instant::now();
+        if self.terminal {
+            eprint!("\r\x1b[2K{}", self.line(done));
+        } else {
+            eprintln!("{}", self.line(done));
+        }
+    }
+
+    fn finish(&mut self, report: &ReplayReport) {
+        if self.terminal {
+            eprint!("\r\x1b[2K");
+        }
+        eprintln!(
+            "[{}] {} events into {} documents in {:.1}s ({:.0} events/s), {} dead letters",
+            report.projection,
+            report.events,
+            report.documents,
+            report.elapsed.as_secs_f64(),
+            report.events_per_second(),
+            report.dead_letters
+        );
+    }
+}

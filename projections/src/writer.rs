@@ -1,0 +1,310 @@
+//! Documents in a view table, and events applied to them: the I/O the
+//! daemon and the replay CLI share around the pure projectors.
+//!
+//! The version rule: an event is applied to a document only when its
+//! sequence is the document's version + 1. A lower sequence is a redelivery
+//! and skipped; a higher one means earlier events of that aggregate have not
+//! been seen (redelivery reordered them, or a replay scan passed a slow
+//! transaction) and they are read from the event store, which is the truth,
+//! before the event is applied. So each event is applied exactly once, in
+//! aggregate order, whatever order it arrives in.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use events::EventEnvelope;
+use futures::TryStreamExt as _;
+use serde_json::Value;
+use sqlx::{PgConnection, Row as _};
+
+use crate::views::{ApplyError, Projector};
+
+/// One document as held in memory: `version` may run ahead of the
+/// document's own when an event was dead-lettered (skipped).
+#[derive(Debug, Clone)]
+struct Doc<V> {
+    view: Option<V>,
+    version: u64,
+    dirty: bool,
+}
+
+/// What became of one event.
+#[derive(Debug)]
+pub enum Step {
+    Applied,
+    /// Already reflected (a redelivery).
+    Duplicate,
+    /// The projector refused it; the document is unchanged.
+    Failed(ApplyError),
+}
+
+/// An event given up on: recorded, skipped, and reported.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub event_id: uuid::Uuid,
+    pub aggregate_id: String,
+    pub sequence: u64,
+    pub event_type: String,
+    pub error: String,
+}
+
+/// The documents of one view table that a batch (or a replay) works on.
+pub struct Documents<P: Projector> {
+    table: String,
+    docs: HashMap<String, Doc<P::View>>,
+    /// Events the projector refused in the event-store gap fill, which no
+    /// retry can change: skipped and recorded like dead letters.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl<P: Projector> std::fmt::Debug for Documents<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Documents")
+            .field("table", &self.table)
+            .field("held", &self.docs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Projector> Documents<P> {
+    /// Documents of `table` (the live view table or a replay's shadow).
+    pub fn new(table: impl Into<String>) -> Self {
+        Self {
+            table: table.into(),
+            docs: HashMap::new(),
+            dead_letters: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+
+    /// Loads the stored documents among `ids` that are not held yet; ids
+    /// without a row start empty at version 0.
+    pub async fn load<'a>(
+        &mut self,
+        conn: &mut PgConnection,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), sqlx::Error> {
+        let mut missing: Vec<String> = ids
+            .into_iter()
+            .filter(|id| !self.docs.contains_key(*id))
+            .map(str::to_owned)
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let query = format!("SELECT id, version, doc FROM {} WHERE id = ANY($1)", self.table);
+        let mut rows = sqlx::query(&query).bind(&missing).fetch(&mut *conn);
+        while let Some(row) = rows.try_next().await? {
+            let id: String = row.try_get("id")?;
+            let version: i64 = row.try_get("version")?;
+            let doc: Value = row.try_get("doc")?;
+            let view = serde_json::from_value(doc).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            self.docs.insert(
+                id,
+                Doc {
+                    view: Some(view),
+                    version: version.unsigned_abs(),
+                    dirty: false,
+                },
+            );
+        }
+        drop(rows);
+        for id in missing {
+            self.docs.entry(id).or_insert(Doc {
+                view: None,
+                version: 0,
+                dirty: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// The version of a held document (0 when new or not held).
+    pub fn version(&self, id: &str) -> u64 {
+        self.docs.get(id).map_or(0, |doc| doc.version)
+    }
+
+    /// The held document, if it exists.
+    pub fn view(&self, id: &str) -> Option<&P::View> {
+        self.docs.get(id).and_then(|doc| doc.view.as_ref())
+    }
+
+    /// Applies `event` under the version rule, reading any missing earlier
+    /// events of its aggregate from the event store first. The document must
+    /// have been [`Self::load`]ed.
+    pub async fn apply(&mut self, conn: &mut PgConnection, event: &EventEnvelope) -> Result<Step, sqlx::Error> {
+        let version = self.version(&event.aggregate_id);
+        if event.sequence <= version {
+            return Ok(Step::Duplicate);
+        }
+        if event.sequence > version + 1 {
+            self.fill_gap(conn, &event.aggregate_id, version, event.sequence)
+                .await?;
+            if event.sequence <= self.version(&event.aggregate_id) {
+                return Ok(Step::Duplicate);
+            }
+        }
+        Ok(match self.apply_next(event) {
+            Ok(()) => Step::Applied,
+            Err(error) => Step::Failed(error),
+        })
+    }
+
+    /// Applies the event that directly follows the document's version.
+    fn apply_next(&mut self, event: &EventEnvelope) -> Result<(), ApplyError> {
+        let doc = self.docs.entry(event.aggregate_id.clone()).or_insert(Doc {
+            view: None,
+            version: 0,
+            dirty: false,
+        });
+        let view = P::apply(doc.view.clone(), event)?;
+        doc.view = Some(view);
+        doc.version = event.sequence;
+        doc.dirty = true;
+        Ok(())
+    }
+
+    /// Gives up on `event`: the document keeps its content, its version moves
+    /// past the event so the aggregate's later events still apply.
+    pub fn skip(&mut self, event: &EventEnvelope) {
+        let doc = self.docs.entry(event.aggregate_id.clone()).or_insert(Doc {
+            view: None,
+            version: 0,
+            dirty: false,
+        });
+        if doc.version < event.sequence {
+            doc.version = event.sequence;
+            doc.dirty = true;
+        }
+    }
+
+    async fn fill_gap(
+        &mut self,
+        conn: &mut PgConnection,
+        id: &str,
+        after: u64,
+        before: u64,
+    ) -> Result<(), sqlx::Error> {
+        let query = format!(
+            "SELECT {} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
+               AND sequence > $3 AND sequence < $4 ORDER BY sequence",
+            platform::pg::ENVELOPE_COLUMNS
+        );
+        let rows = sqlx::query(&query)
+            .bind(P::AGGREGATE_TYPE)
+            .bind(id)
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(i64::try_from(before).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        metrics::counter!("projection_gap_fills_total", "projection" => P::NAME).increment(1);
+        for row in rows {
+            let missing = platform::pg::envelope_from_row(&row)?;
+            if missing.sequence != self.version(id) + 1 {
+                // the store itself has a hole (it never does): stop here, the
+                // event waits for a later attempt
+                break;
+            }
+            if let Err(error) = self.apply_next(&missing) {
+                tracing::error!(projection = P::NAME, event_id = %missing.event_id, %error, "stored event does not apply; skipped");
+                self.dead_letters.push(dead_letter(&missing, &error));
+                self.skip(&missing);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every changed document (never over a newer stored version).
+    pub async fn flush(&mut self, conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
+        let mut ids = Vec::new();
+        let mut versions = Vec::new();
+        let mut docs = Vec::new();
+        let mut users = Vec::new();
+        let mut statuses = Vec::new();
+        let mut created: Vec<Option<DateTime<Utc>>> = Vec::new();
+        let mut updated: Vec<Option<DateTime<Utc>>> = Vec::new();
+        for (id, doc) in self.docs.iter_mut().filter(|(_, doc)| doc.dirty) {
+            doc.dirty = false;
+            let Some(view) = &doc.view else { continue };
+            let columns = P::columns(view);
+            ids.push(id.clone());
+            versions.push(i64::try_from(doc.version).unwrap_or(i64::MAX));
+            docs.push(serde_json::to_value(view).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+            users.push(columns.user_id);
+            statuses.push(columns.status);
+            created.push(columns.created_at);
+            updated.push(columns.updated_at);
+        }
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let query = format!(
+            "INSERT INTO {t} (id, version, doc, user_id, status, created_at, updated_at)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::jsonb[], $4::text[], $5::text[],
+                                  $6::timestamptz[], $7::timestamptz[])
+             ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, doc = EXCLUDED.doc,
+                 user_id = EXCLUDED.user_id, status = EXCLUDED.status,
+                 created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
+             WHERE {t}.version < EXCLUDED.version",
+            t = self.table
+        );
+        sqlx::query(&query)
+            .bind(&ids)
+            .bind(&versions)
+            .bind(&docs)
+            .bind(&users)
+            .bind(&statuses)
+            .bind(&created)
+            .bind(&updated)
+            .execute(&mut *conn)
+            .await?;
+        Ok(ids.len())
+    }
+
+    /// Forgets every held document that is stored (a bounded cache for the replay).
+    pub fn forget_clean(&mut self) {
+        self.docs.retain(|_, doc| doc.dirty);
+    }
+}
+
+pub fn dead_letter(event: &EventEnvelope, error: &dyn std::fmt::Display) -> DeadLetter {
+    DeadLetter {
+        event_id: event.event_id,
+        aggregate_id: event.aggregate_id.clone(),
+        sequence: event.sequence,
+        event_type: event.event_type.clone(),
+        error: error.to_string(),
+    }
+}
+
+/// Records dead letters of `projection` (idempotent per event).
+pub async fn record_dead_letters(
+    conn: &mut PgConnection,
+    projection: &str,
+    letters: &[DeadLetter],
+) -> Result<(), sqlx::Error> {
+    for letter in letters {
+        sqlx::query(
+            "INSERT INTO projection_dead_letters (projection, event_id, aggregate_id, sequence, event_type, error)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(projection)
+        .bind(letter.event_id)
+        .bind(&letter.aggregate_id)
+        .bind(i64::try_from(letter.sequence).unwrap_or(i64::MAX))
+        .bind(&letter.event_type)
+        .bind(&letter.error)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
