@@ -102,6 +102,14 @@ impl<P: Projector> ProjectionHandler<P> {
                     outcomes.push(Ok(()));
                 }
                 Step::Duplicate => outcomes.push(Ok(())),
+                Step::Gap { version } => {
+                    blocked.insert(envelope.aggregate_id.clone());
+                    outcomes.push(Err(format!(
+                        "event {} of {} follows version {version}: earlier events not visible yet",
+                        envelope.sequence, envelope.aggregate_id
+                    )
+                    .into()));
+                }
                 Step::Failed(error) => {
                     let last_delivery = info.as_ref().is_some_and(|i| i.delivered >= self.max_deliver);
                     if last_delivery {

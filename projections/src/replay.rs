@@ -251,12 +251,16 @@ async fn apply_rows<P: Projector>(
     docs.load(conn, envelopes.iter().map(|e| e.aggregate_id.as_str()))
         .await?;
     for envelope in &envelopes {
-        if let Step::Failed(error) = docs.apply(conn, envelope).await? {
-            // a stored event no retry can change: the daemon dead-letters it too
-            tracing::error!(projection = P::NAME, event_id = %envelope.event_id, %error, "event does not apply; skipped");
-            letters.push(dead_letter(envelope, &error));
-            docs.skip(envelope);
-        }
+        let error = match docs.apply(conn, envelope).await? {
+            Step::Applied | Step::Duplicate => continue,
+            Step::Failed(error) => error.to_string(),
+            // the scan reads committed events only, so a hole stays a hole
+            Step::Gap { version } => format!("follows version {version}, earlier events missing"),
+        };
+        // a stored event no retry can change: the daemon dead-letters it too
+        tracing::error!(projection = P::NAME, event_id = %envelope.event_id, %error, "event does not apply; skipped");
+        letters.push(dead_letter(envelope, &error));
+        docs.skip(envelope);
     }
     Ok(envelopes.len() as u64)
 }

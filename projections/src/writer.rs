@@ -34,6 +34,11 @@ pub enum Step {
     Applied,
     /// Already reflected (a redelivery).
     Duplicate,
+    /// Earlier events of the aggregate are missing even from the event store
+    /// (their transaction is not visible yet): retry later.
+    Gap {
+        version: u64,
+    },
     /// The projector refused it; the document is unchanged.
     Failed(ApplyError),
 }
@@ -210,8 +215,7 @@ impl<P: Projector> Documents<P> {
         for row in rows {
             let missing = platform::pg::envelope_from_row(&row)?;
             if missing.sequence != self.version(id) + 1 {
-                // the store itself has a hole (it never does): stop here, the
-                // event waits for a later attempt
+                // not visible yet: the event waits for a later attempt
                 break;
             }
             if let Err(error) = self.apply_next(&missing) {
