@@ -1,8 +1,14 @@
 //! The read side's HTTP API over the JSON document views.
 //!
-//! Layout: [`Config`] (env), [`AppState`], [`router`] (routes, for in-process
-//! tests) and [`run`] (connect, serve until shutdown). The view endpoints
-//! arrive with the read-side issue.
+//! Layout: [`routes`] (the endpoints of API.md "Query API": documents by id
+//! with read-your-writes waits, order search, my coupons), [`filter`] (the
+//! MongoDB-style `filter`, `sort` and cursor of `GET /orders`, translated to
+//! parameterized SQL), [`error`] (the one error type), [`Config`] (env),
+//! [`AppState`], [`router`] (for in-process tests) and [`run`].
+
+pub mod error;
+pub mod filter;
+pub mod routes;
 
 use std::future::Future;
 
@@ -40,7 +46,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let ops = state.ops.clone();
-    platform::http::service_router(Router::new().with_state(state), ops)
+    platform::http::service_router(routes::routes(state), ops)
 }
 
 pub async fn run(

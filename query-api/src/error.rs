@@ -1,0 +1,42 @@
+//! The query API's one error type: every variant maps to a status in
+//! [`ApiError::into_response`]'s single exhaustive match.
+
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use platform::http::{CommonError, error_response};
+
+use crate::filter::FilterError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Common(#[from] CommonError),
+    /// Unknown, or not the caller's to see: the two look alike on purpose.
+    #[error("no {0} with this id")]
+    NotFound(&'static str),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// The cause is logged, never sent.
+    #[error("the views are unavailable")]
+    Store(#[from] sqlx::Error),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Common(error) => error.into_response(),
+            Self::NotFound(what) => {
+                let code = format!("{what}_not_found");
+                error_response(StatusCode::NOT_FOUND, &code, format!("no {what} with this id"))
+            }
+            Self::Filter(ref error) => error_response(StatusCode::BAD_REQUEST, error.code(), self.to_string()),
+            Self::InvalidParameter(ref message) => error_response(StatusCode::BAD_REQUEST, "invalid_query", message),
+            Self::Store(ref cause) => {
+                tracing::error!(error = ?cause, "view store failure");
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The read endpoints of API.md "Query API": documents straight from the
+//! view tables, authorized per caller, with read-your-writes waits.
+
+use std::time::{Duration, Instant};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use chrono::{DateTime, Utc};
+use platform::http::{ApiPath, ApiQuery, AuthUser, CommonError, Role};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::{PgPool, Row as _};
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    error::ApiError,
+    filter::{ListParams, OrderQuery},
+};
+
+pub const DEFAULT_WAIT_MS: u64 = 2_000;
+pub const MAX_WAIT_MS: u64 = 10_000;
+const ORDER_STATUSES: [&str; 7] = [
+    "submitted",
+    "pending_payment",
+    "paid",
+    "preparing",
+    "completed",
+    "cancelled",
+    "rejected",
+];
+const COUPON_STATUSES: [&str; 4] = ["available", "reserved", "redeemed", "expired"];
+
+pub fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", get(list_orders))
+        .route("/orders/{id}", get(get_order))
+        .route("/users/me/coupons", get(my_coupons))
+        .route("/vouchers/{id}", get(get_voucher))
+        .route("/products/{id}", get(get_product))
+        .route("/openapi.json", get(openapi))
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+}
+
+/// `?min_version=N&wait_ms=M`: read-your-writes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Freshness {
+    min_version: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+impl Freshness {
+    fn wait(&self) -> Result<Duration, ApiError> {
+        let wait_ms = self.wait_ms.unwrap_or(DEFAULT_WAIT_MS);
+        if wait_ms > MAX_WAIT_MS {
+            return Err(ApiError::InvalidParameter(format!(
+                "wait_ms must be at most {MAX_WAIT_MS}"
+            )));
+        }
+        Ok(Duration::from_millis(wait_ms))
+    }
+}
+
+/// A stored document with what authorization needs.
+struct Stored {
+    version: u64,
+    doc: Value,
+    user_id: Option<String>,
+}
+
+/// The views read by id.
+#[derive(Debug, Clone, Copy)]
+enum View {
+    Orders,
+    Vouchers,
+    Products,
+}
+
+impl View {
+    fn select(self) -> &'static str {
+        match self {
+            Self::Orders => "SELECT version, doc, user_id FROM order_view WHERE id = $1",
+            Self::Vouchers => "SELECT version, doc, user_id FROM voucher_view WHERE id = $1",
+            Self::Products => "SELECT version, doc, user_id FROM product_view WHERE id = $1",
+        }
+    }
+
+    /// What the 404's code and message call it.
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Orders => "order",
+            Self::Vouchers => "voucher",
+            Self::Products => "product",
+        }
+    }
+}
+
+async fn fetch(pool: &PgPool, view: View, id: &str) -> Result<Option<Stored>, sqlx::Error> {
+    let row = sqlx::query(view.select()).bind(id).fetch_optional(pool).await?;
+    row.map(|row| {
+        Ok(Stored {
+            version: row.try_get::<i64, _>("version")?.unsigned_abs(),
+            doc: row.try_get("doc")?,
+            user_id: row.try_get("user_id")?,
+        })
+    })
+    .transpose()
+}
+
+/// Reads a document, waiting up to the asked time for `min_version`. The
+/// flag says whether the version was reached (or none was asked for).
+async fn read_fresh(
+    pool: &PgPool,
+    view: View,
+    id: &str,
+    freshness: &Freshness,
+) -> Result<(Option<Stored>, bool), ApiError> {
+    let deadline = Instant::now() + freshness.wait()?;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let stored = fetch(pool, view, id).await?;
+        let Some(min_version) = freshness.min_version else {
+            return Ok((stored, true));
+        };
+        if stored.as_ref().is_some_and(|s| s.version >= min_version) {
+            return Ok((stored, true));
+        }
+        if Instant::now() >= deadline {
+            return Ok((stored, false));
+        }
+        tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// 200 with the document, or 202 with the current one (a stub at version 0
+/// if there is none yet) when `min_version` was not reached in time.
+fn answer(stored: Option<Stored>, fresh: bool, view: View) -> Result<Response, ApiError> {
+    match (stored, fresh) {
+        (Some(stored), true) => Ok(Json(stored.doc).into_response()),
+        (Some(stored), false) => Ok((StatusCode::ACCEPTED, Json(stored.doc)).into_response()),
+        (None, true) => Err(ApiError::NotFound(view.noun())),
+        (None, false) => Ok((StatusCode::ACCEPTED, Json(json!({ "version": 0 }))).into_response()),
+    }
+}
+
+async fn get_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(freshness): ApiQuery<Freshness>,
+) -> Result<Response, ApiError> {
+    let (stored, fresh) = read_fresh(&state.pool, View::Orders, &id.to_string(), &freshness).await?;
+    // another customer's order is answered like a missing one
+    let stored = stored.filter(|s| user.role != Role::Customer || s.user_id.as_deref() == Some(user.sub.as_str()));
+    answer(stored, fresh, View::Orders)
+}
+
+async fn get_voucher(
+    State(state): State<AppState>,
+    _user: AuthUser,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(freshness): ApiQuery<Freshness>,
+) -> Result<Response, ApiError> {
+    let (stored, fresh) = read_fresh(&state.pool, View::Vouchers, &id.to_string(), &freshness).await?;
+    let stored = stored.map(|mut s| {
+        s.doc["status"] = json!(voucher_status(&s.doc, Utc::now()));
+        s
+    });
+    answer(stored, fresh, View::Vouchers)
+}
+
+/// The sale's state now: a view stores no clock-dependent field (it must
+/// equal a replay at any moment), so time is applied at read time.
+fn voucher_status(doc: &Value, now: DateTime<Utc>) -> &'static str {
+    let time = |field: &str| {
+        doc[field]
+            .as_str()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    };
+    if time("begins_at").is_some_and(|begins| now < begins) {
+        "upcoming"
+    } else if time("ends_at").is_some_and(|ends| now >= ends) {
+        "ended"
+    } else if doc["sold_out"].as_bool() == Some(true) {
+        "sold_out"
+    } else {
+        "on_sale"
+    }
+}
+
+async fn get_product(
+    State(state): State<AppState>,
+    _user: AuthUser,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(freshness): ApiQuery<Freshness>,
+) -> Result<Response, ApiError> {
+    let (stored, fresh) = read_fresh(&state.pool, View::Products, &id.to_string(), &freshness).await?;
+    answer(stored, fresh, View::Products)
+}
+
+#[derive(Debug, Deserialize)]
+struct OrdersQuery {
+    status: Option<String>,
+    user_id: Option<String>,
+    #[serde(flatten)]
+    list: ListParams,
+}
+
+async fn list_orders(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiQuery(query): ApiQuery<OrdersQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let listing = OrderQuery::parse(&query.list)?;
+    // the caller's scope: fixed SQL, values bound first
+    let mut scope: Vec<String> = Vec::new();
+    let mut values: Vec<String> = Vec::new();
+    let owner = match user.role {
+        Role::Customer => match query.user_id {
+            Some(other) if other != user.sub => {
+                return Err(CommonError::Forbidden("customers see their own orders only".into()).into());
+            }
+            _ => Some(user.sub.clone()),
+        },
+        Role::Merchant | Role::Admin => query.user_id,
+    };
+    if let Some(owner) = owner {
+        values.push(owner);
+        scope.push(format!("user_id = ${}", values.len()));
+    }
+    if let Some(status) = query.status {
+        if !ORDER_STATUSES.contains(&status.as_str()) {
+            return Err(ApiError::InvalidParameter(format!(
+                "status must be one of {}",
+                ORDER_STATUSES.join(", ")
+            )));
+        }
+        values.push(status);
+        scope.push(format!("status = ${}", values.len()));
+    }
+    let sql = listing.to_sql(values.len());
+    let scope = (!scope.is_empty()).then(|| scope.join(" AND "));
+    let statement = sql.statement(scope.as_deref());
+    let mut select = sqlx::query(&statement);
+    for value in values {
+        select = select.bind(value);
+    }
+    let rows = sql.bind(select).fetch_all(&state.pool).await?;
+    let page = listing.page(rows)?;
+    let items = page
+        .rows
+        .iter()
+        .map(|row| row.try_get::<Value, _>("doc"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "items": items, "next_cursor": page.next_cursor })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CouponsQuery {
+    status: Option<String>,
+}
+
+/// The most coupons one answer lists; nobody holds more in practice.
+const MAX_COUPONS: i64 = 1_000;
+
+async fn my_coupons(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiQuery(query): ApiQuery<CouponsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    user.require(&[Role::Customer])?;
+    if let Some(status) = &query.status
+        && !COUPON_STATUSES.contains(&status.as_str())
+    {
+        return Err(ApiError::InvalidParameter(format!(
+            "status must be one of {}",
+            COUPON_STATUSES.join(", ")
+        )));
+    }
+    let items: Vec<Value> = sqlx::query_scalar(
+        "SELECT doc FROM coupon_view WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+          ORDER BY created_at DESC, id DESC LIMIT $3",
+    )
+    .bind(&user.sub)
+    .bind(query.status)
+    .bind(MAX_COUPONS)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone as _;
+
+    use super::*;
+
+    #[test]
+    fn a_vouchers_status_follows_the_clock_and_its_stock() {
+        let doc = json!({"begins_at": "2030-01-01T10:00:00Z", "ends_at": "2030-01-01T12:00:00Z", "sold_out": false});
+        let at = |h: u32| Utc.with_ymd_and_hms(2030, 1, 1, h, 0, 0).unwrap();
+        assert_eq!(voucher_status(&doc, at(9)), "upcoming");
+        assert_eq!(voucher_status(&doc, at(11)), "on_sale");
+        assert_eq!(voucher_status(&doc, at(12)), "ended");
+        let sold_out =
+            json!({"begins_at": "2030-01-01T10:00:00Z", "ends_at": "2030-01-01T12:00:00Z", "sold_out": true});
+        assert_eq!(voucher_status(&sold_out, at(11)), "sold_out");
+        assert_eq!(voucher_status(&sold_out, at(13)), "ended");
+    }
+}
