@@ -1,0 +1,321 @@
+//! The query API against a real Postgres: who may read what, read-your-writes
+//! waits, order search over HTTP, coupons and vouchers. Documents are put in
+//! the view tables directly; the projections' own tests cover how they get there.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use chrono::{Duration as Span, Utc};
+use http::{Request, StatusCode};
+use platform::http::{Health, JwtKeys, Ops, Role};
+use query_api::AppState;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+use uuid::Uuid;
+
+const SECRET: &str = "query-secret";
+
+struct Api {
+    db: testkit::TestDb,
+    router: axum::Router,
+    jwt: JwtKeys,
+}
+
+impl Api {
+    async fn new() -> anyhow::Result<Self> {
+        let db = testkit::TestDb::new().await?;
+        let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
+        let router = query_api::router(AppState {
+            pool: db.pool.clone(),
+            jwt: jwt.clone(),
+            ops: Ops {
+                health: Health::new(),
+                metrics: platform::telemetry::metrics_handle(),
+            },
+        });
+        Ok(Self { db, router, jwt })
+    }
+
+    async fn get(&self, path: &str, who: Option<(&str, Role)>) -> (StatusCode, Value) {
+        let mut request = Request::get(path);
+        if let Some((sub, role)) = who {
+            let token = self.jwt.issue(sub, role, Duration::from_secs(60)).expect("token");
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn put(&self, table: &str, id: &str, version: i64, doc: Value) -> anyhow::Result<()> {
+        let user = doc["user_id"].as_str().map(str::to_owned);
+        let status = doc["status"].as_str().map(str::to_owned);
+        sqlx::query(&format!(
+            "INSERT INTO {table} (id, version, doc, user_id, status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, now(), now())
+             ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, doc = EXCLUDED.doc"
+        ))
+        .bind(id)
+        .bind(version)
+        .bind(&doc)
+        .bind(user)
+        .bind(status)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn order(&self, user: &str, status: &str, total: i64) -> anyhow::Result<String> {
+        let id = Uuid::now_v7().to_string();
+        let doc = json!({"order_id": id, "user_id": user, "kind": "goods", "status": status,
+                         "total_cents": total, "version": 1, "items": [], "history": []});
+        self.put("order_view", &id, 1, doc).await?;
+        Ok(id)
+    }
+}
+
+const ANN: Option<(&str, Role)> = Some(("ann", Role::Customer));
+const BOB: Option<(&str, Role)> = Some(("bob", Role::Customer));
+const SHOP: Option<(&str, Role)> = Some(("shop", Role::Merchant));
+const ADMIN: Option<(&str, Role)> = Some(("root", Role::Admin));
+
+#[tokio::test]
+async fn every_endpoint_checks_who_is_asking() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    let anns = api.order("ann", "paid", 1_000).await?;
+    let bobs = api.order("bob", "paid", 2_000).await?;
+    let voucher = Uuid::now_v7().to_string();
+    api.put(
+        "voucher_view",
+        &voucher,
+        1,
+        json!({"voucher_id": voucher, "sold_out": false,
+        "begins_at": Utc::now() - Span::hours(1), "ends_at": Utc::now() + Span::hours(1)}),
+    )
+    .await?;
+    let product = Uuid::now_v7().to_string();
+    api.put(
+        "product_view",
+        &product,
+        1,
+        json!({"product_id": product, "stock_available": 3}),
+    )
+    .await?;
+
+    for path in [
+        format!("/orders/{anns}"),
+        "/orders".to_owned(),
+        "/users/me/coupons".to_owned(),
+        format!("/vouchers/{voucher}"),
+        format!("/products/{product}"),
+    ] {
+        let (status, body) = api.get(&path, None).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("missing_token")),
+            "{path}"
+        );
+    }
+    // an order: its owner, merchants and admins; another customer sees nothing
+    assert_eq!(api.get(&format!("/orders/{anns}"), ANN).await.0, StatusCode::OK);
+    let (status, body) = api.get(&format!("/orders/{anns}"), BOB).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("order_not_found"))
+    );
+    assert_eq!(api.get(&format!("/orders/{bobs}"), SHOP).await.0, StatusCode::OK);
+    assert_eq!(api.get(&format!("/orders/{bobs}"), ADMIN).await.0, StatusCode::OK);
+    // a search: customers get their own orders only
+    let (_, mine) = api.get("/orders", ANN).await;
+    let ids: Vec<&str> = mine["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|o| o["order_id"].as_str())
+        .collect();
+    assert_eq!(ids, [anns.as_str()]);
+    let (status, body) = api.get("/orders?user_id=bob", ANN).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let (_, all) = api.get("/orders", ADMIN).await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(2));
+    let (_, bobs_only) = api.get("/orders?user_id=bob", SHOP).await;
+    assert_eq!(bobs_only["items"][0]["order_id"].as_str(), Some(bobs.as_str()));
+    // coupons are a customer's own list
+    assert_eq!(api.get("/users/me/coupons", SHOP).await.0, StatusCode::FORBIDDEN);
+    // vouchers and products: anyone signed in
+    for who in [ANN, SHOP, ADMIN] {
+        assert_eq!(api.get(&format!("/vouchers/{voucher}"), who).await.0, StatusCode::OK);
+        assert_eq!(api.get(&format!("/products/{product}"), who).await.0, StatusCode::OK);
+    }
+    api.db.drop_database().await
+}
+
+#[tokio::test]
+async fn unknown_ids_and_bad_parameters_are_4xx_in_the_error_format() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    let missing = Uuid::now_v7();
+    for (path, code) in [
+        (format!("/orders/{missing}"), "order_not_found"),
+        (format!("/vouchers/{missing}"), "voucher_not_found"),
+        (format!("/products/{missing}"), "product_not_found"),
+    ] {
+        let (status, body) = api.get(&path, ADMIN).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some(code))
+        );
+    }
+    for (path, status, code) in [
+        ("/orders/not-a-uuid", StatusCode::BAD_REQUEST, "invalid_path"),
+        ("/orders?status=lost", StatusCode::BAD_REQUEST, "invalid_query"),
+        (
+            "/orders?filter=%7B%22%24where%22%3A1%7D",
+            StatusCode::BAD_REQUEST,
+            "invalid_filter",
+        ),
+        ("/orders?filter=not-json", StatusCode::BAD_REQUEST, "invalid_filter"),
+        ("/orders?sort=-password", StatusCode::BAD_REQUEST, "invalid_sort"),
+        ("/orders?limit=0", StatusCode::BAD_REQUEST, "invalid_limit"),
+        ("/orders?cursor=AAAA", StatusCode::BAD_REQUEST, "invalid_cursor"),
+        (
+            "/users/me/coupons?status=gone",
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+    ] {
+        let who = if path.starts_with("/users") { ANN } else { ADMIN };
+        let (got, body) = api.get(path, who).await;
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{path}");
+    }
+    let (status, _) = api
+        .get(&format!("/orders/{missing}?wait_ms=20000&min_version=1"), ADMIN)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    api.db.drop_database().await
+}
+
+#[tokio::test]
+async fn min_version_waits_for_the_view_or_answers_202_with_what_there_is() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    let id = api.order("ann", "pending_payment", 990).await?;
+
+    // not reached in time: 202 and the current document
+    let (status, body) = api.get(&format!("/orders/{id}?min_version=2&wait_ms=100"), ANN).await;
+    assert_eq!((status, body["version"].as_i64()), (StatusCode::ACCEPTED, Some(1)));
+
+    // reached while waiting: 200 with the new document
+    let pool = api.db.pool.clone();
+    let later = id.clone();
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sqlx::query("UPDATE order_view SET version = 2, doc = jsonb_set(jsonb_set(doc, '{version}', '2'), '{status}', '\"paid\"') WHERE id = $1")
+            .bind(later)
+            .execute(&pool)
+            .await
+    });
+    let (status, body) = api.get(&format!("/orders/{id}?min_version=2&wait_ms=3000"), ANN).await;
+    writer.await??;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("paid")));
+
+    // nothing yet: 202 with a version-0 stub, not a 404
+    let (status, body) = api
+        .get(&format!("/orders/{}?min_version=1&wait_ms=50", Uuid::now_v7()), ANN)
+        .await;
+    assert_eq!((status, body), (StatusCode::ACCEPTED, json!({"version": 0})));
+    api.db.drop_database().await
+}
+
+#[tokio::test]
+async fn orders_are_searched_sorted_and_paged_over_http() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    let mut expected = Vec::new();
+    for total in [500, 1_500, 2_500, 3_500, 4_500] {
+        expected.push(api.order("ann", "paid", total).await?);
+    }
+    api.order("ann", "cancelled", 9_000).await?;
+    let filter = urlencode(r#"{"total_cents": {"$gte": 1000}, "status": {"$in": ["paid", "preparing"]}}"#);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/orders?filter={filter}&sort=total_cents&limit=2");
+        if let Some(cursor) = &cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        let (status, page) = api.get(&path, ANN).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(
+            page["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|o| o["total_cents"].as_i64().unwrap_or(0)),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, [1_500, 2_500, 3_500, 4_500]);
+    let (_, paid) = api.get("/orders?status=cancelled", ANN).await;
+    assert_eq!(paid["items"][0]["total_cents"].as_i64(), Some(9_000));
+    api.db.drop_database().await
+}
+
+#[tokio::test]
+async fn coupons_are_listed_per_user_and_status_and_vouchers_carry_a_live_status() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    for (user, status) in [("ann", "available"), ("ann", "redeemed"), ("bob", "available")] {
+        let id = Uuid::now_v7().to_string();
+        api.put(
+            "coupon_view",
+            &id,
+            1,
+            json!({"coupon_id": id, "user_id": user, "status": status}),
+        )
+        .await?;
+    }
+    let (_, all) = api.get("/users/me/coupons", ANN).await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(2));
+    let (_, available) = api.get("/users/me/coupons?status=available", ANN).await;
+    let items = available["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["user_id"], "ann");
+
+    let now = Utc::now();
+    for (begins, ends, sold_out, status) in [
+        (now + Span::hours(1), now + Span::hours(2), false, "upcoming"),
+        (now - Span::hours(1), now + Span::hours(1), false, "on_sale"),
+        (now - Span::hours(1), now + Span::hours(1), true, "sold_out"),
+        (now - Span::hours(2), now - Span::hours(1), false, "ended"),
+    ] {
+        let id = Uuid::now_v7().to_string();
+        api.put(
+            "voucher_view",
+            &id,
+            1,
+            json!({"voucher_id": id, "begins_at": begins, "ends_at": ends, "sold_out": sold_out}),
+        )
+        .await?;
+        let (_, doc) = api.get(&format!("/vouchers/{id}"), BOB).await;
+        assert_eq!(doc["status"], status);
+    }
+    api.db.drop_database().await
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
