@@ -9,6 +9,9 @@
 //! `Authorization` header (the end of the JWT's signature, unique per token),
 //! so wrk sends both servers byte-identical requests.
 //!
+//! `GET /ok` answers "ok" and nothing else: the bare axum handler of the
+//! machine reference (what any HTTP request costs here).
+//!
 //! ```sh
 //! minimal_handler --addr 127.0.0.1:18091 --redis-url redis://127.0.0.1:56379/ --prefix bench1234:
 //! ```
@@ -23,7 +26,7 @@ use axum::{
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header::AUTHORIZATION},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
 use platform::config::{RedisConfig, Secret};
 use redis::{Script, aio::ConnectionManager};
@@ -76,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let app = Router::new()
         .route("/seckill/{voucher_id}", post(attempt))
+        .route("/ok", get(|| async { "ok" }))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("minimal handler listening on {addr}");
