@@ -131,6 +131,8 @@ pub async fn replay<P: Projector>(
     if !locked {
         return Err(ReplayError::Busy(P::NAME));
     }
+    // "table does not exist, skipping" is not news for an operator
+    sqlx::query("SET client_min_messages = warning").execute(&mut conn).await?;
     sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
         .execute(&mut conn)
         .await?;
