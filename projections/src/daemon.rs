@@ -19,7 +19,7 @@ use sqlx::PgPool;
 
 use crate::{
     views::Projector,
-    writer::{Documents, Step, dead_letter, record_dead_letters},
+    writer::{Documents, Step, dead_letter, lock_checkpoint, record_dead_letters},
 };
 
 /// The durable consumer of a projection.
@@ -55,15 +55,7 @@ impl<P: Projector> ProjectionHandler<P> {
     async fn apply_batch(&self, messages: &[jetstream::Message]) -> Result<Vec<Result<(), HandlerError>>, sqlx::Error> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        // The checkpoint row is also the lock a replay takes to swap tables.
-        sqlx::query("INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(P::NAME)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SELECT 1 FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
-            .bind(P::NAME)
-            .execute(&mut *tx)
-            .await?;
+        lock_checkpoint(&mut tx, P::NAME).await?;
 
         let decoded: Vec<Result<EventEnvelope, String>> = messages
             .iter()

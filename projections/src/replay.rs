@@ -25,7 +25,7 @@ use sqlx::{Connection as _, PgConnection, PgPool, Row as _};
 
 use crate::{
     views::Projector,
-    writer::{Documents, Step, dead_letter, record_dead_letters},
+    writer::{Documents, Step, dead_letter, lock_checkpoint, record_dead_letters},
 };
 
 /// Above this many held documents, stored ones are forgotten between pages.
@@ -132,7 +132,9 @@ pub async fn replay<P: Projector>(
         return Err(ReplayError::Busy(P::NAME));
     }
     // "table does not exist, skipping" is not news for an operator
-    sqlx::query("SET client_min_messages = warning").execute(&mut conn).await?;
+    sqlx::query("SET client_min_messages = warning")
+        .execute(&mut conn)
+        .await?;
     sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
         .execute(&mut conn)
         .await?;
@@ -194,15 +196,8 @@ pub async fn replay<P: Projector>(
         Some(differences)
     } else {
         let mut tx = conn.begin().await?;
-        sqlx::query("INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(P::NAME)
-            .execute(&mut *tx)
-            .await?;
         // pauses the daemon of this projection until the swap commits
-        sqlx::query("SELECT 1 FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
-            .bind(P::NAME)
-            .execute(&mut *tx)
-            .await?;
+        lock_checkpoint(&mut tx, P::NAME).await?;
         let rows = sqlx::query(&catch_up)
             .bind(P::AGGREGATE_TYPE)
             .bind(cursor)

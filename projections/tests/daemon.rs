@@ -7,7 +7,8 @@ mod support;
 use std::time::Duration;
 
 use events::{CancellationReason, OrderEvent, OrderItem, OrderKind};
-use support::{Setup, at, eventually};
+use support::{Setup, at};
+use testkit::eventually;
 use uuid::Uuid;
 
 fn placed(order: Uuid, user: &str) -> OrderEvent {

@@ -17,7 +17,8 @@ use projections::{
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 use serde_json::{Value, json};
-use support::{Setup, eventually};
+use support::Setup;
+use testkit::eventually;
 use testkit::reqwest;
 use uuid::Uuid;
 

@@ -11,7 +11,8 @@ use events::{VoucherEvent, VoucherKind};
 use http::StatusCode;
 use platform::http::Role;
 use seckill_edge::gate::RateLimit;
-use support::{Harness, NO_RATE_LIMIT, attempt, eventually, occurrences, snapshot};
+use support::{Harness, NO_RATE_LIMIT, attempt, occurrences, snapshot};
+use testkit::eventually;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -57,7 +58,10 @@ async fn a_flash_crowd_never_oversells_and_every_admitted_request_reaches_jetstr
         async move { forwarder.forward_voucher(voucher, stop).await }
     });
     eventually(Duration::from_secs(30), || async {
-        Ok(harness.stream_length(voucher).await? == 0 && harness.requests_on_jetstream().await?.len() >= admitted.len())
+        Ok(
+            harness.stream_length(voucher).await? == 0
+                && harness.requests_on_jetstream().await?.len() >= admitted.len(),
+        )
     })
     .await?;
     stop.cancel();
@@ -90,13 +94,19 @@ async fn attempts_outside_the_sale_window_are_refused_and_take_nothing() -> anyh
     let token = harness.token("ann");
 
     let answer = attempt(&router, &early.to_string(), Some(&token), None).await;
-    assert_eq!((answer.status, answer.code()), (StatusCode::FORBIDDEN, "sale_not_started"));
+    assert_eq!(
+        (answer.status, answer.code()),
+        (StatusCode::FORBIDDEN, "sale_not_started")
+    );
     let answer = attempt(&router, &late.to_string(), Some(&token), None).await;
     assert_eq!((answer.status, answer.code()), (StatusCode::FORBIDDEN, "sale_ended"));
 
     assert_eq!(harness.gate.left(early).await?, Some(5));
     assert_eq!(harness.gate.left(late).await?, Some(5));
-    assert_eq!(harness.stream_length(early).await? + harness.stream_length(late).await?, 0);
+    assert_eq!(
+        harness.stream_length(early).await? + harness.stream_length(late).await?,
+        0
+    );
     Ok(())
 }
 
@@ -128,7 +138,10 @@ async fn unknown_and_regular_vouchers_are_not_found() -> anyhow::Result<()> {
 
     for voucher in [Uuid::now_v7(), regular] {
         let answer = attempt(&router, &voucher.to_string(), Some(&token), None).await;
-        assert_eq!((answer.status, answer.code()), (StatusCode::NOT_FOUND, "voucher_not_found"));
+        assert_eq!(
+            (answer.status, answer.code()),
+            (StatusCode::NOT_FOUND, "voucher_not_found")
+        );
         assert!(!harness.gate.is_loaded(voucher).await?, "nothing loaded for {voucher}");
         // the second time comes from the in-process flag
         let again = attempt(&router, &voucher.to_string(), Some(&token), None).await;
@@ -148,16 +161,34 @@ async fn a_user_over_the_rate_limit_gets_429_with_retry_after_and_others_do_not(
     let router = harness.router();
     let (ann, bob) = (harness.token("ann"), harness.token("bob"));
 
-    assert_eq!(attempt(&router, &voucher, Some(&ann), None).await.status, StatusCode::ACCEPTED);
-    assert_eq!(attempt(&router, &voucher, Some(&ann), None).await.code(), "already_purchased");
+    assert_eq!(
+        attempt(&router, &voucher, Some(&ann), None).await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        attempt(&router, &voucher, Some(&ann), None).await.code(),
+        "already_purchased"
+    );
     let limited = attempt(&router, &voucher, Some(&ann), None).await;
-    assert_eq!((limited.status, limited.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
-    assert!(limited.retry_after.is_some_and(|s| s >= 1), "Retry-After in whole seconds");
+    assert_eq!(
+        (limited.status, limited.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
+    assert!(
+        limited.retry_after.is_some_and(|s| s >= 1),
+        "Retry-After in whole seconds"
+    );
 
-    assert_eq!(attempt(&router, &voucher, Some(&bob), None).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        attempt(&router, &voucher, Some(&bob), None).await.status,
+        StatusCode::ACCEPTED
+    );
     // the bucket refills at 2 tokens per second
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(attempt(&router, &voucher, Some(&ann), None).await.code(), "already_purchased");
+    assert_eq!(
+        attempt(&router, &voucher, Some(&ann), None).await.code(),
+        "already_purchased"
+    );
     assert_eq!(harness.gate.left(voucher.parse()?).await?, Some(8));
     Ok(())
 }
@@ -176,21 +207,37 @@ async fn an_idempotency_key_from_the_same_user_gets_the_same_answer() -> anyhow:
     assert_eq!(replay.status, StatusCode::ACCEPTED);
     assert_eq!(replay.order_id(), first.order_id(), "the same order, not a new one");
     // a new key is a new attempt
-    assert_eq!(attempt(&router, &voucher, Some(&ann), Some("k-2")).await.code(), "already_purchased");
+    assert_eq!(
+        attempt(&router, &voucher, Some(&ann), Some("k-2")).await.code(),
+        "already_purchased"
+    );
     // keys are per user
     let bobs = attempt(&router, &voucher, Some(&bob), Some("k-1")).await;
     assert_eq!(bobs.status, StatusCode::ACCEPTED);
     assert_ne!(bobs.order_id(), first.order_id());
     assert_eq!(harness.gate.left(voucher_id).await?, Some(0));
-    assert_eq!(harness.stream_length(voucher_id).await?, 2, "one request queued per order");
+    assert_eq!(
+        harness.stream_length(voucher_id).await?,
+        2,
+        "one request queued per order"
+    );
 
     // a refusal is an answer too: cat's key keeps "sold out" after a unit comes back
-    assert_eq!(attempt(&router, &voucher, Some(&cat), Some("k-9")).await.code(), "sold_out");
+    assert_eq!(
+        attempt(&router, &voucher, Some(&cat), Some("k-9")).await.code(),
+        "sold_out"
+    );
     let order = first.order_id().expect("order id");
     harness.gate.settle(voucher_id, order, true).await?;
     harness.flags.clear_sold_out(voucher_id);
-    assert_eq!(attempt(&router, &voucher, Some(&cat), Some("k-9")).await.code(), "sold_out");
-    assert_eq!(attempt(&router, &voucher, Some(&cat), Some("k-10")).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        attempt(&router, &voucher, Some(&cat), Some("k-9")).await.code(),
+        "sold_out"
+    );
+    assert_eq!(
+        attempt(&router, &voucher, Some(&cat), Some("k-10")).await.status,
+        StatusCode::ACCEPTED
+    );
     Ok(())
 }
 
@@ -200,8 +247,18 @@ async fn sold_out_is_answered_in_process_without_redis() -> anyhow::Result<()> {
     let harness = Harness::new(NO_RATE_LIMIT, db.pool.clone()).await?;
     let voucher = harness.open_sale(1).await?.to_string();
     let router = harness.router();
-    assert_eq!(attempt(&router, &voucher, Some(&harness.token("ann")), None).await.status, StatusCode::ACCEPTED);
-    assert_eq!(attempt(&router, &voucher, Some(&harness.token("bob")), None).await.code(), "sold_out");
+    assert_eq!(
+        attempt(&router, &voucher, Some(&harness.token("ann")), None)
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        attempt(&router, &voucher, Some(&harness.token("bob")), None)
+            .await
+            .code(),
+        "sold_out"
+    );
 
     // with Redis empty, only the process's flag can still say "sold out"
     harness.forget_everything().await?;
@@ -224,7 +281,11 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let ann = harness.token("ann");
 
     let cases = [
-        (attempt(&router, &voucher, None, None).await, StatusCode::UNAUTHORIZED, "missing_token"),
+        (
+            attempt(&router, &voucher, None, None).await,
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+        ),
         (
             attempt(&router, &voucher, Some("not.a.jwt"), None).await,
             StatusCode::UNAUTHORIZED,
@@ -235,7 +296,11 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
             StatusCode::FORBIDDEN,
             "forbidden",
         ),
-        (attempt(&router, "not-a-uuid", Some(&ann), None).await, StatusCode::BAD_REQUEST, "invalid_path"),
+        (
+            attempt(&router, "not-a-uuid", Some(&ann), None).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
         (
             attempt(&router, &voucher, Some(&ann), Some("has space")).await,
             StatusCode::BAD_REQUEST,

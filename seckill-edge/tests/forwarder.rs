@@ -8,7 +8,8 @@ use std::{collections::HashSet, time::Duration};
 
 use platform::telemetry::TraceHeaders;
 use seckill_edge::gate::Admission;
-use support::{Harness, NO_RATE_LIMIT, eventually, occurrences};
+use support::{Harness, NO_RATE_LIMIT, occurrences};
+use testkit::eventually;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -18,7 +19,13 @@ async fn admit(harness: &Harness, voucher: Uuid, users: std::ops::Range<usize>) 
     for user in users {
         let admission = harness
             .gate
-            .admit(voucher, &format!("user-{user}"), Uuid::now_v7(), None, &TraceHeaders::default())
+            .admit(
+                voucher,
+                &format!("user-{user}"),
+                Uuid::now_v7(),
+                None,
+                &TraceHeaders::default(),
+            )
             .await?;
         let Admission::Admitted { order_id, .. } = admission else {
             anyhow::bail!("user-{user} not admitted: {admission:?}");
@@ -46,7 +53,11 @@ async fn pending(harness: &Harness, voucher: Uuid) -> anyhow::Result<u64> {
 
 /// Waits until the stream is empty and JetStream holds `expected` requests,
 /// then checks each one is there exactly once.
-async fn assert_forwarded_exactly_once(harness: &Harness, voucher: Uuid, expected: &HashSet<Uuid>) -> anyhow::Result<()> {
+async fn assert_forwarded_exactly_once(
+    harness: &Harness,
+    voucher: Uuid,
+    expected: &HashSet<Uuid>,
+) -> anyhow::Result<()> {
     eventually(Duration::from_secs(30), || async {
         Ok(harness.stream_length(voucher).await? == 0 && pending(harness, voucher).await? == 0)
     })

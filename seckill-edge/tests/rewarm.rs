@@ -17,7 +17,8 @@ use seckill_edge::{
     gate::{Admission, Settlement},
     warmup::SaleEvents,
 };
-use support::{Harness, NO_RATE_LIMIT, attempt, eventually, record_voucher_events, snapshot};
+use support::{Harness, NO_RATE_LIMIT, attempt, record_voucher_events, snapshot};
+use testkit::eventually;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -99,7 +100,10 @@ async fn sale_events(harness: &Harness, stop: CancellationToken) -> anyhow::Resu
 
 /// True once the edge's consumer has acknowledged everything on its stream.
 async fn consumed(harness: &Harness) -> anyhow::Result<bool> {
-    let stream = harness.js.get_stream(harness.namespace.events_stream("Voucher")).await?;
+    let stream = harness
+        .js
+        .get_stream(harness.namespace.events_stream("Voucher"))
+        .await?;
     let info = stream.consumer_info(SECKILL_EDGE_CONSUMER).await?;
     Ok(info.num_pending == 0 && info.num_ack_pending == 0)
 }
@@ -145,7 +149,9 @@ async fn a_lost_voucher_is_rebuilt_from_the_event_store_decisions() -> anyhow::R
         assert_eq!(answer.code(), "already_purchased", "{user}");
     }
     assert_eq!(
-        attempt(&router, &voucher_path, Some(&harness.token("dan")), None).await.status,
+        attempt(&router, &voucher_path, Some(&harness.token("dan")), None)
+            .await
+            .status,
         StatusCode::ACCEPTED
     );
     // reservations were rebuilt for the units still held, and only those
@@ -180,7 +186,11 @@ async fn a_created_seckill_voucher_is_warmed_up_from_the_store_even_when_replaye
     record_voucher_events(
         &db.pool,
         old,
-        &[created(old, 50), accepted(Uuid::now_v7(), "ann"), accepted(Uuid::now_v7(), "bob")],
+        &[
+            created(old, 50),
+            accepted(Uuid::now_v7(), "ann"),
+            accepted(Uuid::now_v7(), "bob"),
+        ],
     )
     .await?;
     deliver(&harness, fresh, 1, &created(fresh, 50)).await?;
@@ -207,7 +217,9 @@ async fn the_same_release_delivered_twice_recredits_once_and_reopens_the_sale() 
     let bob = admit(&harness, voucher, "bob").await?;
     // cat finds it sold out, and this process remembers
     assert_eq!(
-        attempt(&router, &voucher_path, Some(&harness.token("cat")), None).await.code(),
+        attempt(&router, &voucher_path, Some(&harness.token("cat")), None)
+            .await
+            .code(),
         "sold_out"
     );
 
@@ -232,12 +244,16 @@ async fn the_same_release_delivered_twice_recredits_once_and_reopens_the_sale() 
     assert_eq!(harness.gate.settle(voucher, bob, true).await?, Settlement::NothingHeld);
     // the re-credit cleared the sold-out flag: cat gets the unit at once
     assert_eq!(
-        attempt(&router, &voucher_path, Some(&harness.token("cat")), None).await.status,
+        attempt(&router, &voucher_path, Some(&harness.token("cat")), None)
+            .await
+            .status,
         StatusCode::ACCEPTED
     );
     // ann keeps her mark
     assert_eq!(
-        attempt(&router, &voucher_path, Some(&harness.token("ann")), None).await.code(),
+        attempt(&router, &voucher_path, Some(&harness.token("ann")), None)
+            .await
+            .code(),
         "already_purchased"
     );
     stop.cancel();

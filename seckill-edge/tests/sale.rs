@@ -17,7 +17,8 @@ use clap::Parser as _;
 use platform::http::{JwtKeys, Role};
 use seckill_edge::keys::VoucherKeys;
 use serde_json::json;
-use support::{SECRET, eventually};
+use support::SECRET;
+use testkit::eventually;
 use testkit::{RedisServer, Server, TestDb, reqwest};
 use uuid::Uuid;
 
@@ -49,8 +50,7 @@ impl System {
             "--jwt-secret",
             SECRET,
         ])?;
-        let commands =
-            Server::start(|listener, shutdown| commands::run(commands_config, listener, shutdown)).await?;
+        let commands = Server::start(|listener, shutdown| commands::run(commands_config, listener, shutdown)).await?;
         let redis_url = redis.url();
         let edge_config = seckill_edge::Config::try_parse_from([
             "seckill-edge",
@@ -126,7 +126,11 @@ impl System {
 
     /// One attempt per user, 64 in flight; a `warming_up` answer is retried
     /// as its Retry-After asks (shortened for the test).
-    async fn crowd(&self, voucher: Uuid, users: Vec<String>) -> anyhow::Result<Vec<(String, u16, String, Option<Uuid>)>> {
+    async fn crowd(
+        &self,
+        voucher: Uuid,
+        users: Vec<String>,
+    ) -> anyhow::Result<Vec<(String, u16, String, Option<Uuid>)>> {
         let limit = Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = tokio::task::JoinSet::new();
         for user in users {
@@ -166,7 +170,11 @@ impl System {
         .await?;
         let mut orders = HashMap::new();
         for (id, event_type, payload) in rows {
-            let body = payload.as_object().and_then(|o| o.values().next()).cloned().unwrap_or_default();
+            let body = payload
+                .as_object()
+                .and_then(|o| o.values().next())
+                .cloned()
+                .unwrap_or_default();
             let user = body["user_id"].as_str().unwrap_or_default().to_owned();
             orders.insert(id.parse()?, (event_type, user));
         }
@@ -225,9 +233,16 @@ async fn a_scripted_sale_leaves_exactly_stock_placed_orders() -> anyhow::Result<
         );
     }
 
-    eventually(Duration::from_secs(30), || async { Ok(system.orders().await?.len() >= admitted.len()) }).await?;
+    eventually(Duration::from_secs(30), || async {
+        Ok(system.orders().await?.len() >= admitted.len())
+    })
+    .await?;
     let orders = system.orders().await?;
-    assert_eq!(orders.len(), admitted.len(), "every admitted request is one order, nothing more");
+    assert_eq!(
+        orders.len(),
+        admitted.len(),
+        "every admitted request is one order, nothing more"
+    );
     assert_placed_exactly(&orders, &admitted);
     assert_eq!(system.meta(voucher).await?.get("left").map(String::as_str), Some("0"));
     system.stop().await
@@ -245,14 +260,21 @@ async fn redis_losing_its_data_mid_sale_is_rewarmed_from_the_event_store() -> an
     assert_eq!(early.len(), 100);
     // forwarded, but maybe not yet decided by the claim writer
     eventually(Duration::from_secs(15), || async {
-        let length: u64 = redis::cmd("XLEN").arg(&keys.stream).query_async(&mut system.redis().await?).await?;
+        let length: u64 = redis::cmd("XLEN")
+            .arg(&keys.stream)
+            .query_async(&mut system.redis().await?)
+            .await?;
         Ok(length == 0)
     })
     .await?;
     let _: () = redis::cmd("FLUSHALL").query_async(&mut system.redis().await?).await?;
 
     // the early buyers come back with 400 newcomers
-    let second: Vec<String> = first.iter().cloned().chain((0..400).map(|i| format!("late-{i}"))).collect();
+    let second: Vec<String> = first
+        .iter()
+        .cloned()
+        .chain((0..400).map(|i| format!("late-{i}")))
+        .collect();
     let answers = system.crowd(voucher, second).await?;
     // never admitted twice; once the sale is sold out, the in-process flag
     // answers sold_out to everyone, past buyers included
@@ -267,11 +289,18 @@ async fn redis_losing_its_data_mid_sale_is_rewarmed_from_the_event_store() -> an
         "the rebuilt gate knows the early buyers"
     );
     let late = admitted(&answers);
-    assert_eq!(late.len(), 100, "the rebuilt gate offers exactly what the store has left");
+    assert_eq!(
+        late.len(),
+        100,
+        "the rebuilt gate offers exactly what the store has left"
+    );
 
     let mut all = early;
     all.extend(late);
-    eventually(Duration::from_secs(30), || async { Ok(system.orders().await?.len() >= all.len()) }).await?;
+    eventually(Duration::from_secs(30), || async {
+        Ok(system.orders().await?.len() >= all.len())
+    })
+    .await?;
     let orders = system.orders().await?;
     assert_eq!(orders.len(), all.len());
     assert_placed_exactly(&orders, &all);
@@ -300,7 +329,10 @@ async fn the_callers_trace_reaches_jetstream_and_the_event_store() -> anyhow::Re
     assert_eq!(status, 202, "{body}");
     let order_id = body["order_id"].as_str().unwrap_or_default().to_owned();
 
-    eventually(Duration::from_secs(15), || async { Ok(!system.orders().await?.is_empty()) }).await?;
+    eventually(Duration::from_secs(15), || async {
+        Ok(!system.orders().await?.is_empty())
+    })
+    .await?;
     let metadata: serde_json::Value = sqlx::query_scalar(
         "SELECT metadata FROM events WHERE aggregate_type = 'Order' AND aggregate_id = $1 AND sequence = 1",
     )

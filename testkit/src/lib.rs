@@ -288,11 +288,7 @@ impl RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = std::env::temp_dir().join(format!("cp-redis-{}", short_id()));
         std::fs::create_dir_all(&dir)?;
-        let mut server = Self {
-            port,
-            child: None,
-            dir,
-        };
+        let mut server = Self { port, child: None, dir };
         server.spawn()?;
         server.wait_ready().await?;
         Ok(server)
@@ -359,5 +355,24 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `check` every 20 ms until it is true; fails after `within`.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -3,7 +3,7 @@
 //! the way the command side's relay puts them.
 #![allow(dead_code)]
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeZone as _, Utc};
 use cp_nats::{Outgoing, Publisher, Topology};
@@ -72,7 +72,7 @@ impl Setup {
     }
 
     pub async fn wait_caught_up(&self) -> anyhow::Result<()> {
-        eventually(Duration::from_secs(30), || async {
+        testkit::eventually(Duration::from_secs(30), || async {
             for projection in Projection::ALL {
                 if !self.caught_up(projection).await? {
                     return Ok(false);
@@ -172,22 +172,4 @@ impl Setup {
 
 pub fn at(second: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_800_000_000 + second, 0).single().expect("time")
-}
-
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }

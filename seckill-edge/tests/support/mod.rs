@@ -3,7 +3,7 @@
 //! reading what reached JetStream.
 #![allow(dead_code)]
 
-use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream;
 use chrono::{DateTime, Duration as Span, Utc};
@@ -61,7 +61,10 @@ impl Harness {
         cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
         let gate = Gate::new(redis.clone(), prefix.clone(), rate, Duration::from_secs(3_600));
         gate.load_scripts().await?;
-        let flags = Arc::new(VoucherFlags::new(Duration::from_millis(500), Duration::from_millis(500)));
+        let flags = Arc::new(VoucherFlags::new(
+            Duration::from_millis(500),
+            Duration::from_millis(500),
+        ));
         let warmer = Arc::new(Warmer::new(
             gate.clone(),
             pool.clone(),
@@ -130,7 +133,12 @@ impl Harness {
         let voucher_id = Uuid::now_v7();
         let now = Utc::now();
         self.gate
-            .load(&snapshot(voucher_id, stock, now - Span::minutes(1), now + Span::hours(1)))
+            .load(&snapshot(
+                voucher_id,
+                stock,
+                now - Span::minutes(1),
+                now + Span::hours(1),
+            ))
             .await?;
         Ok(voucher_id)
     }
@@ -152,7 +160,10 @@ impl Harness {
 
     pub async fn stream_length(&self, voucher_id: Uuid) -> anyhow::Result<u64> {
         let keys = self.gate.keys(voucher_id);
-        Ok(redis::cmd("XLEN").arg(&keys.stream).query_async(&mut self.redis.clone()).await?)
+        Ok(redis::cmd("XLEN")
+            .arg(&keys.stream)
+            .query_async(&mut self.redis.clone())
+            .await?)
     }
 
     /// Deletes every key under this test's prefix: Redis "losing its data"
@@ -258,20 +269,4 @@ pub fn occurrences(requests: &[OrderRequested]) -> HashMap<Uuid, usize> {
         *counts.entry(request.order_id).or_default() += 1;
     }
     counts
-}
-
-/// Polls `check` every 20 ms until it is true or `within` passes.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "condition not met within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
