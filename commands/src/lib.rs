@@ -16,6 +16,7 @@ pub mod bus;
 pub mod claims;
 pub mod domain;
 pub mod leader;
+pub mod payments;
 pub mod relay;
 pub mod store;
 
