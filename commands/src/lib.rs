@@ -16,9 +16,11 @@ pub mod bus;
 pub mod claims;
 pub mod domain;
 pub mod leader;
+pub mod lifecycle;
 pub mod payments;
 pub mod relay;
 pub mod store;
+pub mod timeouts;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -61,6 +63,15 @@ pub struct Config {
     /// Most OrderRequested messages decided in one voucher append.
     #[arg(long, env = "CLAIM_BATCH_SIZE", default_value_t = 1_000)]
     pub claim_batch_size: usize,
+    /// Run the order lifecycle reactor (deadlines, coupons, compensation) here.
+    #[arg(long, env = "LIFECYCLE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lifecycle_enabled: bool,
+    /// Run the payment-timeout poller here (any number of processes may).
+    #[arg(long, env = "TIMEOUTS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub timeouts_enabled: bool,
+    /// How long a placed order may await payment before it is cancelled.
+    #[arg(long, env = "PAYMENT_TIMEOUT_SECS", default_value_t = 900)]
+    pub payment_timeout_secs: u64,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -101,6 +112,18 @@ impl AppState {
             jwt,
         };
         Self { api, ops }
+    }
+
+    pub fn lifecycle(&self, pool: sqlx::PgPool, payment_timeout: Duration) -> lifecycle::Lifecycle {
+        lifecycle::Lifecycle {
+            pool,
+            store: self.api.store.clone(),
+            vouchers: self.api.vouchers.clone(),
+            products: self.api.products.clone(),
+            coupons: self.api.coupons.clone(),
+            payment_timeout,
+            coupon_validity: api::COUPON_VALIDITY,
+        }
     }
 
     pub fn claim_writer(&self) -> ClaimWriter {
@@ -155,7 +178,13 @@ pub async fn run(
             batch: config.claim_batch_size,
             ..cp_nats::RunnerConfig::default()
         };
-        let (pool, js, stop) = (pool.clone(), js.clone(), stop.clone());
+        let (pool, js, stop, publisher, namespace) = (
+            pool.clone(),
+            js.clone(),
+            stop.clone(),
+            publisher.clone(),
+            namespace.clone(),
+        );
         background.spawn(async move {
             leader::while_leader(
                 &pool,
@@ -193,6 +222,37 @@ pub async fn run(
             )
             .await;
         });
+    }
+
+    if config.lifecycle_enabled {
+        let lifecycle = state.lifecycle(pool.clone(), Duration::from_secs(config.payment_timeout_secs));
+        let spec = cp_nats::ConsumerSpec::new(
+            namespace.events_stream(<events::OrderEvent as events::AggregateEvents>::AGGREGATE_TYPE),
+            lifecycle::LIFECYCLE_CONSUMER,
+        )
+        .max_deliver(20);
+        let consumer = cp_nats::ensure_consumer(&js, &spec).await?;
+        let runner_config = cp_nats::RunnerConfig {
+            max_deliver: 20,
+            ..cp_nats::RunnerConfig::default()
+        };
+        let runner =
+            cp_nats::ConsumerRunner::new(consumer, lifecycle, publisher.clone(), namespace.clone(), runner_config);
+        let stop = stop.clone();
+        background.spawn(async move {
+            if let Err(error) = runner.run(stop.cancelled_owned()).await {
+                tracing::error!(%error, "order lifecycle reactor stopped");
+            }
+        });
+    }
+    if config.timeouts_enabled {
+        let poller = timeouts::TimeoutPoller::new(
+            pool.clone(),
+            state.api.orders.clone(),
+            state.api.clock.clone(),
+            timeouts::TimeoutConfig::default(),
+        );
+        background.spawn(poller.run(stop.clone().cancelled_owned()));
     }
 
     let served = platform::http::serve(listener, router(state), shutdown).await;

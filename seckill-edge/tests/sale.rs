@@ -34,6 +34,11 @@ struct System {
 
 impl System {
     async fn start() -> anyhow::Result<Self> {
+        Self::start_with_payment_timeout(900).await
+    }
+
+    async fn start_with_payment_timeout(seconds: u64) -> anyhow::Result<Self> {
+        let payment_timeout = seconds.to_string();
         let db = TestDb::new().await?;
         let redis = RedisServer::start().await?;
         let namespace = testkit::unique_namespace();
@@ -49,6 +54,8 @@ impl System {
             &namespace,
             "--jwt-secret",
             SECRET,
+            "--payment-timeout-secs",
+            &payment_timeout,
         ])?;
         let commands = Server::start(|listener, shutdown| commands::run(commands_config, listener, shutdown)).await?;
         let redis_url = redis.url();
@@ -345,5 +352,62 @@ async fn the_callers_trace_reaches_jetstream_and_the_event_store() -> anyhow::Re
         "the order's event carries the caller's trace, got {metadata}"
     );
     assert_eq!(metadata["correlation_id"].as_str(), Some(order_id.as_str()));
+    system.stop().await
+}
+
+/// Events of one aggregate, in order: (event type, payload).
+async fn history(pool: &sqlx::PgPool, aggregate_type: &str, id: &str) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+    )
+    .bind(aggregate_type)
+    .bind(id)
+    .fetch_all(pool)
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unpaid_order_times_out_and_its_unit_goes_back_to_the_sale() -> anyhow::Result<()> {
+    let system = System::start_with_payment_timeout(1).await?;
+    let voucher = system.create_sale(1).await?;
+    let answers = system.crowd(voucher, vec!["ann".to_owned()]).await?;
+    let anns = admitted(&answers).into_keys().next().expect("ann admitted");
+    let bob = system.crowd(voucher, vec!["bob".to_owned()]).await?;
+    assert_eq!(bob[0].2, "sold_out");
+
+    // nobody pays: the deadline fires, the voucher takes the unit back, the edge re-credits Redis
+    eventually(Duration::from_secs(20), || async {
+        Ok(history(&system.db.pool, "Order", &anns.to_string())
+            .await?
+            .contains(&"OrderTimedOut".to_owned()))
+    })
+    .await?;
+    eventually(Duration::from_secs(20), || async {
+        Ok(system.meta(voucher).await?.get("left").map(String::as_str) == Some("1"))
+    })
+    .await?;
+    let voucher_events = history(&system.db.pool, "Voucher", &voucher.to_string()).await?;
+    assert_eq!(
+        voucher_events.iter().filter(|e| *e == "SeckillStockReleased").count(),
+        1
+    );
+
+    // another user buys the unit; ann keeps her mark
+    let answers = system.crowd(voucher, vec!["bob".to_owned(), "ann".to_owned()]).await?;
+    let by_user: HashMap<&str, (u16, &str)> = answers
+        .iter()
+        .map(|(u, s, c, _)| (u.as_str(), (*s, c.as_str())))
+        .collect();
+    assert_eq!(by_user["bob"].0, 202);
+    assert_eq!(by_user["ann"], (409, "already_purchased"));
+    let bobs = admitted(&answers).into_keys().next().expect("bob admitted");
+    eventually(Duration::from_secs(20), || async {
+        Ok(history(&system.db.pool, "Order", &bobs.to_string())
+            .await?
+            .first()
+            .map(String::as_str)
+            == Some("OrderPlaced"))
+    })
+    .await?;
     system.stop().await
 }
