@@ -72,6 +72,19 @@ pub struct Config {
     /// How long a placed order may await payment before it is cancelled.
     #[arg(long, env = "PAYMENT_TIMEOUT_SECS", default_value_t = 900)]
     pub payment_timeout_secs: u64,
+    /// The provider's webhook signing secret; unset turns payments off.
+    #[arg(long, env = "PAYMENT_WEBHOOK_SECRET", hide_env_values = true)]
+    pub payment_webhook_secret: Option<platform::Secret>,
+    /// The command API as customers reach it: the simulated provider's checkout URLs start with it.
+    #[arg(long, env = "PAYMENT_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
+    pub payment_public_url: String,
+    /// Where the simulated provider delivers its webhooks.
+    #[arg(
+        long,
+        env = "PAYMENT_WEBHOOK_URL",
+        default_value = "http://127.0.0.1:8080/webhooks/payments"
+    )]
+    pub payment_webhook_url: String,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -110,8 +123,15 @@ impl AppState {
             store,
             clock,
             jwt,
+            payments: None,
         };
         Self { api, ops }
+    }
+
+    /// Turns payments on (the pay, webhook and simulated-provider routes).
+    pub fn with_payments(mut self, settings: payments::PaymentSettings) -> Self {
+        self.api.payments = Some(Arc::new(settings));
+        self
     }
 
     pub fn lifecycle(&self, pool: sqlx::PgPool, payment_timeout: Duration) -> lifecycle::Lifecycle {
@@ -155,7 +175,20 @@ pub async fn run(
         health: Health::new().postgres(pool.clone()).nats(nats.clone()),
         metrics: platform::telemetry::metrics_handle(),
     };
-    let state = AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops);
+    let mut state = AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops);
+    match &config.payment_webhook_secret {
+        Some(secret) => {
+            state = state.with_payments(payments::PaymentSettings {
+                provider: Arc::new(payments::provider::SimulatedProvider {
+                    public_url: config.payment_public_url.clone(),
+                }),
+                webhook_secret: secret.clone(),
+                webhook_url: config.payment_webhook_url.clone(),
+                http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
+            });
+        }
+        None => tracing::warn!("PAYMENT_WEBHOOK_SECRET is not set: payments are off"),
+    }
     let stop = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
     let publisher = cp_nats::Publisher::new(js.clone(), 4_096);

@@ -69,7 +69,7 @@ async fn a_command_reaches_jetstream_and_an_admitted_request_becomes_an_order() 
     let config = Config::try_parse_from(args)?;
     let server = testkit::Server::start(|listener, shutdown| commands::run(config, listener, shutdown)).await?;
     let token = JwtKeys::new(&platform::Secret::new("s3cret")).issue("m-1", Role::Merchant, Duration::from_secs(60))?;
-    let client = testkit::reqwest::Client::new();
+    let client = reqwest::Client::new();
 
     let now = chrono::Utc::now();
     let created: serde_json::Value = client

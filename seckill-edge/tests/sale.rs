@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use chrono::{Duration as Span, Utc};
 use clap::Parser as _;
 use platform::http::{JwtKeys, Role};
@@ -21,6 +22,8 @@ use support::SECRET;
 use testkit::eventually;
 use testkit::{RedisServer, Server, TestDb, reqwest};
 use uuid::Uuid;
+
+const WEBHOOK_SECRET: &str = "whsec_sale_test";
 
 struct System {
     db: TestDb,
@@ -39,6 +42,9 @@ impl System {
 
     async fn start_with_payment_timeout(seconds: u64) -> anyhow::Result<Self> {
         let payment_timeout = seconds.to_string();
+        let commands_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let commands_url = format!("http://{}", commands_listener.local_addr()?);
+        let webhook_url = format!("{commands_url}/webhooks/payments");
         let db = TestDb::new().await?;
         let redis = RedisServer::start().await?;
         let namespace = testkit::unique_namespace();
@@ -56,8 +62,17 @@ impl System {
             SECRET,
             "--payment-timeout-secs",
             &payment_timeout,
+            "--payment-webhook-secret",
+            WEBHOOK_SECRET,
+            "--payment-public-url",
+            &commands_url,
+            "--payment-webhook-url",
+            &webhook_url,
         ])?;
-        let commands = Server::start(|listener, shutdown| commands::run(commands_config, listener, shutdown)).await?;
+        let commands = Server::start_on(commands_listener, |listener, shutdown| {
+            commands::run(commands_config, listener, shutdown)
+        })
+        .await?;
         let redis_url = redis.url();
         let edge_config = seckill_edge::Config::try_parse_from([
             "seckill-edge",
@@ -409,5 +424,237 @@ async fn an_unpaid_order_times_out_and_its_unit_goes_back_to_the_sale() -> anyho
             == Some("OrderPlaced"))
     })
     .await?;
+    system.stop().await
+}
+
+impl System {
+    async fn post(&self, url: &str, token: Option<&str>) -> anyhow::Result<(u16, serde_json::Value)> {
+        let mut request = self.http.post(url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(serde_json::Value::Null)))
+    }
+
+    /// One admitted, placed order of `user`.
+    async fn placed_order(&self, voucher: Uuid, user: &str) -> anyhow::Result<Uuid> {
+        let answers = self.crowd(voucher, vec![user.to_owned()]).await?;
+        let order = admitted(&answers).into_keys().next().context("admitted")?;
+        eventually(Duration::from_secs(15), || async {
+            Ok(history(&self.db.pool, "Order", &order.to_string())
+                .await?
+                .first()
+                .map(String::as_str)
+                == Some("OrderPlaced"))
+        })
+        .await?;
+        Ok(order)
+    }
+
+    /// `POST /orders/{id}/pay`: (payment id, amount, checkout URL).
+    async fn pay(&self, order: Uuid, user: &str) -> anyhow::Result<(Uuid, i64, String)> {
+        let token = self.token(user, Role::Customer);
+        let (status, body) = self
+            .post(&self.commands.url(&format!("/orders/{order}/pay")), Some(&token))
+            .await?;
+        anyhow::ensure!(status == 200, "pay answered {status}: {body}");
+        Ok((
+            body["payment_id"].as_str().context("payment_id")?.parse()?,
+            body["amount_cents"].as_i64().context("amount")?,
+            body["checkout_url"].as_str().context("checkout_url")?.to_owned(),
+        ))
+    }
+
+    /// Delivers a webhook as the provider would, signed at `signed_at`.
+    async fn webhook(&self, body: &serde_json::Value, signed_at: i64, secret: &str) -> anyhow::Result<u16> {
+        let raw = serde_json::to_vec(body)?;
+        let header = commands::payments::signature::sign(secret.as_bytes(), signed_at, &raw);
+        let response = self
+            .http
+            .post(self.commands.url("/webhooks/payments"))
+            .header("payment-signature", header)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await?;
+        Ok(response.status().as_u16())
+    }
+
+    async fn count_events(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.db.pool)
+            .await?)
+    }
+}
+
+fn succeeded(id: &str, payment: Uuid, order: Uuid, amount: i64) -> serde_json::Value {
+    json!({"id": id, "type": "payment.succeeded", "payment_id": payment, "order_id": order, "amount_cents": amount})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seckill_order_paid_through_the_simulated_provider_issues_its_coupon() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let voucher = system.create_sale(5).await?;
+    let order = system.placed_order(voucher, "ann").await?;
+    let (payment, amount, checkout_url) = system.pay(order, "ann").await?;
+    assert_eq!(amount, 990);
+    // a retried "pay" gets the same payment
+    assert_eq!(system.pay(order, "ann").await?.0, payment);
+    // someone else cannot pay ann's order
+    let (status, _) = system
+        .post(
+            &system.commands.url(&format!("/orders/{order}/pay")),
+            Some(&system.token("bob", Role::Customer)),
+        )
+        .await?;
+    assert_eq!(status, 404);
+
+    // the customer completes the checkout: the provider calls the signed webhook
+    let (status, delivered) = system.post(&checkout_url, None).await?;
+    assert_eq!(
+        (status, delivered["webhook_status"].as_u64()),
+        (200, Some(200)),
+        "{delivered}"
+    );
+    let order_events = history(&system.db.pool, "Order", &order.to_string()).await?;
+    assert_eq!(order_events, ["OrderPlaced", "OrderPaymentStarted", "OrderPaid"]);
+    assert_eq!(
+        history(&system.db.pool, "Payment", &payment.to_string()).await?,
+        ["PaymentCreated", "PaymentSucceeded"]
+    );
+
+    let coupon = commands::lifecycle::coupon_id_for(order);
+    eventually(Duration::from_secs(15), || async {
+        Ok(history(&system.db.pool, "Coupon", &coupon.to_string()).await? == ["CouponIssued"])
+    })
+    .await?;
+    let payload: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM events WHERE aggregate_type = 'Coupon' AND aggregate_id = $1")
+            .bind(coupon.to_string())
+            .fetch_one(&system.db.pool)
+            .await?;
+    assert_eq!(payload["CouponIssued"]["user_id"], "ann");
+    assert_eq!(payload["CouponIssued"]["value_cents"], 5_000);
+    system.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_delivered_twice_is_one_payment_and_forged_or_stale_ones_record_nothing() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let voucher = system.create_sale(5).await?;
+    let order = system.placed_order(voucher, "ann").await?;
+    let (payment, amount, _) = system.pay(order, "ann").await?;
+    let now = Utc::now().timestamp();
+
+    let before = system.count_events().await?;
+    let body = succeeded("evt_1", payment, order, amount);
+    for (signed_at, secret) in [
+        (now, "not-the-secret"),
+        (now - 301, WEBHOOK_SECRET),
+        (now + 301, WEBHOOK_SECRET),
+    ] {
+        assert_eq!(system.webhook(&body, signed_at, secret).await?, 400);
+    }
+    let unsigned = system
+        .http
+        .post(system.commands.url("/webhooks/payments"))
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(unsigned.status(), 400);
+    let tampered = succeeded("evt_1", payment, order, amount - 1);
+    assert_eq!(
+        system.webhook(&tampered, now, WEBHOOK_SECRET).await?,
+        400,
+        "not this payment's amount"
+    );
+    assert_eq!(system.count_events().await?, before, "nothing recorded");
+
+    assert_eq!(system.webhook(&body, now, WEBHOOK_SECRET).await?, 200);
+    let after_first = system.count_events().await?;
+    assert_eq!(system.webhook(&body, now, WEBHOOK_SECRET).await?, 200);
+    assert_eq!(
+        system.count_events().await?,
+        after_first,
+        "the same webhook again changes nothing"
+    );
+    assert_eq!(
+        history(&system.db.pool, "Payment", &payment.to_string()).await?,
+        ["PaymentCreated", "PaymentSucceeded"]
+    );
+    let paid = history(&system.db.pool, "Order", &order.to_string()).await?;
+    assert_eq!(paid.iter().filter(|e| *e == "OrderPaid").count(), 1);
+    system.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payments_racing_the_timeout_end_with_exactly_one_outcome_each() -> anyhow::Result<()> {
+    let system = System::start_with_payment_timeout(1).await?;
+    let voucher = system.create_sale(20).await?;
+    let mut orders = Vec::new();
+    for i in 0..6 {
+        let user = format!("racer-{i}");
+        let order = system.placed_order(voucher, &user).await?;
+        let (payment, amount, _) = system.pay(order, &user).await?;
+        orders.push((order, payment, amount));
+    }
+    // the webhooks arrive around the deadlines, some before, some after
+    let mut deliveries = Vec::new();
+    let system_ref = &system;
+    for (i, (order, payment, amount)) in orders.iter().enumerate() {
+        let wait = Duration::from_millis(200 * i as u64);
+        let body = succeeded(&format!("evt_race_{i}"), *payment, *order, *amount);
+        deliveries.push(async move {
+            tokio::time::sleep(wait).await;
+            system_ref.webhook(&body, Utc::now().timestamp(), WEBHOOK_SECRET).await
+        });
+    }
+    for status in futures::future::join_all(deliveries).await {
+        assert_eq!(status?, 200);
+    }
+    eventually(Duration::from_secs(20), || async {
+        for (order, ..) in &orders {
+            let events = history(&system.db.pool, "Order", &order.to_string()).await?;
+            if !events.iter().any(|e| e == "OrderPaid" || e == "OrderTimedOut") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut refunded = 0;
+    for (order, payment, _) in &orders {
+        let events = history(&system.db.pool, "Order", &order.to_string()).await?;
+        let paid = events.iter().any(|e| e == "OrderPaid");
+        let timed_out = events.iter().any(|e| e == "OrderTimedOut");
+        assert!(paid != timed_out, "exactly one outcome for {order}: {events:?}");
+        let payment_events = history(&system.db.pool, "Payment", &payment.to_string()).await?;
+        if timed_out {
+            // the money came back, recorded on both sides, once
+            refunded += 1;
+            assert_eq!(events.iter().filter(|e| *e == "OrderRefunded").count(), 1, "{events:?}");
+            assert_eq!(
+                payment_events,
+                ["PaymentCreated", "PaymentSucceeded", "PaymentRefunded"]
+            );
+        } else {
+            assert!(!events.iter().any(|e| e == "OrderRefunded"));
+            assert_eq!(payment_events, ["PaymentCreated", "PaymentSucceeded"]);
+        }
+    }
+    // units held = orders paid; released = orders timed out
+    let voucher_events = history(&system.db.pool, "Voucher", &voucher.to_string()).await?;
+    eventually(Duration::from_secs(15), || async {
+        let events = history(&system.db.pool, "Voucher", &voucher.to_string()).await?;
+        Ok(events.iter().filter(|e| *e == "SeckillStockReleased").count() == refunded)
+    })
+    .await?;
+    assert_eq!(
+        voucher_events.iter().filter(|e| *e == "SeckillClaimAccepted").count(),
+        orders.len()
+    );
     system.stop().await
 }

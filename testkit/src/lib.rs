@@ -117,6 +117,16 @@ impl Server {
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(listener, run).await
+    }
+
+    /// Like [`Server::start`] on a listener bound beforehand, for a service
+    /// whose config must name its own address.
+    pub async fn start_on<F, Fut>(listener: tokio::net::TcpListener, run: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, futures_shutdown::Shutdown) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run(listener, futures_shutdown::Shutdown(stopped)));

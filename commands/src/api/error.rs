@@ -25,6 +25,16 @@ pub enum ApiError {
     Coupon(CouponError),
     #[error(transparent)]
     Payment(PaymentError),
+    /// `PAYMENT_WEBHOOK_SECRET` is not set: payments are off in this process.
+    #[error("payments are not configured")]
+    PaymentsDisabled,
+    #[error(transparent)]
+    Signature(crate::payments::signature::SignatureError),
+    #[error("invalid webhook: {0}")]
+    InvalidWebhook(String),
+    /// The simulated provider could not deliver its webhook.
+    #[error("the payment provider failed: {0}")]
+    Provider(String),
     /// Optimistic-lock conflicts outlasted the retries.
     #[error("the resource is being changed by others; try again")]
     Contended,
@@ -43,6 +53,19 @@ impl IntoResponse for ApiError {
             Self::Coupon(error) => domain(&error),
             Self::Payment(error) => domain(&error),
             Self::Contended => error_response(StatusCode::CONFLICT, "concurrent_modification", self.to_string()),
+            Self::PaymentsDisabled => {
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "payments_disabled", self.to_string())
+            }
+            Self::Signature(_) => error_response(StatusCode::BAD_REQUEST, "invalid_signature", self.to_string()),
+            Self::InvalidWebhook(_) => error_response(StatusCode::BAD_REQUEST, "invalid_webhook", self.to_string()),
+            Self::Provider(ref cause) => {
+                tracing::error!(%cause, "simulated provider failed");
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_failed",
+                    "the payment provider failed",
+                )
+            }
             Self::Store(ref cause) => {
                 tracing::error!(error = ?cause, "event store failure");
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())

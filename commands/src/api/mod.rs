@@ -6,6 +6,7 @@
 //! answer with the aggregate's new `version` for read-your-writes.
 
 pub mod error;
+pub mod payments;
 
 use std::sync::Arc;
 
@@ -50,6 +51,8 @@ pub struct Api {
     pub coupons: Arc<Commands<Coupon>>,
     pub clock: SharedClock,
     pub jwt: JwtKeys,
+    /// `None` when no webhook secret is configured: the payment routes answer 503.
+    pub payments: Option<Arc<crate::payments::PaymentSettings>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -72,6 +75,9 @@ pub fn routes(api: Api) -> Router {
         .route("/products/{id}/restock", post(restock_product))
         .route("/orders", post(submit_order))
         .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/orders/{id}/pay", post(payments::pay))
+        .route("/webhooks/payments", post(payments::webhook))
+        .route("/provider/checkout/{payment_id}", post(payments::simulated_checkout))
         .route("/orders/{id}/start-preparing", post(start_preparing))
         .route("/orders/{id}/complete", post(complete_order))
         .route("/openapi.json", get(openapi))
