@@ -138,6 +138,7 @@ impl AppState {
         lifecycle::Lifecycle {
             pool,
             store: self.api.store.clone(),
+            orders: self.api.orders.clone(),
             vouchers: self.api.vouchers.clone(),
             products: self.api.products.clone(),
             coupons: self.api.coupons.clone(),

@@ -3,6 +3,7 @@
 //!
 //! | event | what follows |
 //! |---|---|
+//! | `OrderSubmitted` | the goods reservation saga: reserve each product's stock, then the coupon (minimum spend checked against the priced subtotal), then place the order priced — or reject it with the reason, releasing every reservation already made |
 //! | `OrderPlaced` | the payment deadline is scheduled ([`crate::timeouts`]) |
 //! | `OrderPaid` | deadline dropped; a seckill order issues its coupon, a goods order redeems the coupon it holds |
 //! | `OrderCancelled`, `OrderTimedOut` | deadline dropped; everything the order holds is released: the seckill unit (then the edge re-credits Redis), each product's stock, the coupon |
@@ -18,15 +19,15 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use cp_nats::{Handler, HandlerError};
-use events::{CouponSource, EventEnvelope, EventMetadata, OrderEvent, OrderKind};
+use events::{CouponSource, EventEnvelope, EventMetadata, OrderEvent, OrderItem, OrderKind, OrderRejectionReason};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
     bus::{CommandError, Commands},
     domain::{
-        Coupon, CouponCommand, Order, Product, ProductCommand, Voucher, VoucherCommand, coupon::CouponError,
-        voucher::VoucherError,
+        Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, Voucher, VoucherCommand,
+        coupon::CouponError, order::OrderError, product::ProductError, voucher::VoucherError,
     },
     store::EventStore,
     timeouts,
@@ -47,6 +48,7 @@ pub fn coupon_id_for(order_id: Uuid) -> Uuid {
 pub struct Lifecycle {
     pub pool: PgPool,
     pub store: EventStore,
+    pub orders: Arc<Commands<Order>>,
     pub vouchers: Arc<Commands<Voucher>>,
     pub products: Arc<Commands<Product>>,
     pub coupons: Arc<Commands<Coupon>>,
@@ -94,6 +96,7 @@ impl Lifecycle {
             )));
         };
         match event {
+            OrderEvent::OrderSubmitted { .. } => self.reserve_goods(order_id, &metadata).await?,
             OrderEvent::OrderPlaced { placed_at, .. } => {
                 let due = placed_at + chrono::Duration::from_std(self.payment_timeout).unwrap_or(chrono::Duration::MAX);
                 timeouts::schedule(&self.pool, order_id, due).await?;
@@ -165,6 +168,180 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// The reservation saga of a submitted goods order. Every step is
+    /// idempotent per order, so a redelivery after a crash between steps
+    /// picks up where it stopped.
+    async fn reserve_goods(&self, order_id: &str, metadata: &EventMetadata) -> Result<(), LifecycleError> {
+        let order = self.store.load::<Order>(order_id).await?.aggregate;
+        let (Some(id), Some(user_id)) = (order.order_id(), order.user_id().map(str::to_owned)) else {
+            return Ok(());
+        };
+        if order.status() != Some(events::OrderStatus::Submitted) {
+            // decided already (placed, rejected, or cancelled meanwhile)
+            return Ok(());
+        }
+        let requested = order.requested_items().to_vec();
+        // 1. price the lines (prices as bought are copied into the order)
+        let mut items = Vec::with_capacity(requested.len());
+        let mut rejection = None;
+        for line in &requested {
+            let product = self
+                .store
+                .load::<Product>(&line.product_id.to_string())
+                .await?
+                .aggregate;
+            match (product.name(), product.price_cents()) {
+                (Some(name), Some(price)) => items.push(OrderItem {
+                    product_id: Some(line.product_id),
+                    voucher_id: None,
+                    name: name.to_owned(),
+                    quantity: line.quantity,
+                    unit_price_cents: price,
+                }),
+                _ => {
+                    rejection = Some(OrderRejectionReason::ProductNotFound {
+                        product_id: line.product_id,
+                    });
+                    break;
+                }
+            }
+        }
+        let subtotal: i64 = items
+            .iter()
+            .map(|item| item.unit_price_cents.saturating_mul(i64::from(item.quantity)))
+            .sum();
+        // 2. the coupon, its minimum spend checked against the priced subtotal
+        let mut discount_cents = 0;
+        if let (None, Some(coupon_id)) = (rejection, order.coupon_id()) {
+            let at = Utc::now();
+            let reserve = || CouponCommand::Reserve {
+                order_id: id,
+                user_id: user_id.clone(),
+                subtotal_cents: subtotal,
+                at,
+            };
+            match self.coupons.execute(&coupon_id.to_string(), reserve, metadata).await {
+                Ok(_) => {
+                    let coupon = self.store.load::<Coupon>(&coupon_id.to_string()).await?.aggregate;
+                    discount_cents = coupon.value_cents().unwrap_or(0).min(subtotal);
+                }
+                Err(CommandError::Domain(CouponError::MinSpendNotMet { .. })) => {
+                    rejection = Some(OrderRejectionReason::CouponMinSpendNotMet);
+                }
+                Err(CommandError::Domain(_)) => rejection = Some(OrderRejectionReason::CouponUnavailable),
+                Err(error) => return Err(command_error(error)),
+            }
+        }
+        // 3. each product's stock, the sequence as optimistic lock
+        if rejection.is_none() {
+            for line in &requested {
+                let reserve = || ProductCommand::Reserve {
+                    order_id: id,
+                    quantity: line.quantity,
+                };
+                match self
+                    .products
+                    .execute(&line.product_id.to_string(), reserve, metadata)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(CommandError::Domain(ProductError::NotFound)) => {
+                        rejection = Some(OrderRejectionReason::ProductNotFound {
+                            product_id: line.product_id,
+                        });
+                        break;
+                    }
+                    Err(CommandError::Domain(
+                        ProductError::OutOfStock { .. } | ProductError::InvalidQuantity { .. },
+                    )) => {
+                        rejection = Some(OrderRejectionReason::OutOfStock {
+                            product_id: line.product_id,
+                        });
+                        break;
+                    }
+                    Err(error) => return Err(command_error(error)),
+                }
+            }
+        }
+        let decision = match rejection {
+            None => {
+                let placed_at = Utc::now();
+                let coupon_id = order.coupon_id();
+                let place = || OrderCommand::PlaceGoodsOrder {
+                    items: items.clone(),
+                    coupon_id,
+                    discount_cents,
+                    placed_at,
+                };
+                self.orders.execute(order_id, place, metadata).await
+            }
+            Some(reason) => {
+                // every partial reservation goes back before the order is refused
+                self.release_products(id, requested.iter().map(|line| line.product_id), metadata)
+                    .await?;
+                self.release_coupon(&order, metadata).await?;
+                let rejected_at = Utc::now();
+                self.orders
+                    .execute(
+                        order_id,
+                        || OrderCommand::RejectGoodsOrder { reason, rejected_at },
+                        metadata,
+                    )
+                    .await
+            }
+        };
+        match decision {
+            Ok(_) => Ok(()),
+            // cancelled by the customer meanwhile: give back what the saga took
+            Err(CommandError::Domain(OrderError::InvalidTransition { .. })) => {
+                self.release_holds(order_id, metadata).await
+            }
+            Err(error) => Err(command_error(error)),
+        }
+    }
+
+    async fn release_coupon(&self, order: &Order, metadata: &EventMetadata) -> Result<(), LifecycleError> {
+        let Some(id) = order.order_id() else { return Ok(()) };
+        if let Some(coupon_id) = order.coupon_id() {
+            let released = self
+                .coupons
+                .execute(
+                    &coupon_id.to_string(),
+                    || CouponCommand::Release { order_id: id },
+                    metadata,
+                )
+                .await;
+            match released {
+                Ok(_) | Err(CommandError::Domain(CouponError::NotFound)) => {}
+                Err(error) => return Err(command_error(error)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn release_products(
+        &self,
+        order_id: Uuid,
+        products: impl Iterator<Item = Uuid>,
+        metadata: &EventMetadata,
+    ) -> Result<(), LifecycleError> {
+        for product_id in products {
+            let released = self
+                .products
+                .execute(
+                    &product_id.to_string(),
+                    || ProductCommand::Release { order_id },
+                    metadata,
+                )
+                .await;
+            match released {
+                Ok(_) | Err(CommandError::Domain(ProductError::NotFound)) => {}
+                Err(error) => return Err(command_error(error)),
+            }
+        }
+        Ok(())
+    }
+
     /// Releases everything a cancelled or timed-out order holds.
     async fn release_holds(&self, order_id: &str, metadata: &EventMetadata) -> Result<(), LifecycleError> {
         let order = self.store.load::<Order>(order_id).await?.aggregate;
@@ -184,30 +361,13 @@ impl Lifecycle {
                 Err(error) => return Err(command_error(error)),
             }
         }
-        for product_id in order.items().iter().filter_map(|item| item.product_id) {
-            self.products
-                .execute(
-                    &product_id.to_string(),
-                    || ProductCommand::Release { order_id: id },
-                    metadata,
-                )
-                .await
-                .map_err(command_error)?;
-        }
-        if let Some(coupon_id) = order.coupon_id() {
-            let released = self
-                .coupons
-                .execute(
-                    &coupon_id.to_string(),
-                    || CouponCommand::Release { order_id: id },
-                    metadata,
-                )
-                .await;
-            match released {
-                Ok(_) | Err(CommandError::Domain(CouponError::NotFound)) => {}
-                Err(error) => return Err(command_error(error)),
-            }
-        }
+        // a goods order cancelled before it was placed holds what the saga reserved so far
+        let mut products: Vec<Uuid> = order.items().iter().filter_map(|item| item.product_id).collect();
+        products.extend(order.requested_items().iter().map(|line| line.product_id));
+        products.sort_unstable();
+        products.dedup();
+        self.release_products(id, products.into_iter(), metadata).await?;
+        self.release_coupon(&order, metadata).await?;
         Ok(())
     }
 }
