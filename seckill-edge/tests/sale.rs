@@ -658,3 +658,161 @@ async fn payments_racing_the_timeout_end_with_exactly_one_outcome_each() -> anyh
     );
     system.stop().await
 }
+
+impl System {
+    async fn post_json(
+        &self,
+        path: &str,
+        sub: &str,
+        role: Role,
+        body: serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let response = self
+            .http
+            .post(self.commands.url(path))
+            .bearer_auth(self.token(sub, role))
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(serde_json::Value::Null)))
+    }
+
+    async fn create_product(&self, name: &str, price_cents: i64, stock: u32) -> anyhow::Result<Uuid> {
+        let body = json!({"name": name, "price_cents": price_cents, "stock": stock});
+        let (status, body) = self.post_json("/products", "shop-1", Role::Merchant, body).await?;
+        anyhow::ensure!(status == 201, "product not created: {status} {body}");
+        Ok(body["product_id"].as_str().context("product_id")?.parse()?)
+    }
+
+    /// Submits a goods order and waits until the saga decided it; returns
+    /// the order id and its deciding event's payload.
+    async fn goods_order(
+        &self,
+        user: &str,
+        items: &[(Uuid, u32)],
+        coupon: Option<Uuid>,
+    ) -> anyhow::Result<(Uuid, String, serde_json::Value)> {
+        let items: Vec<serde_json::Value> = items
+            .iter()
+            .map(|(product, quantity)| json!({"product_id": product, "quantity": quantity}))
+            .collect();
+        let body = json!({"items": items, "coupon_id": coupon});
+        let (status, body) = self.post_json("/orders", user, Role::Customer, body).await?;
+        anyhow::ensure!(status == 202, "order not accepted: {status} {body}");
+        let order: Uuid = body["order_id"].as_str().context("order_id")?.parse()?;
+        eventually(Duration::from_secs(15), || async {
+            Ok(history(&self.db.pool, "Order", &order.to_string()).await?.len() >= 2)
+        })
+        .await?;
+        let (event_type, payload): (String, serde_json::Value) = sqlx::query_as(
+            "SELECT event_type, payload FROM events WHERE aggregate_type = 'Order' AND aggregate_id = $1 AND sequence = 2",
+        )
+        .bind(order.to_string())
+        .fetch_one(&self.db.pool)
+        .await?;
+        let payload = payload[&event_type].clone();
+        Ok((order, event_type, payload))
+    }
+
+    /// Pays an order through the simulated provider.
+    async fn pay_and_check_out(&self, order: Uuid, user: &str) -> anyhow::Result<()> {
+        let (_, _, checkout_url) = self.pay(order, user).await?;
+        let (status, delivered) = self.post(&checkout_url, None).await?;
+        anyhow::ensure!(status == 200 && delivered["webhook_status"] == 200, "checkout failed: {delivered}");
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seckill_coupon_is_spent_on_a_goods_order_and_redeemed_when_it_is_paid() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let voucher = system.create_sale(5).await?;
+    let seckill_order = system.placed_order(voucher, "ann").await?;
+    system.pay_and_check_out(seckill_order, "ann").await?;
+    let coupon = commands::lifecycle::coupon_id_for(seckill_order);
+    eventually(Duration::from_secs(15), || async {
+        Ok(!history(&system.db.pool, "Coupon", &coupon.to_string()).await?.is_empty())
+    })
+    .await?;
+
+    let dumplings = system.create_product("Dumplings", 3_000, 10).await?;
+    let tea = system.create_product("Jasmine tea", 1_000, 10).await?;
+    let (order, decided, placed) = system
+        .goods_order("ann", &[(dumplings, 2), (tea, 1)], Some(coupon))
+        .await?;
+    assert_eq!(decided, "OrderPlaced", "{placed}");
+    assert_eq!(
+        (placed["subtotal_cents"].as_i64(), placed["discount_cents"].as_i64(), placed["total_cents"].as_i64()),
+        (Some(7_000), Some(5_000), Some(2_000))
+    );
+    assert_eq!(history(&system.db.pool, "Coupon", &coupon.to_string()).await?, ["CouponIssued", "CouponReserved"]);
+
+    system.pay_and_check_out(order, "ann").await?;
+    eventually(Duration::from_secs(15), || async {
+        Ok(history(&system.db.pool, "Coupon", &coupon.to_string()).await?
+            == ["CouponIssued", "CouponReserved", "CouponRedeemed"])
+    })
+    .await?;
+    for product in [dumplings, tea] {
+        assert_eq!(
+            history(&system.db.pool, "Product", &product.to_string()).await?,
+            ["ProductCreated", "ProductStockReserved"]
+        );
+    }
+    system.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_goods_order_short_of_stock_is_rejected_and_releases_everything_it_reserved() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let now = Utc::now();
+    let body = json!({
+        "title": "5 off 10", "kind": "regular", "price_cents": 0, "value_cents": 500, "min_spend_cents": 1_000,
+        "begins_at": now - Span::minutes(1), "ends_at": now + Span::hours(1),
+    });
+    let (status, created) = system.post_json("/vouchers", "shop-1", Role::Merchant, body).await?;
+    assert_eq!(status, 201, "{created}");
+    let voucher = created["voucher_id"].as_str().context("voucher_id")?;
+    let (status, claimed) = system
+        .post_json(&format!("/vouchers/{voucher}/claim"), "ann", Role::Customer, json!(null))
+        .await?;
+    assert_eq!(status, 201, "{claimed}");
+    let coupon: Uuid = claimed["coupon_id"].as_str().context("coupon_id")?.parse()?;
+    let plenty = system.create_product("Noodles", 2_000, 5).await?;
+    let scarce = system.create_product("Truffle", 1_000, 1).await?;
+
+    let (order, decided, rejected) = system
+        .goods_order("ann", &[(plenty, 2), (scarce, 3)], Some(coupon))
+        .await?;
+    assert_eq!(decided, "OrderRejected", "{rejected}");
+    assert_eq!(rejected["reason"]["code"], "out_of_stock");
+    assert_eq!(rejected["reason"]["product_id"], scarce.to_string());
+    // the partial reservations went back: the coupon, the other product's stock
+    assert_eq!(
+        history(&system.db.pool, "Coupon", &coupon.to_string()).await?,
+        ["CouponIssued", "CouponReserved", "CouponReleased"]
+    );
+    assert_eq!(
+        history(&system.db.pool, "Product", &plenty.to_string()).await?,
+        ["ProductCreated", "ProductStockReserved", "ProductStockReleased"]
+    );
+    assert_eq!(history(&system.db.pool, "Product", &scarce.to_string()).await?, ["ProductCreated"]);
+
+    // the coupon is available again; a smaller order gets it
+    let (second, decided, _) = system.goods_order("ann", &[(plenty, 1)], Some(coupon)).await?;
+    assert_eq!(decided, "OrderPlaced");
+    // cancelling a placed goods order gives back its stock and coupon
+    let (status, _) = system
+        .post_json(&format!("/orders/{second}/cancel"), "ann", Role::Customer, json!(null))
+        .await?;
+    assert_eq!(status, 200);
+    eventually(Duration::from_secs(15), || async {
+        Ok(history(&system.db.pool, "Coupon", &coupon.to_string()).await?.last().map(String::as_str)
+            == Some("CouponReleased")
+            && history(&system.db.pool, "Product", &plenty.to_string()).await?.len() == 5)
+    })
+    .await?;
+    assert_ne!(order, second);
+    system.stop().await
+}
