@@ -170,25 +170,42 @@ async fn every_live_view_equals_a_replay_from_scratch_after_a_random_workload() 
         }
     }
 
-    // every admitted request decided, everything stored published and projected
-    eventually(Duration::from_secs(30), || async {
-        let stream = setup.js.get_stream(setup.namespace.seckill_requests_stream()).await?;
-        let last = stream.get_info().await?.state.last_sequence;
-        let info = stream.consumer_info(events::subjects::CLAIM_WRITER_CONSUMER).await?;
-        Ok(info.ack_floor.stream_sequence >= last)
-    })
-    .await?;
-    eventually(Duration::from_secs(30), || async {
+    // quiet: every admitted request decided, every reaction done, everything
+    // stored published and projected, all at once
+    eventually(Duration::from_secs(60), || async {
+        for (stream, consumer) in [
+            (
+                setup.namespace.seckill_requests_stream(),
+                events::subjects::CLAIM_WRITER_CONSUMER,
+            ),
+            (
+                setup.namespace.events_stream("Order"),
+                commands::lifecycle::LIFECYCLE_CONSUMER,
+            ),
+        ] {
+            let stream = setup.js.get_stream(stream).await?;
+            let last = stream.get_info().await?.state.last_sequence;
+            if stream.consumer_info(consumer).await?.ack_floor.stream_sequence < last {
+                return Ok(false);
+            }
+        }
         let unpublished: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM events e, relay_cursor c
                              WHERE (e.tx_id, e.global_position) > (c.last_tx_id, c.last_position))",
         )
         .fetch_one(&setup.db.pool)
         .await?;
-        Ok(!unpublished)
+        if unpublished {
+            return Ok(false);
+        }
+        for projection in Projection::ALL {
+            if !setup.caught_up(projection).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     })
     .await?;
-    setup.wait_caught_up().await?;
     let placed: i64 = sqlx::query_scalar("SELECT count(*) FROM order_view")
         .fetch_one(&setup.db.pool)
         .await?;
