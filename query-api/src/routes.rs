@@ -41,6 +41,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/orders", get(list_orders))
         .route("/orders/{id}", get(get_order))
         .route("/users/me/coupons", get(my_coupons))
+        .route("/kitchen/tickets", get(kitchen_tickets))
         .route("/vouchers/{id}", get(get_voucher))
         .route("/products/{id}", get(get_product))
         .route("/openapi.json", get(openapi))
@@ -305,11 +306,79 @@ async fn my_coupons(
     Ok(Json(json!({ "items": items })))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TicketsQuery {
+    limit: Option<i64>,
+}
+
+/// The kitchen's queue: paid orders waiting to be prepared, oldest payment
+/// first, as tickets (what to cook, for whom, since when). A view over
+/// `order_view`: an order leaves the queue when preparation starts.
+async fn kitchen_tickets(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiQuery(query): ApiQuery<TicketsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    user.require(&[Role::Merchant, Role::Admin])?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::InvalidParameter("limit must be between 1 and 200".into()));
+    }
+    let orders: Vec<Value> =
+        sqlx::query_scalar("SELECT doc FROM order_view WHERE status = 'paid' ORDER BY updated_at, id LIMIT $1")
+            .bind(limit)
+            .fetch_all(&state.pool)
+            .await?;
+    let tickets: Vec<Value> = orders.iter().map(ticket).collect();
+    Ok(Json(json!({ "items": tickets })))
+}
+
+fn ticket(order: &Value) -> Value {
+    let paid_at = order["history"]
+        .as_array()
+        .and_then(|history| history.iter().rev().find(|entry| entry["status"] == "paid"))
+        .map(|entry| entry["at"].clone())
+        .unwrap_or(Value::Null);
+    let lines: Vec<Value> = order["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| json!({ "name": item["name"], "quantity": item["quantity"] }))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "order_id": order["order_id"],
+        "user_id": order["user_id"],
+        "kind": order["kind"],
+        "items": lines,
+        "paid_at": paid_at,
+        "version": order["version"],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone as _;
 
     use super::*;
+
+    #[test]
+    fn a_ticket_says_what_to_cook_and_since_when() {
+        let order = json!({
+            "order_id": "o-1", "user_id": "ann", "kind": "goods", "version": 4,
+            "items": [{"name": "Dumplings", "quantity": 2, "unit_price_cents": 3000, "product_id": "p"}],
+            "history": [{"status": "pending_payment", "at": "2030-01-01T10:00:00Z"},
+                        {"status": "paid", "at": "2030-01-01T10:05:00Z"}],
+        });
+        assert_eq!(
+            ticket(&order),
+            json!({"order_id": "o-1", "user_id": "ann", "kind": "goods", "version": 4,
+                   "items": [{"name": "Dumplings", "quantity": 2}], "paid_at": "2030-01-01T10:05:00Z"})
+        );
+    }
 
     #[test]
     fn a_vouchers_status_follows_the_clock_and_its_stock() {

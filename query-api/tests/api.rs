@@ -319,3 +319,32 @@ fn urlencode(text: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn the_kitchen_sees_paid_orders_waiting_oldest_first() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    let first = api.order("ann", "paid", 1_000).await?;
+    api.order("bob", "preparing", 2_000).await?;
+    api.order("cat", "pending_payment", 3_000).await?;
+    let second = api.order("dan", "paid", 4_000).await?;
+    sqlx::query("UPDATE order_view SET updated_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(&first)
+        .execute(&api.db.pool)
+        .await?;
+
+    let (status, body) = api.get("/kitchen/tickets", SHOP).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ids: Vec<&str> = body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|t| t["order_id"].as_str())
+        .collect();
+    assert_eq!(ids, [first.as_str(), second.as_str()]);
+    assert_eq!(api.get("/kitchen/tickets", ANN).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        api.get("/kitchen/tickets?limit=0", ADMIN).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    api.db.drop_database().await
+}

@@ -1,0 +1,278 @@
+//! The order lifecycle against a real Postgres: a saga interrupted between
+//! steps completes when its event comes again, compensation happens once
+//! however often it runs, and deadlines fire once, after their time, and
+//! never against a paid order.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{Duration as Span, Utc};
+use commands::{
+    AppState,
+    domain::{CouponCommand, OrderCommand, ProductCommand, SharedClock, SystemClock},
+    lifecycle::Lifecycle,
+    timeouts::{self, TimeoutConfig, TimeoutPoller},
+};
+use events::{CancellationReason, CouponSource, EventEnvelope, EventMetadata, RequestedItem};
+use platform::http::{Health, JwtKeys, Ops};
+use uuid::Uuid;
+
+fn state(db: &testkit::TestDb) -> AppState {
+    let ops = Ops {
+        health: Health::new(),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let clock: SharedClock = Arc::new(SystemClock);
+    AppState::with_clock(db.pool.clone(), JwtKeys::new(&platform::Secret::new("s")), ops, clock)
+}
+
+fn meta() -> EventMetadata {
+    EventMetadata::system("test")
+}
+
+async fn envelope(
+    db: &testkit::TestDb,
+    aggregate_type: &str,
+    id: &str,
+    sequence: i64,
+) -> anyhow::Result<EventEnvelope> {
+    let row = sqlx::query(&format!(
+        "SELECT {} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+        platform::pg::ENVELOPE_COLUMNS
+    ))
+    .bind(aggregate_type)
+    .bind(id)
+    .bind(sequence)
+    .fetch_one(&db.pool)
+    .await?;
+    Ok(platform::pg::envelope_from_row(&row)?)
+}
+
+async fn history(db: &testkit::TestDb, aggregate_type: &str, id: &str) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+    )
+    .bind(aggregate_type)
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+/// A product, a coupon of ann's and ann's submitted goods order for them.
+async fn submitted_order(state: &AppState) -> anyhow::Result<(Uuid, Uuid, Uuid)> {
+    let (product, coupon, order) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    state
+        .api
+        .products
+        .create(
+            &product.to_string(),
+            || ProductCommand::Create {
+                product_id: product,
+                merchant_id: "shop-1".into(),
+                name: "Dumplings".into(),
+                price_cents: 3_000,
+                stock: 5,
+            },
+            &meta(),
+        )
+        .await?;
+    state
+        .api
+        .coupons
+        .create(
+            &coupon.to_string(),
+            || CouponCommand::Issue {
+                coupon_id: coupon,
+                user_id: "ann".into(),
+                voucher_id: Uuid::now_v7(),
+                value_cents: 500,
+                min_spend_cents: 1_000,
+                expires_at: Utc::now() + Span::days(1),
+                source: CouponSource::RegularClaim,
+            },
+            &meta(),
+        )
+        .await?;
+    state
+        .api
+        .orders
+        .create(
+            &order.to_string(),
+            || OrderCommand::SubmitGoodsOrder {
+                order_id: order,
+                user_id: "ann".into(),
+                items: vec![RequestedItem {
+                    product_id: product,
+                    quantity: 2,
+                }],
+                coupon_id: Some(coupon),
+                submitted_at: Utc::now(),
+            },
+            &meta(),
+        )
+        .await?;
+    Ok((product, coupon, order))
+}
+
+fn lifecycle(state: &AppState, db: &testkit::TestDb) -> Lifecycle {
+    state.lifecycle(db.pool.clone(), Duration::from_secs(900))
+}
+
+#[tokio::test]
+async fn a_saga_killed_between_steps_completes_when_its_event_comes_again() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let (product, coupon, order) = submitted_order(&state).await?;
+    // the process died after reserving the coupon and the stock, before placing the order
+    state
+        .api
+        .coupons
+        .execute(
+            &coupon.to_string(),
+            || CouponCommand::Reserve {
+                order_id: order,
+                user_id: "ann".into(),
+                subtotal_cents: 6_000,
+                at: Utc::now(),
+            },
+            &meta(),
+        )
+        .await?;
+    state
+        .api
+        .products
+        .execute(
+            &product.to_string(),
+            || ProductCommand::Reserve {
+                order_id: order,
+                quantity: 2,
+            },
+            &meta(),
+        )
+        .await?;
+
+    // the OrderSubmitted is redelivered after the restart, twice for good measure
+    let submitted = envelope(&db, "Order", &order.to_string(), 1).await?;
+    let reactor = lifecycle(&state, &db);
+    reactor.react(&submitted).await?;
+    reactor.react(&submitted).await?;
+    assert_eq!(
+        history(&db, "Order", &order.to_string()).await?,
+        ["OrderSubmitted", "OrderPlaced"]
+    );
+    assert_eq!(
+        history(&db, "Coupon", &coupon.to_string()).await?,
+        ["CouponIssued", "CouponReserved"]
+    );
+    assert_eq!(
+        history(&db, "Product", &product.to_string()).await?,
+        ["ProductCreated", "ProductStockReserved"]
+    );
+    let placed = envelope(&db, "Order", &order.to_string(), 2).await?;
+    assert_eq!(placed.payload["OrderPlaced"]["total_cents"], 5_500);
+    assert_eq!(placed.metadata.causation_id, Some(submitted.event_id));
+    db.drop_database().await
+}
+
+#[tokio::test]
+async fn compensation_releases_once_however_often_it_runs() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let (product, coupon, order) = submitted_order(&state).await?;
+    let reactor = lifecycle(&state, &db);
+    reactor
+        .react(&envelope(&db, "Order", &order.to_string(), 1).await?)
+        .await?;
+    state
+        .api
+        .orders
+        .execute(
+            &order.to_string(),
+            || OrderCommand::Cancel {
+                by: "ann".into(),
+                by_role: commands::domain::CancellerRole::Customer,
+                reason: CancellationReason::CustomerRequested,
+                at: Utc::now(),
+            },
+            &meta(),
+        )
+        .await?;
+    let cancelled = envelope(&db, "Order", &order.to_string(), 3).await?;
+    for _ in 0..3 {
+        reactor.react(&cancelled).await?;
+    }
+    assert_eq!(
+        history(&db, "Product", &product.to_string()).await?,
+        ["ProductCreated", "ProductStockReserved", "ProductStockReleased"]
+    );
+    assert_eq!(
+        history(&db, "Coupon", &coupon.to_string()).await?,
+        ["CouponIssued", "CouponReserved", "CouponReleased"]
+    );
+    db.drop_database().await
+}
+
+#[tokio::test]
+async fn deadlines_fire_once_after_their_time_and_never_against_a_paid_order() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let reactor = lifecycle(&state, &db);
+    let (_, _, unpaid) = submitted_order(&state).await?;
+    let (_, _, paid) = submitted_order(&state).await?;
+    let (_, _, later) = submitted_order(&state).await?;
+    for order in [unpaid, paid, later] {
+        // placed by the saga, then its deadline scheduled (15 minutes out)
+        reactor
+            .react(&envelope(&db, "Order", &order.to_string(), 1).await?)
+            .await?;
+        reactor
+            .react(&envelope(&db, "Order", &order.to_string(), 2).await?)
+            .await?;
+    }
+    let payment = Uuid::now_v7();
+    state
+        .api
+        .orders
+        .execute(
+            &paid.to_string(),
+            || OrderCommand::MarkPaid {
+                payment_id: payment,
+                amount_cents: 5_500,
+                paid_at: Utc::now(),
+            },
+            &meta(),
+        )
+        .await?;
+    // the paid order's deadline is still there (say the reaction to OrderPaid has not run yet)
+    let past = Utc::now() - Span::seconds(5);
+    timeouts::unschedule(&db.pool, &unpaid.to_string()).await?;
+    timeouts::schedule(&db.pool, &unpaid.to_string(), past).await?;
+    timeouts::unschedule(&db.pool, &paid.to_string()).await?;
+    timeouts::schedule(&db.pool, &paid.to_string(), past).await?;
+
+    let poller = TimeoutPoller::new(
+        db.pool.clone(),
+        state.api.orders.clone(),
+        state.api.clock.clone(),
+        TimeoutConfig::default(),
+    );
+    assert_eq!(poller.fire_due().await?, 2);
+    assert_eq!(poller.fire_due().await?, 0, "fired once");
+    assert_eq!(
+        history(&db, "Order", &unpaid.to_string()).await?,
+        ["OrderSubmitted", "OrderPlaced", "OrderTimedOut"]
+    );
+    assert_eq!(
+        history(&db, "Order", &paid.to_string()).await?,
+        ["OrderSubmitted", "OrderPlaced", "OrderPaid"]
+    );
+    // not due yet: still waiting
+    assert_eq!(
+        history(&db, "Order", &later.to_string()).await?,
+        ["OrderSubmitted", "OrderPlaced"]
+    );
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM order_deadlines")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(waiting, 1);
+    db.drop_database().await
+}
