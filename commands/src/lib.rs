@@ -15,6 +15,7 @@ pub mod api;
 pub mod bus;
 pub mod claims;
 pub mod domain;
+pub mod hot;
 pub mod leader;
 pub mod lifecycle;
 pub mod payments;
@@ -28,7 +29,7 @@ use axum::{Router, extract::FromRef};
 use clap::Parser;
 use events::Namespace;
 use platform::{
-    config::{AuthConfig, NatsConfig, PostgresConfig, StartupConfig, TelemetryConfig},
+    config::{AuthConfig, NatsConfig, PostgresConfig, RedisConfig, StartupConfig, TelemetryConfig},
     http::{Health, JwtKeys, Ops},
 };
 use tokio::net::TcpListener;
@@ -78,6 +79,12 @@ pub struct Config {
     /// The command API as customers reach it: the simulated provider's checkout URLs start with it.
     #[arg(long, env = "PAYMENT_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
     pub payment_public_url: String,
+    /// Orders in flight per product before `POST /orders` answers 503 `product_busy`; 0 turns the gate off.
+    #[arg(long, env = "HOT_PRODUCT_LIMIT", default_value_t = 100)]
+    pub hot_product_limit: u32,
+    /// A crashed process's units expire with the gate's key after this long.
+    #[arg(long, env = "HOT_PRODUCT_FUSE_MS", default_value_t = 10_000)]
+    pub hot_product_fuse_ms: u64,
     /// Where the simulated provider delivers its webhooks.
     #[arg(
         long,
@@ -87,6 +94,8 @@ pub struct Config {
     pub payment_webhook_url: String,
     #[command(flatten)]
     pub postgres: PostgresConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
     #[command(flatten)]
     pub nats: NatsConfig,
     #[command(flatten)]
@@ -124,8 +133,15 @@ impl AppState {
             clock,
             jwt,
             payments: None,
+            hot_products: None,
         };
         Self { api, ops }
+    }
+
+    /// Puts the per-product in-flight limit in front of goods orders.
+    pub fn with_hot_products(mut self, gate: hot::ProductSemaphore) -> Self {
+        self.api.hot_products = Some(gate);
+        self
     }
 
     /// Turns payments on (the pay, webhook and simulated-provider routes).
@@ -144,6 +160,7 @@ impl AppState {
             coupons: self.api.coupons.clone(),
             payment_timeout,
             coupon_validity: api::COUPON_VALIDITY,
+            hot_products: self.api.hot_products.clone(),
         }
     }
 
@@ -189,6 +206,15 @@ pub async fn run(
             });
         }
         None => tracing::warn!("PAYMENT_WEBHOOK_SECRET is not set: payments are off"),
+    }
+    if config.hot_product_limit > 0 {
+        let client = redis::Client::open(config.redis.redis_url.expose())?;
+        state = state.with_hot_products(hot::ProductSemaphore::connect(
+            client,
+            format!("{}:", namespace.as_str()),
+            config.hot_product_limit,
+            Duration::from_millis(config.hot_product_fuse_ms),
+        ));
     }
     let stop = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();

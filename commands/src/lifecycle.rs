@@ -54,6 +54,8 @@ pub struct Lifecycle {
     pub coupons: Arc<Commands<Coupon>>,
     pub payment_timeout: Duration,
     pub coupon_validity: chrono::Duration,
+    /// Given back once the saga has tried each product.
+    pub hot_products: Option<crate::hot::ProductSemaphore>,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -262,6 +264,10 @@ impl Lifecycle {
                     Err(error) => return Err(command_error(error)),
                 }
             }
+        }
+        if let Some(gate) = &self.hot_products {
+            let products: Vec<Uuid> = requested.iter().map(|line| line.product_id).collect();
+            gate.release(&products).await;
         }
         let decision = match rejection {
             None => {

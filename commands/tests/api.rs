@@ -299,3 +299,40 @@ async fn creating_under_an_existing_id_falls_back_to_the_aggregate_rules() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_hot_product_answers_503_once_its_in_flight_limit_is_reached() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let keys = JwtKeys::new(&platform::Secret::new("api-test-secret"));
+    let ops = Ops {
+        health: Health::new(),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let gate = commands::hot::ProductSemaphore::with_connection(
+        testkit::redis().await?,
+        testkit::unique_prefix(),
+        2,
+        Duration::from_secs(10),
+    );
+    let router = commands::router(AppState::new(db.pool.clone(), keys.clone(), ops).with_hot_products(gate.clone()));
+    let api = Api { router, keys, _db: db };
+    let (hot, cold) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let order =
+        |product: uuid::Uuid| Some(json!({"items": [{"product_id": product, "quantity": 1}], "coupon_id": null}));
+    let ann = Some(("ann", Role::Customer));
+
+    // no saga runs here: the first two orders stay in flight
+    assert_eq!(api.post("/orders", ann, order(hot)).await.0, StatusCode::ACCEPTED);
+    assert_eq!(api.post("/orders", ann, order(hot)).await.0, StatusCode::ACCEPTED);
+    let (status, body) = api.post("/orders", ann, order(hot)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("product_busy"))
+    );
+    // other products are not held up
+    assert_eq!(api.post("/orders", ann, order(cold)).await.0, StatusCode::ACCEPTED);
+    // the saga gives a unit back once it has tried the product
+    gate.release(&[hot]).await;
+    assert_eq!(api.post("/orders", ann, order(hot)).await.0, StatusCode::ACCEPTED);
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! The command API's one error type: every variant maps to a status in
 //! [`ApiError::into_response`]'s single exhaustive match.
 
-use axum::http::StatusCode;
+use axum::http::{self, StatusCode};
 use axum::response::{IntoResponse, Response};
 use platform::http::{CommonError, error_response};
 
@@ -35,6 +35,9 @@ pub enum ApiError {
     /// The simulated provider could not deliver its webhook.
     #[error("the payment provider failed: {0}")]
     Provider(String),
+    /// Too many orders for this product are waiting for their reservation.
+    #[error("product {0} has too many orders in flight; retry shortly")]
+    ProductBusy(uuid::Uuid),
     /// Optimistic-lock conflicts outlasted the retries.
     #[error("the resource is being changed by others; try again")]
     Contended,
@@ -53,6 +56,13 @@ impl IntoResponse for ApiError {
             Self::Coupon(error) => domain(&error),
             Self::Payment(error) => domain(&error),
             Self::Contended => error_response(StatusCode::CONFLICT, "concurrent_modification", self.to_string()),
+            Self::ProductBusy(_) => {
+                let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "product_busy", self.to_string());
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                response
+            }
             Self::PaymentsDisabled => {
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "payments_disabled", self.to_string())
             }

@@ -53,6 +53,8 @@ pub struct Api {
     pub jwt: JwtKeys,
     /// `None` when no webhook secret is configured: the payment routes answer 503.
     pub payments: Option<Arc<crate::payments::PaymentSettings>>,
+    /// The in-flight limit per product in front of the reservation saga.
+    pub hot_products: Option<crate::hot::ProductSemaphore>,
 }
 
 impl std::fmt::Debug for Api {
@@ -326,6 +328,12 @@ async fn submit_order(
     ApiJson(body): ApiJson<SubmitOrder>,
 ) -> Result<impl IntoResponse, ApiError> {
     user.require(&[Role::Customer])?;
+    let products: Vec<Uuid> = body.items.iter().map(|item| item.product_id).collect();
+    if let Some(gate) = &api.hot_products {
+        gate.acquire(&products)
+            .await
+            .map_err(|busy| ApiError::ProductBusy(busy.0))?;
+    }
     let order_id = Uuid::now_v7();
     let submitted_at = api.clock.now();
     let executed = api
@@ -348,8 +356,17 @@ async fn submit_order(
             },
             &metadata(&user),
         )
-        .await
-        .map_err(|e| from_command(e, ApiError::Order))?;
+        .await;
+    let executed = match executed {
+        Ok(executed) => executed,
+        Err(error) => {
+            // no saga will run for an order that was not recorded
+            if let Some(gate) = &api.hot_products {
+                gate.release(&products).await;
+            }
+            return Err(from_command(error, ApiError::Order));
+        }
+    };
     Ok((
         StatusCode::ACCEPTED,
         Json(Submitted {
