@@ -297,7 +297,7 @@ pub async fn run(
             ..cp_nats::RunnerConfig::default()
         };
         let runner =
-            cp_nats::ConsumerRunner::new(consumer, lifecycle, publisher.clone(), namespace.clone(), runner_config);
+            cp_nats::ConsumerRunner::batched(consumer, lifecycle, publisher.clone(), namespace.clone(), runner_config);
         let stop = stop.clone();
         background.spawn(async move {
             if let Err(error) = runner.run(stop.cancelled_owned()).await {

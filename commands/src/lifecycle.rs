@@ -14,12 +14,13 @@
 //! per order (release twice = once; the coupon id is derived from the order
 //! id, its expiry from the payment time, so a second issue is the same one).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use cp_nats::{Handler, HandlerError};
+use cp_nats::{BatchHandler, HandlerError};
 use events::{CouponSource, EventEnvelope, EventMetadata, OrderEvent, OrderItem, OrderKind, OrderRejectionReason};
+use futures::StreamExt as _;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -378,13 +379,53 @@ impl Lifecycle {
     }
 }
 
-impl Handler for Lifecycle {
-    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandlerError> {
-        let envelope: EventEnvelope = serde_json::from_slice(&message.payload)?;
-        if envelope.aggregate_type != <OrderEvent as events::AggregateEvents>::AGGREGATE_TYPE {
-            return Ok(());
+/// Orders are independent: their events run concurrently (up to
+/// [`REACTION_CONCURRENCY`] orders at a time), each order's in stream order.
+pub const REACTION_CONCURRENCY: usize = 32;
+
+impl BatchHandler for Lifecycle {
+    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
+        let mut outcomes: Vec<Option<Result<(), HandlerError>>> = (0..messages.len()).map(|_| None).collect();
+        let mut by_order: Vec<(String, Vec<(usize, EventEnvelope)>)> = Vec::new();
+        let mut position: HashMap<String, usize> = HashMap::new();
+        for (index, message) in messages.iter().enumerate() {
+            match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+                Ok(envelope) if envelope.aggregate_type == <OrderEvent as events::AggregateEvents>::AGGREGATE_TYPE => {
+                    let at = *position.entry(envelope.aggregate_id.clone()).or_insert_with(|| {
+                        by_order.push((envelope.aggregate_id.clone(), Vec::new()));
+                        by_order.len() - 1
+                    });
+                    by_order[at].1.push((index, envelope));
+                }
+                Ok(_) => outcomes[index] = Some(Ok(())),
+                Err(error) => outcomes[index] = Some(Err(Box::new(error))),
+            }
         }
-        self.react(&envelope).await?;
-        Ok(())
+        let results: Vec<Vec<(usize, Result<(), HandlerError>)>> = futures::stream::iter(by_order)
+            .map(|(_, events)| async move {
+                let mut results = Vec::with_capacity(events.len());
+                let mut failed = false;
+                for (index, envelope) in events {
+                    // a later event of an order whose earlier one failed waits for the retry
+                    let outcome: Result<(), HandlerError> = if failed {
+                        Err("an earlier event of this order failed".into())
+                    } else {
+                        self.react(&envelope).await.map_err(|e| Box::new(e) as HandlerError)
+                    };
+                    failed |= outcome.is_err();
+                    results.push((index, outcome));
+                }
+                results
+            })
+            .buffer_unordered(REACTION_CONCURRENCY)
+            .collect()
+            .await;
+        for (index, outcome) in results.into_iter().flatten() {
+            outcomes[index] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.unwrap_or_else(|| Err("not handled".into())))
+            .collect()
     }
 }
