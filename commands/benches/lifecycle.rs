@@ -1,0 +1,322 @@
+//! Order-lifecycle benchmarks: `./dev bench lifecycle [goods|timeouts]`.
+//!
+//! - `goods`: goods orders with three items and a coupon, end to end: the
+//!   command API (with its relay and lifecycle reactor), the projection
+//!   daemon and the query API run in-process on the dev stack's servers; 64
+//!   clients each `POST /orders`, then read the order from the query API
+//!   (`min_version=2`) until it shows `pending_payment`. Orders/s from the
+//!   first request to the last order visible, and each order's latency.
+//! - `timeouts`: 100,000 pending deadlines held in `order_deadlines`, due
+//!   spread over 60 s starting 10 s after they are written, fired by two
+//!   pollers; lateness = `timed_out_at − deadline` of every `OrderTimedOut`.
+
+#![allow(clippy::print_stdout)]
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use clap::Parser as _;
+use commands::{
+    AppState,
+    domain::{CouponCommand, ProductCommand, SharedClock, SystemClock},
+    timeouts::{TimeoutConfig, TimeoutPoller},
+};
+use cp_nats::Topology;
+use events::{CouponSource, EventMetadata, Namespace};
+use platform::http::{Health, JwtKeys, Ops, Role};
+use rand::seq::IndexedRandom as _;
+use serde_json::{Value, json};
+use testkit::reqwest;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SECRET: &str = "bench-secret";
+const ORDERS: usize = 5_000;
+const CLIENTS: usize = 64;
+const PRODUCTS: usize = 30;
+const DEADLINES: i64 = 100_000;
+const WINDOW_SECS: i64 = 60;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wants = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    println!(
+        "machine: {} cores; Postgres/NATS/Redis of the dev stack; load {}",
+        std::thread::available_parallelism()?,
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    if wants("goods") {
+        goods_bench().await?;
+    }
+    if wants("timeouts") {
+        timeouts_bench().await?;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn setup_state(pool: &sqlx::PgPool) -> AppState {
+    let ops = Ops {
+        health: Health::new(),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let clock: SharedClock = Arc::new(SystemClock);
+    AppState::with_clock(pool.clone(), JwtKeys::new(&platform::Secret::new(SECRET)), ops, clock)
+}
+
+async fn goods_bench() -> anyhow::Result<()> {
+    println!("\n## goods orders, 3 items + a coupon, end to end ({ORDERS} orders, {CLIENTS} clients)");
+    let db = testkit::TestDb::new().await?;
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
+    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    let (nats_url, redis_url) = (testkit::nats_url(), testkit::redis_url());
+    let commands_config = commands::Config::try_parse_from([
+        "command-api",
+        "--database-url",
+        &db.url,
+        "--nats-url",
+        &nats_url,
+        "--redis-url",
+        &redis_url,
+        "--nats-namespace",
+        namespace.as_str(),
+        "--jwt-secret",
+        SECRET,
+    ])?;
+    let commands = testkit::Server::start(|l, s| commands::run(commands_config, l, s)).await?;
+    let query_config =
+        query_api::Config::try_parse_from(["query-api", "--database-url", &db.url, "--jwt-secret", SECRET])?;
+    let query = testkit::Server::start(|l, s| query_api::run(query_config, l, s)).await?;
+    let stop = CancellationToken::new();
+    let daemon = projections::Daemon {
+        pool: db.pool.clone(),
+        js: js.clone(),
+        namespace: namespace.clone(),
+        batch_size: 1_000,
+        max_deliver: 5,
+    };
+    let projecting = tokio::spawn(daemon.run(stop.clone()));
+
+    // the catalogue and one coupon per order, straight through the command bus
+    let state = setup_state(&db.pool);
+    let meta = EventMetadata::system("bench");
+    let mut products = Vec::new();
+    for i in 0..PRODUCTS {
+        let id = Uuid::now_v7();
+        let price_cents = 1_000 + i64::try_from(i)? * 10;
+        state
+            .api
+            .products
+            .create(
+                &id.to_string(),
+                || ProductCommand::Create {
+                    product_id: id,
+                    merchant_id: "shop-1".into(),
+                    name: format!("Dish {i}"),
+                    price_cents,
+                    stock: 100_000_000,
+                },
+                &meta,
+            )
+            .await?;
+        products.push(id);
+    }
+    let coupons: Vec<(String, Uuid)> = (0..ORDERS).map(|i| (format!("user-{}", i % 1_000), Uuid::now_v7())).collect();
+    let issue = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut issuing = tokio::task::JoinSet::new();
+    for (user, coupon) in coupons.clone() {
+        let (state, meta, issue) = (state.clone(), meta.clone(), issue.clone());
+        issuing.spawn(async move {
+            let _permit = issue.acquire_owned().await?;
+            state
+                .api
+                .coupons
+                .create(
+                    &coupon.to_string(),
+                    || CouponCommand::Issue {
+                        coupon_id: coupon,
+                        user_id: user.clone(),
+                        voucher_id: Uuid::from_u128(1),
+                        value_cents: 500,
+                        min_spend_cents: 1_000,
+                        expires_at: Utc::now() + chrono::Duration::days(1),
+                        source: CouponSource::RegularClaim,
+                    },
+                    &meta,
+                )
+                .await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = issuing.join_next().await {
+        done??;
+    }
+    println!("setup: {PRODUCTS} products, {ORDERS} coupons issued; load {}", loadavg());
+
+    let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
+    let http = reqwest::Client::new();
+    let clients = Arc::new(tokio::sync::Semaphore::new(CLIENTS));
+    let products = Arc::new(products);
+    let started = Instant::now();
+    let mut orders = tokio::task::JoinSet::new();
+    for (user, coupon) in coupons {
+        let (clients, http, jwt, products) = (clients.clone(), http.clone(), jwt.clone(), products.clone());
+        let (commands_url, query_url) = (commands.url("/orders"), query.url(""));
+        orders.spawn(async move {
+            let _permit = clients.acquire_owned().await?;
+            let token = jwt.issue(&user, Role::Customer, Duration::from_secs(3_600))?;
+            let items: Vec<Value> = products
+                .choose_multiple(&mut rand::rng(), 3)
+                .map(|p| json!({"product_id": p, "quantity": 1}))
+                .collect();
+            let sent = Instant::now();
+            let response = http
+                .post(&commands_url)
+                .bearer_auth(&token)
+                .json(&json!({"items": items, "coupon_id": coupon}))
+                .send()
+                .await?;
+            anyhow::ensure!(response.status() == 202, "POST /orders answered {}", response.status());
+            let body: Value = response.json().await?;
+            let order = body["order_id"].as_str().unwrap_or_default().to_owned();
+            loop {
+                let read = http
+                    .get(format!("{query_url}/orders/{order}?min_version=2&wait_ms=10000"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await?;
+                let doc: Value = read.json().await?;
+                match doc["status"].as_str() {
+                    Some("pending_payment") => return Ok((sent.elapsed().as_secs_f64(), true)),
+                    Some("rejected") => return Ok((sent.elapsed().as_secs_f64(), false)),
+                    _ => anyhow::ensure!(sent.elapsed() < Duration::from_secs(120), "order {order} never placed"),
+                }
+            }
+        });
+    }
+    let mut latencies = Vec::with_capacity(ORDERS);
+    let mut rejected = 0;
+    while let Some(done) = orders.join_next().await {
+        let (latency, placed) = done??;
+        latencies.push(latency);
+        rejected += usize::from(!placed);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "orders placed and visible: {:.0}/s ({} in {elapsed:.1}s, {rejected} rejected); \
+         latency request → pending_payment in the query API: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; load {}",
+        ORDERS as f64 / elapsed,
+        ORDERS,
+        percentile(&latencies, 0.5) * 1e3,
+        percentile(&latencies, 0.99) * 1e3,
+        percentile(&latencies, 1.0) * 1e3,
+        loadavg()
+    );
+    stop.cancel();
+    let _ = projecting.await;
+    commands.stop().await?;
+    query.stop().await?;
+    for stream in Topology::new(namespace.clone()).streams() {
+        js.delete_stream(&stream.name).await?;
+    }
+    db.drop_database().await
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn timeouts_bench() -> anyhow::Result<()> {
+    println!("\n## payment timeouts: {DEADLINES} deadlines due over {WINDOW_SECS} s, two pollers");
+    let db = testkit::TestDb::new().await?;
+    let metadata = serde_json::to_value(EventMetadata::system("bench").to_map())?;
+    // placed orders awaiting payment, written in bulk
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'Order', id::text, 1, 'OrderPlaced', '1.0',
+                jsonb_build_object('OrderPlaced', jsonb_build_object(
+                    'order_id', id, 'user_id', 'user-' || n, 'kind', 'seckill_voucher', 'items', '[]'::jsonb,
+                    'voucher_id', NULL, 'coupon_id', NULL, 'subtotal_cents', 990, 'discount_cents', 0,
+                    'total_cents', 990, 'placed_at', to_jsonb(now()))),
+                $1
+           FROM (SELECT n, gen_random_uuid() AS id FROM generate_series(1, $2) AS n) orders",
+    )
+    .bind(&metadata)
+    .bind(DEADLINES)
+    .execute(&db.pool)
+    .await?;
+    let written = Instant::now();
+    sqlx::query(
+        "INSERT INTO order_deadlines (order_id, due_at)
+         SELECT aggregate_id, now() + interval '10 seconds' + (row_number() OVER () * $1 / $2) * interval '1 millisecond'
+           FROM events WHERE aggregate_type = 'Order'",
+    )
+    .bind(WINDOW_SECS * 1_000)
+    .bind(DEADLINES)
+    .execute(&db.pool)
+    .await?;
+    println!("{DEADLINES} deadlines held in {:.1}s; load {}", written.elapsed().as_secs_f64(), loadavg());
+
+    let state = setup_state(&db.pool);
+    let stop = CancellationToken::new();
+    let mut pollers = Vec::new();
+    for _ in 0..2 {
+        let poller = TimeoutPoller::new(
+            db.pool.clone(),
+            state.api.orders.clone(),
+            state.api.clock.clone(),
+            TimeoutConfig::default(),
+        );
+        pollers.push(tokio::spawn(poller.run(stop.clone().cancelled_owned())));
+    }
+    let deadline = Instant::now() + Duration::from_secs(u64::try_from(WINDOW_SECS)? + 60);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM order_deadlines").fetch_one(&db.pool).await?;
+        if left == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.cancel();
+    for poller in pollers {
+        poller.await?;
+    }
+    let row: (i64, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT count(*),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY lateness),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY lateness),
+                max(lateness)
+           FROM (SELECT extract(epoch FROM (payload->'OrderTimedOut'->>'timed_out_at')::timestamptz
+                                      - (payload->'OrderTimedOut'->>'deadline')::timestamptz)::float8 AS lateness
+                   FROM events WHERE event_type = 'OrderTimedOut') fired",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    println!(
+        "fired {} of {DEADLINES}; lateness after the due time: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target: every one ≤ 2,000 ms); load {}",
+        row.0,
+        row.1.unwrap_or(f64::NAN) * 1e3,
+        row.2.unwrap_or(f64::NAN) * 1e3,
+        row.3.unwrap_or(f64::NAN) * 1e3,
+        loadavg()
+    );
+    db.drop_database().await
+}
