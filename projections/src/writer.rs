@@ -9,7 +9,7 @@
 //! before the event is applied. So each event is applied exactly once, in
 //! aggregate order, whatever order it arrives in.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use events::EventEnvelope;
@@ -57,6 +57,10 @@ pub struct DeadLetter {
 pub struct Documents<P: Projector> {
     table: String,
     docs: HashMap<String, Doc<P::View>>,
+    /// Set for a table this process filled from empty (a replay's shadow):
+    /// only documents it wrote and then forgot can be in the table, so only
+    /// those are looked up.
+    written_only: Option<HashSet<String>>,
     /// Events the projector refused in the event-store gap fill, which no
     /// retry can change: skipped and recorded like dead letters.
     pub dead_letters: Vec<DeadLetter>,
@@ -77,7 +81,17 @@ impl<P: Projector> Documents<P> {
         Self {
             table: table.into(),
             docs: HashMap::new(),
+            written_only: None,
             dead_letters: Vec::new(),
+        }
+    }
+
+    /// Documents of a table that was empty when this process started
+    /// filling it and that nobody else writes (a replay's shadow table).
+    pub fn filling(table: impl Into<String>) -> Self {
+        Self {
+            written_only: Some(HashSet::new()),
+            ..Self::new(table)
         }
     }
 
@@ -103,6 +117,21 @@ impl<P: Projector> Documents<P> {
             .collect();
         missing.sort_unstable();
         missing.dedup();
+        if let Some(forgotten) = &self.written_only {
+            // never written: nothing to read
+            let (stored, new): (Vec<String>, Vec<String>) = missing.into_iter().partition(|id| forgotten.contains(id));
+            for id in new {
+                self.docs.insert(
+                    id,
+                    Doc {
+                        view: None,
+                        version: 0,
+                        dirty: false,
+                    },
+                );
+            }
+            missing = stored;
+        }
         if missing.is_empty() {
             return Ok(());
         }
@@ -227,16 +256,33 @@ impl<P: Projector> Documents<P> {
         Ok(())
     }
 
-    /// Writes every changed document (never over a newer stored version).
+    /// Writes every changed document (never over a newer stored version),
+    /// a few thousand per statement.
     pub async fn flush(&mut self, conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
-        let mut ids = Vec::new();
-        let mut versions = Vec::new();
-        let mut docs = Vec::new();
-        let mut users = Vec::new();
-        let mut statuses = Vec::new();
-        let mut created: Vec<Option<DateTime<Utc>>> = Vec::new();
-        let mut updated: Vec<Option<DateTime<Utc>>> = Vec::new();
-        for (id, doc) in self.docs.iter_mut().filter(|(_, doc)| doc.dirty) {
+        const CHUNK: usize = 5_000;
+        let dirty: Vec<String> = self
+            .docs
+            .iter()
+            .filter(|(_, doc)| doc.dirty)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut written = 0;
+        for chunk in dirty.chunks(CHUNK) {
+            written += self.write(conn, chunk).await?;
+        }
+        Ok(written)
+    }
+
+    async fn write(&mut self, conn: &mut PgConnection, chunk: &[String]) -> Result<usize, sqlx::Error> {
+        let mut ids = Vec::with_capacity(chunk.len());
+        let mut versions = Vec::with_capacity(chunk.len());
+        let mut docs = Vec::with_capacity(chunk.len());
+        let mut users = Vec::with_capacity(chunk.len());
+        let mut statuses = Vec::with_capacity(chunk.len());
+        let mut created: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(chunk.len());
+        let mut updated: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let Some(doc) = self.docs.get_mut(id) else { continue };
             doc.dirty = false;
             let Some(view) = &doc.view else { continue };
             let columns = P::columns(view);
@@ -276,7 +322,15 @@ impl<P: Projector> Documents<P> {
 
     /// Forgets every held document that is stored (a bounded cache for the replay).
     pub fn forget_clean(&mut self) {
-        self.docs.retain(|_, doc| doc.dirty);
+        let forgotten = &mut self.written_only;
+        self.docs.retain(|id, doc| {
+            if !doc.dirty
+                && let Some(forgotten) = forgotten.as_mut()
+            {
+                forgotten.insert(id.clone());
+            }
+            doc.dirty
+        });
     }
 }
 
