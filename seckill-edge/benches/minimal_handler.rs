@@ -89,11 +89,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn attempt(
-    State(state): State<Arc<Baseline>>,
-    Path(voucher_id): Path<Uuid>,
-    headers: HeaderMap,
-) -> Response {
+async fn attempt(State(state): State<Arc<Baseline>>, Path(voucher_id): Path<Uuid>, headers: HeaderMap) -> Response {
     let authorization = headers.get(AUTHORIZATION).map_or(&b""[..], |v| v.as_bytes());
     let user_id = std::str::from_utf8(&authorization[authorization.len().saturating_sub(16)..]).unwrap_or("");
     if user_id.is_empty() {
