@@ -133,7 +133,9 @@ async fn goods_bench() -> anyhow::Result<()> {
             .await?;
         products.push(id);
     }
-    let coupons: Vec<(String, Uuid)> = (0..ORDERS).map(|i| (format!("user-{}", i % 1_000), Uuid::now_v7())).collect();
+    let coupons: Vec<(String, Uuid)> = (0..ORDERS)
+        .map(|i| (format!("user-{}", i % 1_000), Uuid::now_v7()))
+        .collect();
     let issue = Arc::new(tokio::sync::Semaphore::new(32));
     let mut issuing = tokio::task::JoinSet::new();
     for (user, coupon) in coupons.clone() {
@@ -163,7 +165,10 @@ async fn goods_bench() -> anyhow::Result<()> {
     while let Some(done) = issuing.join_next().await {
         done??;
     }
-    println!("setup: {PRODUCTS} products, {ORDERS} coupons issued; load {}", loadavg());
+    println!(
+        "setup: {PRODUCTS} products, {ORDERS} coupons issued; load {}",
+        loadavg()
+    );
 
     let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
     let http = reqwest::Client::new();
@@ -273,7 +278,11 @@ async fn timeouts_bench() -> anyhow::Result<()> {
     .bind(DEADLINES)
     .execute(&db.pool)
     .await?;
-    println!("{DEADLINES} deadlines held in {:.1}s; load {}", written.elapsed().as_secs_f64(), loadavg());
+    println!(
+        "{DEADLINES} deadlines held in {:.1}s; load {}",
+        written.elapsed().as_secs_f64(),
+        loadavg()
+    );
 
     let state = setup_state(&db.pool);
     let stop = CancellationToken::new();
@@ -289,7 +298,9 @@ async fn timeouts_bench() -> anyhow::Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(u64::try_from(WINDOW_SECS)? + 60);
     loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM order_deadlines").fetch_one(&db.pool).await?;
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM order_deadlines")
+            .fetch_one(&db.pool)
+            .await?;
         if left == 0 || Instant::now() > deadline {
             break;
         }

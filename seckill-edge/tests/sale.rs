@@ -719,7 +719,10 @@ impl System {
     async fn pay_and_check_out(&self, order: Uuid, user: &str) -> anyhow::Result<()> {
         let (_, _, checkout_url) = self.pay(order, user).await?;
         let (status, delivered) = self.post(&checkout_url, None).await?;
-        anyhow::ensure!(status == 200 && delivered["webhook_status"] == 200, "checkout failed: {delivered}");
+        anyhow::ensure!(
+            status == 200 && delivered["webhook_status"] == 200,
+            "checkout failed: {delivered}"
+        );
         Ok(())
     }
 }
@@ -732,7 +735,9 @@ async fn a_seckill_coupon_is_spent_on_a_goods_order_and_redeemed_when_it_is_paid
     system.pay_and_check_out(seckill_order, "ann").await?;
     let coupon = commands::lifecycle::coupon_id_for(seckill_order);
     eventually(Duration::from_secs(15), || async {
-        Ok(!history(&system.db.pool, "Coupon", &coupon.to_string()).await?.is_empty())
+        Ok(!history(&system.db.pool, "Coupon", &coupon.to_string())
+            .await?
+            .is_empty())
     })
     .await?;
 
@@ -743,10 +748,17 @@ async fn a_seckill_coupon_is_spent_on_a_goods_order_and_redeemed_when_it_is_paid
         .await?;
     assert_eq!(decided, "OrderPlaced", "{placed}");
     assert_eq!(
-        (placed["subtotal_cents"].as_i64(), placed["discount_cents"].as_i64(), placed["total_cents"].as_i64()),
+        (
+            placed["subtotal_cents"].as_i64(),
+            placed["discount_cents"].as_i64(),
+            placed["total_cents"].as_i64()
+        ),
         (Some(7_000), Some(5_000), Some(2_000))
     );
-    assert_eq!(history(&system.db.pool, "Coupon", &coupon.to_string()).await?, ["CouponIssued", "CouponReserved"]);
+    assert_eq!(
+        history(&system.db.pool, "Coupon", &coupon.to_string()).await?,
+        ["CouponIssued", "CouponReserved"]
+    );
 
     system.pay_and_check_out(order, "ann").await?;
     eventually(Duration::from_secs(15), || async {
@@ -775,7 +787,12 @@ async fn a_goods_order_short_of_stock_is_rejected_and_releases_everything_it_res
     assert_eq!(status, 201, "{created}");
     let voucher = created["voucher_id"].as_str().context("voucher_id")?;
     let (status, claimed) = system
-        .post_json(&format!("/vouchers/{voucher}/claim"), "ann", Role::Customer, json!(null))
+        .post_json(
+            &format!("/vouchers/{voucher}/claim"),
+            "ann",
+            Role::Customer,
+            json!(null),
+        )
         .await?;
     assert_eq!(status, 201, "{claimed}");
     let coupon: Uuid = claimed["coupon_id"].as_str().context("coupon_id")?.parse()?;
@@ -797,7 +814,10 @@ async fn a_goods_order_short_of_stock_is_rejected_and_releases_everything_it_res
         history(&system.db.pool, "Product", &plenty.to_string()).await?,
         ["ProductCreated", "ProductStockReserved", "ProductStockReleased"]
     );
-    assert_eq!(history(&system.db.pool, "Product", &scarce.to_string()).await?, ["ProductCreated"]);
+    assert_eq!(
+        history(&system.db.pool, "Product", &scarce.to_string()).await?,
+        ["ProductCreated"]
+    );
 
     // the coupon is available again; a smaller order gets it
     let (second, decided, _) = system.goods_order("ann", &[(plenty, 1)], Some(coupon)).await?;
@@ -808,7 +828,10 @@ async fn a_goods_order_short_of_stock_is_rejected_and_releases_everything_it_res
         .await?;
     assert_eq!(status, 200);
     eventually(Duration::from_secs(15), || async {
-        Ok(history(&system.db.pool, "Coupon", &coupon.to_string()).await?.last().map(String::as_str)
+        Ok(history(&system.db.pool, "Coupon", &coupon.to_string())
+            .await?
+            .last()
+            .map(String::as_str)
             == Some("CouponReleased")
             && history(&system.db.pool, "Product", &plenty.to_string()).await?.len() == 5)
     })

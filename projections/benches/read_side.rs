@@ -1,0 +1,870 @@
+//! Read-side benchmarks: `./dev bench read_side [daemon|replay|query ...]`
+//! (`replay_ratio` and `replay_1m` run the two halves of `replay`;
+//! `replay_breakdown`, only when named, shows where a replay's time goes).
+//!
+//! Each scenario runs against the dev stack's real servers in a database and
+//! NATS namespace of its own, dropped at the end. The event store is filled
+//! with seckill orders of four events each (placed, payment started, paid,
+//! preparation started), stored as the command side stores them; orders
+//! progress in waves, so a page or batch of 10,000 events touches 10,000
+//! different documents, three quarters of them already existing.
+//!
+//! - `replay`: our replay (`Projection::Orders.replay`) vs cqrs-es 0.5.0
+//!   `QueryReplay` (postgres-es `PostgresEventRepository` into a
+//!   `GenericQuery` over a `PostgresViewRepository` building the same order
+//!   document) on the same 100,000 events, alternating rounds; then ours alone
+//!   on 1,000,000 events (the baseline would take ~8 minutes there).
+//! - `daemon`: 300,000 envelopes on the Order stream (published as the relay
+//!   does, and stored), the projection daemon started on them: events/s until
+//!   the `projection-orders` consumer has acknowledged everything, for batch
+//!   sizes 500, 1,000 and 2,000.
+//! - `query`: the query API in-process on 100,000 order documents, `wrk -t2
+//!   -c64 -d10s --latency` on `GET /orders/{id}` with random ids as an admin.
+
+#![allow(clippy::print_stdout)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use chrono::{TimeZone as _, Utc};
+use clap::Parser as _;
+use commands::domain::{Order, OrderCommand};
+use cp_nats::{Outgoing, Publisher, Topology};
+use cqrs_es::{
+    View,
+    persist::{GenericQuery, QueryReplay},
+    test::TestFramework,
+};
+use events::{
+    EventEnvelope, EventMetadata, Namespace, OrderEvent,
+    subjects::{
+        HDR_AGGREGATE_ID, HDR_AGGREGATE_TYPE, HDR_CORRELATION_ID, HDR_EVENT_TYPE, HDR_EVENT_VERSION,
+        HDR_GLOBAL_POSITION, HDR_SEQUENCE,
+    },
+};
+use platform::{
+    Secret,
+    http::{JwtKeys, Role},
+    telemetry::TraceHeaders,
+};
+use postgres_es::{PostgresEventRepository, PostgresViewRepository};
+use projections::{
+    Daemon, Projection,
+    daemon::consumer_name,
+    replay::{ReplayOptions, Silent},
+    views::{OrderProjector, OrderView, Projector as _},
+};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row as _};
+use tokio_util::sync::CancellationToken;
+
+const ROUNDS: usize = 3;
+/// Orders per seeding statement: one statement stores 10,000 events.
+const WAVE: i64 = 2_500;
+const VOUCHER: &str = "7c6f0a52-5b1e-4c59-9a51-0d8f3e6b2a11";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let all = args.is_empty();
+    let wants = |name: &str| all || args.iter().any(|a| a == name);
+    println!(
+        "machine: {} cores; Postgres/NATS of the dev stack; load average {}",
+        std::thread::available_parallelism()?,
+        loadavg()
+    );
+    if wants("replay") || wants("replay_ratio") {
+        replay_ratio().await?;
+    }
+    if wants("replay") || wants("replay_1m") {
+        replay_million().await?;
+    }
+    // diagnosis only: not part of "all"
+    if args.iter().any(|a| a == "replay_breakdown") {
+        replay_breakdown().await?;
+    }
+    if wants("daemon") {
+        daemon_bench().await?;
+    }
+    if wants("query") {
+        query_bench().await?;
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// What the whole Postgres server has done so far: WAL bytes written and
+/// checkpoints (server-wide, so other databases' work counts too).
+#[derive(Debug, Clone, Copy)]
+struct PgActivity {
+    wal_bytes: i64,
+    checkpoints: i64,
+}
+
+impl PgActivity {
+    async fn now(pool: &PgPool) -> anyhow::Result<Self> {
+        let row = sqlx::query(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wal,
+                    (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter) AS checkpoints",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok(Self {
+            wal_bytes: row.try_get("wal")?,
+            checkpoints: row.try_get("checkpoints")?,
+        })
+    }
+
+    /// "WAL 950 MB, 2 checkpoints" since `self`.
+    async fn since(self, pool: &PgPool) -> anyhow::Result<String> {
+        let now = Self::now(pool).await?;
+        Ok(format!(
+            "WAL {} MB, {} checkpoints",
+            (now.wal_bytes - self.wal_bytes) >> 20,
+            now.checkpoints - self.checkpoints
+        ))
+    }
+}
+
+/// How the events of one order lie in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// As orders progress over time: statement `w` places orders `w·WAVE..`,
+    /// starts the payment of the wave before, pays the one before that and
+    /// starts preparing the one before that. A page of 10,000 events touches
+    /// 10,000 documents. Every scenario uses this.
+    Waves,
+    /// The four events of an order one after the other (a page of 10,000
+    /// events touches 2,500 documents): the best case, for `replay_breakdown`.
+    Adjacent,
+}
+
+/// Stores `orders` seckill orders × 4 events in `events`, built in SQL as
+/// serde serializes `OrderEvent` (checked by [`check_seed`]).
+async fn seed(pool: &PgPool, orders: i64, layout: Layout) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let metadata = serde_json::to_value(EventMetadata::system("bench").to_map())?;
+    for wave in 0..(orders + WAVE - 1) / WAVE + 3 {
+        sqlx::query(
+            r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+               SELECT 'Order', o.order_id::text, s.seq, s.event_type, '1.0',
+                      CASE s.seq
+                        WHEN 1 THEN jsonb_build_object('OrderPlaced', jsonb_build_object(
+                            'order_id', o.order_id, 'user_id', 'user-' || g.n, 'kind', 'seckill_voucher',
+                            'items', jsonb_build_array(jsonb_build_object(
+                                'product_id', NULL, 'voucher_id', $5::uuid, 'name', 'Hotpot for two',
+                                'quantity', 1, 'unit_price_cents', 990)),
+                            'voucher_id', $5::uuid, 'coupon_id', NULL, 'subtotal_cents', 990,
+                            'discount_cents', 0, 'total_cents', 990, 'placed_at', o.at))
+                        WHEN 2 THEN jsonb_build_object('OrderPaymentStarted', jsonb_build_object(
+                            'payment_id', o.payment_id, 'amount_cents', 990))
+                        WHEN 3 THEN jsonb_build_object('OrderPaid', jsonb_build_object(
+                            'payment_id', o.payment_id, 'amount_cents', 990, 'paid_at', o.at))
+                        ELSE jsonb_build_object('OrderPreparationStarted', jsonb_build_object('at', o.at))
+                      END,
+                      $4
+                 FROM (VALUES (1, 'OrderPlaced'), (2, 'OrderPaymentStarted'), (3, 'OrderPaid'),
+                              (4, 'OrderPreparationStarted')) AS s(seq, event_type)
+                CROSS JOIN LATERAL generate_series(
+                      CASE WHEN $6 THEN $1 * $2 ELSE GREATEST(($1 - s.seq + 1) * $2, 0) END,
+                      CASE WHEN $6 THEN LEAST(($1 + 1) * $2, $3) ELSE LEAST(($1 - s.seq + 2) * $2, $3) END - 1) AS g(n)
+                CROSS JOIN LATERAL (
+                      SELECT md5('order-' || g.n)::uuid AS order_id, md5('payment-' || g.n)::uuid AS payment_id,
+                             to_char(timestamp '2026-11-21 00:00:00' + (g.n / 10) * interval '1 second'
+                                       + s.seq * interval '1 minute', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS at) AS o
+                ORDER BY CASE WHEN $6 THEN g.n ELSE -s.seq END, CASE WHEN $6 THEN s.seq ELSE g.n END"#,
+        )
+        .bind(wave)
+        .bind(WAVE)
+        .bind(orders)
+        .bind(&metadata)
+        .bind(VOUCHER)
+        .bind(layout == Layout::Adjacent)
+        .execute(pool)
+        .await?;
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'Order'")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(stored == orders * 4, "seeded {stored} events, wanted {}", orders * 4);
+    sqlx::query("VACUUM ANALYZE events").execute(pool).await?;
+    println!(
+        "seeded {stored} events ({orders} orders, {layout:?}) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    check_seed(pool).await
+}
+
+/// One generated order: every payload decodes to an `OrderEvent` that
+/// serializes back to the same JSON, the Order aggregate accepts the history
+/// (it completes the order next) and our projector builds a preparing order.
+async fn check_seed(pool: &PgPool) -> anyhow::Result<()> {
+    let rows = sqlx::query(&format!(
+        "SELECT {} FROM events WHERE aggregate_id = (SELECT aggregate_id FROM events ORDER BY global_position LIMIT 1)
+          ORDER BY sequence",
+        platform::pg::ENVELOPE_COLUMNS
+    ))
+    .fetch_all(pool)
+    .await?;
+    anyhow::ensure!(rows.len() == 4, "a seeded order has {} events", rows.len());
+    let mut decoded = Vec::new();
+    let mut view = None;
+    for row in &rows {
+        let envelope = platform::pg::envelope_from_row(row)?;
+        let event: OrderEvent =
+            events::decode_payload(&envelope.event_type, &envelope.event_version, &envelope.payload)?;
+        anyhow::ensure!(
+            serde_json::to_value(&event)? == envelope.payload,
+            "{} is not as serde writes it: {}",
+            envelope.event_type,
+            envelope.payload
+        );
+        view = Some(OrderProjector::apply(view, &envelope)?);
+        decoded.push(event);
+    }
+    let at = Utc.with_ymd_and_hms(2026, 11, 22, 0, 0, 0).single().context("time")?;
+    let next = TestFramework::<Order>::with(())
+        .given(decoded)
+        .when_async(OrderCommand::Complete { at })
+        .await
+        .inspect_result();
+    anyhow::ensure!(
+        matches!(next.as_deref(), Ok([OrderEvent::OrderCompleted { .. }])),
+        "the Order aggregate refuses the seeded history: {next:?}"
+    );
+    let view = view.context("no view")?;
+    anyhow::ensure!(view.status.as_str() == "preparing" && view.version == 4, "{view:?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- replay
+
+/// The baseline's document: our order document, built by our projector
+/// inside a cqrs-es `View` (`None` until the first event).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct BaselineView(Option<OrderView>);
+
+/// Events the projector refused inside the baseline (cqrs-es views cannot fail).
+static BASELINE_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+impl View<Order> for BaselineView {
+    fn update(&mut self, event: &cqrs_es::EventEnvelope<Order>) {
+        let metadata = EventMetadata::from_map(&event.metadata).unwrap_or_else(|_| EventMetadata::system("unknown"));
+        // cqrs-es hands over no recording time: "now" stands in for it
+        let envelope = EventEnvelope::new(
+            event.aggregate_id.clone(),
+            event.sequence as u64,
+            0,
+            &event.payload,
+            metadata,
+            Utc::now(),
+        );
+        match envelope.map(|envelope| OrderProjector::apply(self.0.take(), &envelope)) {
+            Ok(Ok(view)) => self.0 = Some(view),
+            _ => {
+                BASELINE_REFUSED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Our replay of the orders view; returns events/s and seconds.
+async fn replay_ours(pool: &PgPool, orders: i64) -> anyhow::Result<(f64, f64)> {
+    let started = Instant::now();
+    let report = Projection::Orders
+        .replay(
+            pool,
+            &ReplayOptions {
+                batch: 10_000,
+                dry_run: false,
+            },
+            &mut Silent,
+        )
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let events = u64::try_from(orders * 4)?;
+    anyhow::ensure!(
+        report.events == events && report.documents == u64::try_from(orders)? && report.dead_letters == 0,
+        "replay read {} events into {} documents with {} dead letters",
+        report.events,
+        report.documents,
+        report.dead_letters
+    );
+    let complete: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_view WHERE version = 4 AND status = 'preparing'")
+            .fetch_one(pool)
+            .await?;
+    anyhow::ensure!(complete == orders, "{complete} of {orders} documents complete");
+    Ok((events as f64 / seconds, seconds))
+}
+
+/// cqrs-es `QueryReplay::replay_all` into `order_query`; returns events/s
+/// and seconds, after checking that it really wrote every document.
+async fn replay_baseline(pool: &PgPool, orders: i64) -> anyhow::Result<(f64, f64)> {
+    sqlx::query("TRUNCATE order_query").execute(pool).await?;
+    BASELINE_REFUSED.store(0, Ordering::Relaxed);
+    let errors = Arc::new(AtomicU64::new(0));
+    let views = Arc::new(PostgresViewRepository::<BaselineView, Order>::new(
+        "order_query",
+        pool.clone(),
+    ));
+    let mut query = GenericQuery::<_, BaselineView, Order>::new(views);
+    let counted = errors.clone();
+    query.use_error_handler(Box::new(move |_| {
+        counted.fetch_add(1, Ordering::Relaxed);
+    }));
+    let mut replay = QueryReplay::new(PostgresEventRepository::new(pool.clone()), query);
+    let counted = errors.clone();
+    replay.use_error_handler(Box::new(move |_| {
+        counted.fetch_add(1, Ordering::Relaxed);
+    }));
+    let started = Instant::now();
+    replay.replay_all().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    // QueryReplay reports success whatever happened: count what it wrote
+    let complete: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_query WHERE version = 4 AND payload::jsonb ->> 'status' = 'preparing'",
+    )
+    .fetch_one(pool)
+    .await?;
+    anyhow::ensure!(
+        complete == orders && errors.load(Ordering::Relaxed) == 0 && BASELINE_REFUSED.load(Ordering::Relaxed) == 0,
+        "baseline wrote {complete} of {orders} documents; {} errors, {} refused events",
+        errors.load(Ordering::Relaxed),
+        BASELINE_REFUSED.load(Ordering::Relaxed)
+    );
+    Ok(((orders * 4) as f64 / seconds, seconds))
+}
+
+/// Ours vs cqrs-es `QueryReplay` on the same 100,000 events.
+async fn replay_ratio() -> anyhow::Result<()> {
+    const RATIO_ORDERS: i64 = 25_000;
+    println!(
+        "\n## replay vs cqrs-es QueryReplay on the same {} events ({ROUNDS} rounds, alternating)",
+        RATIO_ORDERS * 4
+    );
+    let db = testkit::TestDb::new().await?;
+    let result = async {
+        seed(&db.pool, RATIO_ORDERS, Layout::Waves).await?;
+        // postgres-es's documented view table
+        sqlx::query(
+            "CREATE TABLE order_query (view_id text NOT NULL PRIMARY KEY,
+                 version bigint CHECK (version >= 0) NOT NULL, payload json NOT NULL)",
+        )
+        .execute(&db.pool)
+        .await?;
+        let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+        for round in 1..=ROUNDS {
+            let (rate, seconds) = replay_ours(&db.pool, RATIO_ORDERS).await?;
+            ours.push(rate);
+            let (base, base_seconds) = replay_baseline(&db.pool, RATIO_ORDERS).await?;
+            baseline.push(base);
+            println!(
+                "round {round}: ours {rate:>7.0} events/s ({seconds:.2} s) | QueryReplay {base:>6.0} events/s \
+                 ({base_seconds:.1} s) | load {}",
+                loadavg()
+            );
+        }
+        let (ours, baseline) = (median(ours), median(baseline));
+        println!(
+            "median: ours {ours:.0} events/s, cqrs-es QueryReplay {baseline:.0} events/s, ratio {:.1}× (target ≥ 20×)",
+            ours / baseline
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    db.drop_database().await?;
+    result
+}
+
+/// Ours alone on 1,000,000 events.
+async fn replay_million() -> anyhow::Result<()> {
+    const BIG_ORDERS: i64 = 250_000;
+    println!("\n## replay of {} events (ours alone, {ROUNDS} rounds)", BIG_ORDERS * 4);
+    let db = testkit::TestDb::new().await?;
+    let result = async {
+        seed(&db.pool, BIG_ORDERS, Layout::Waves).await?;
+        let (mut rates, mut times) = (Vec::new(), Vec::new());
+        for round in 1..=ROUNDS {
+            let before = PgActivity::now(&db.pool).await?;
+            let (rate, seconds) = replay_ours(&db.pool, BIG_ORDERS).await?;
+            println!(
+                "round {round}: {rate:>7.0} events/s, {seconds:.1} s | {} | load {}",
+                before.since(&db.pool).await?,
+                loadavg()
+            );
+            rates.push(rate);
+            times.push(seconds);
+        }
+        println!(
+            "median: {:.0} events/s, {:.1} s for {} events (target ≥ 50,000 events/s, ≤ 20 s)",
+            median(rates),
+            median(times),
+            BIG_ORDERS * 4
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    db.drop_database().await?;
+    result
+}
+
+/// Where the 1,000,000-event replay's time goes (one round each, not in
+/// `all`): the store as always; then without the view's GIN index and then
+/// with its primary key only (the replay fills its shadow with only a
+/// primary key and builds the live table's other indexes before the swap, so
+/// this shows what building them costs); then the best-case layout.
+async fn replay_breakdown() -> anyhow::Result<()> {
+    const BIG_ORDERS: i64 = 250_000;
+    println!(
+        "\n## replay breakdown: {} events, one round per variant",
+        BIG_ORDERS * 4
+    );
+    let secondary = "SELECT indexname FROM pg_indexes WHERE tablename = 'order_view' AND indexdef NOT LIKE '%UNIQUE%'";
+    for layout in [Layout::Waves, Layout::Adjacent] {
+        let db = testkit::TestDb::new().await?;
+        let result = async {
+            seed(&db.pool, BIG_ORDERS, layout).await?;
+            let variants: &[&str] = match layout {
+                Layout::Waves => &["every index", "no GIN index", "primary key only"],
+                Layout::Adjacent => &["every index"],
+            };
+            for variant in variants {
+                let drop: Vec<String> = match *variant {
+                    "no GIN index" => {
+                        sqlx::query_scalar(&format!("{secondary} AND indexdef LIKE '%USING gin%'"))
+                            .fetch_all(&db.pool)
+                            .await?
+                    }
+                    "primary key only" => sqlx::query_scalar(secondary).fetch_all(&db.pool).await?,
+                    _ => Vec::new(),
+                };
+                for index in drop {
+                    sqlx::query(&format!(r#"DROP INDEX "{index}""#))
+                        .execute(&db.pool)
+                        .await?;
+                }
+                let before = PgActivity::now(&db.pool).await?;
+                let (rate, seconds) = replay_ours(&db.pool, BIG_ORDERS).await?;
+                println!(
+                    "{layout:?}, {variant}: {rate:>7.0} events/s, {seconds:.1} s | {} | load {}",
+                    before.since(&db.pool).await?,
+                    loadavg()
+                );
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        db.drop_database().await?;
+        result?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- daemon
+
+/// Benchmarks leave no streams behind on the dev stack's NATS.
+async fn drop_streams(js: &async_nats::jetstream::Context, namespace: &Namespace) -> anyhow::Result<()> {
+    for stream in Topology::new(namespace.clone()).streams() {
+        js.delete_stream(&stream.name).await?;
+    }
+    Ok(())
+}
+
+/// The message the relay publishes for a stored event.
+fn relay_message(namespace: &Namespace, envelope: &EventEnvelope) -> anyhow::Result<Outgoing> {
+    let trace = TraceHeaders {
+        traceparent: envelope.metadata.traceparent.clone(),
+        tracestate: envelope.metadata.tracestate.clone(),
+    };
+    Ok(Outgoing::new(
+        namespace.events_subject(&envelope.aggregate_type),
+        envelope.event_id.to_string(),
+        serde_json::to_vec(envelope)?,
+    )
+    .trace(&trace)
+    .header(HDR_EVENT_TYPE, &envelope.event_type)
+    .header(HDR_EVENT_VERSION, &envelope.event_version)
+    .header(HDR_AGGREGATE_TYPE, &envelope.aggregate_type)
+    .header(HDR_AGGREGATE_ID, &envelope.aggregate_id)
+    .header(HDR_SEQUENCE, envelope.sequence.to_string())
+    .header(HDR_GLOBAL_POSITION, envelope.global_position.to_string())
+    .header(HDR_CORRELATION_ID, envelope.metadata.correlation_id.to_string()))
+}
+
+/// Publishes every stored event in commit order, as the relay would.
+async fn publish_store(
+    pool: &PgPool,
+    js: &async_nats::jetstream::Context,
+    namespace: &Namespace,
+) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    let publisher = Publisher::new(js.clone(), 4_096);
+    let query = format!(
+        "SELECT {} FROM events WHERE global_position > $1 ORDER BY global_position LIMIT 10000",
+        platform::pg::ENVELOPE_COLUMNS
+    );
+    let (mut cursor, mut published) = (0i64, 0u64);
+    loop {
+        let rows = sqlx::query(&query).bind(cursor).fetch_all(pool).await?;
+        let Some(last) = rows.last() else { break };
+        cursor = last.try_get("global_position")?;
+        let messages = rows
+            .iter()
+            .map(|row| relay_message(namespace, &platform::pg::envelope_from_row(row)?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        published += publisher.publish_all(messages).await?.len() as u64;
+    }
+    println!(
+        "published {published} envelopes to {} in {:.1} s",
+        namespace.events_stream("Order"),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(published)
+}
+
+/// One run of the daemon from an empty view and a new consumer over the
+/// whole stream; returns events/s until everything is acknowledged.
+async fn daemon_round(
+    db: &testkit::TestDb,
+    js: &async_nats::jetstream::Context,
+    namespace: &Namespace,
+    batch_size: usize,
+    orders: i64,
+) -> anyhow::Result<f64> {
+    let stream = js.get_stream(namespace.events_stream("Order")).await?;
+    let consumer = consumer_name(Projection::Orders.name());
+    // a new consumer starts from the stream's first message
+    let _ = stream.delete_consumer(&consumer).await;
+    sqlx::query("TRUNCATE order_view, projection_checkpoints, projection_dead_letters")
+        .execute(&db.pool)
+        .await?;
+    let state = stream.get_info().await?.state;
+    anyhow::ensure!(
+        state.messages == u64::try_from(orders * 4)?,
+        "stream holds {}",
+        state.messages
+    );
+    let stop = CancellationToken::new();
+    let daemon = Daemon {
+        pool: db.pool.clone(),
+        js: js.clone(),
+        namespace: namespace.clone(),
+        batch_size,
+        max_deliver: 5,
+    };
+    let started = Instant::now();
+    let task = tokio::spawn(daemon.run(stop.clone()));
+    let outcome = async {
+        loop {
+            if let Ok(info) = stream.consumer_info(&consumer).await
+                && info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.ack_floor.stream_sequence >= state.last_sequence
+            {
+                break;
+            }
+            anyhow::ensure!(!task.is_finished(), "the daemon stopped");
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "the daemon did not catch up in 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(started.elapsed().as_secs_f64())
+    }
+    .await;
+    stop.cancel();
+    task.await??;
+    let seconds = outcome?;
+    let row = sqlx::query(
+        "SELECT (SELECT count(*) FROM order_view WHERE version = 4 AND status = 'preparing') AS complete,
+                (SELECT count(*) FROM projection_dead_letters) AS dead",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let (complete, dead): (i64, i64) = (row.try_get("complete")?, row.try_get("dead")?);
+    anyhow::ensure!(
+        complete == orders && dead == 0,
+        "{complete} of {orders} documents complete, {dead} dead letters"
+    );
+    Ok((orders * 4) as f64 / seconds)
+}
+
+async fn daemon_bench() -> anyhow::Result<()> {
+    const ORDERS: i64 = 75_000;
+    const BATCHES: [usize; 3] = [500, 1_000, 2_000];
+    println!(
+        "\n## projection daemon: {} events on the Order stream ({ROUNDS} rounds per batch size)",
+        ORDERS * 4
+    );
+    let db = testkit::TestDb::new().await?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    let result = async {
+        seed(&db.pool, ORDERS, Layout::Waves).await?;
+        publish_store(&db.pool, &js, &namespace).await?;
+        let mut rates: HashMap<usize, Vec<f64>> = HashMap::new();
+        for round in 1..=ROUNDS {
+            for batch in BATCHES {
+                let before = PgActivity::now(&db.pool).await?;
+                let rate = daemon_round(&db, &js, &namespace, batch, ORDERS).await?;
+                rates.entry(batch).or_default().push(rate);
+                println!(
+                    "round {round}, batch {batch:>4}: {rate:>6.0} events/s | {} | load {}",
+                    before.since(&db.pool).await?,
+                    loadavg()
+                );
+            }
+        }
+        let medians: Vec<(usize, f64)> = BATCHES.iter().map(|b| (*b, median(rates[b].clone()))).collect();
+        for (batch, rate) in &medians {
+            println!("median batch {batch}: {rate:.0} events/s");
+        }
+        let (best, rate) = medians
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .copied()
+            .context("no batch sizes")?;
+        println!("best: batch {best} at {rate:.0} events/s (target ≥ 15,000 events/s)");
+        anyhow::Ok(())
+    }
+    .await;
+    drop_streams(&js, &namespace).await?;
+    db.drop_database().await?;
+    result
+}
+
+// ---------------------------------------------------------------- query
+
+#[derive(Debug, Clone, Default)]
+struct WrkResult {
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    /// Responses with a status of 400 or more (wrk's "Non-2xx or 3xx").
+    errors: u64,
+    socket_errors: String,
+}
+
+/// "850.00us", "1.23ms", "1.02s" in milliseconds.
+fn parse_duration_ms(text: &str) -> Option<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        (text, 1.0)
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+fn parse_wrk(output: &str) -> anyhow::Result<WrkResult> {
+    let mut result = WrkResult::default();
+    for line in output.lines().map(str::trim) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["50%", value] => result.p50_ms = parse_duration_ms(value).context("p50")?,
+            ["99%", value] => result.p99_ms = parse_duration_ms(value).context("p99")?,
+            ["Requests/sec:", value] => result.requests_per_second = value.parse()?,
+            ["Non-2xx", "or", "3xx", "responses:", value] => result.errors = value.parse()?,
+            [count, "requests", "in", ..] => result.requests = count.parse()?,
+            ["Socket", "errors:", ..] => result.socket_errors = line.to_owned(),
+            _ => {}
+        }
+    }
+    anyhow::ensure!(
+        result.requests_per_second > 0.0 && result.p99_ms > 0.0,
+        "cannot read wrk's output:\n{output}"
+    );
+    Ok(result)
+}
+
+/// `wrk -t2 -c64 --latency` with the `get_order.lua` script, killed if it hangs.
+async fn wrk(url: String, ids: PathBuf, token: String, seconds: u64) -> anyhow::Result<WrkResult> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/get_order.lua");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .arg("--kill-after=5")
+            .arg((seconds + 30).to_string())
+            .args(["wrk", "-t2", "-c64", &format!("-d{seconds}s"), "--latency", "-s"])
+            .arg(&script)
+            .arg(&url)
+            .arg("--")
+            .arg(&ids)
+            .arg(&token)
+            .output()
+    })
+    .await?
+    .context("running wrk (apt-get install wrk)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "wrk failed ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_wrk(&stdout)
+}
+
+/// `pgbench` running the query API's lookup (`SELECT doc FROM order_view
+/// WHERE id = $1`, prepared) on random order ids; returns queries/s.
+async fn pgbench_lookups(url: &str, orders: i64, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+    let script = std::env::temp_dir().join(format!("read_side_lookup_{}.sql", testkit::short_id()));
+    std::fs::write(
+        &script,
+        format!(
+            "\\set n random(0, {})\nSELECT doc FROM order_view WHERE id = md5('order-' || :n)::uuid::text;\n",
+            orders - 1
+        ),
+    )?;
+    let (url, path) = (url.to_owned(), script.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .arg("--kill-after=5")
+            .arg((seconds + 30).to_string())
+            .args(["pgbench", "-n", "-M", "prepared", "-j", "2"])
+            .arg(format!("-c{clients}"))
+            .arg(format!("-T{seconds}"))
+            .arg("-f")
+            .arg(&path)
+            .arg(&url)
+            .output()
+    })
+    .await?;
+    let _ = std::fs::remove_file(&script);
+    let output = output.context("running pgbench")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "pgbench failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("cannot read pgbench's output:\n{stdout}"))
+}
+
+async fn query_bench() -> anyhow::Result<()> {
+    const ORDERS: i64 = 100_000;
+    const SECONDS: u64 = 10;
+    println!("\n## query API: GET /orders/{{id}} on {ORDERS} documents, wrk -t2 -c64 -d{SECONDS}s ({ROUNDS} rounds)");
+    let db = testkit::TestDb::new().await?;
+    let ids = std::env::temp_dir().join(format!("read_side_ids_{}.txt", testkit::short_id()));
+    let result = async {
+        seed(&db.pool, ORDERS, Layout::Waves).await?;
+        replay_ours(&db.pool, ORDERS).await?;
+        let order_ids: Vec<String> = sqlx::query_scalar("SELECT id FROM order_view").fetch_all(&db.pool).await?;
+        anyhow::ensure!(order_ids.len() == usize::try_from(ORDERS)?, "{} documents", order_ids.len());
+        std::fs::write(&ids, order_ids.join("\n") + "\n")?;
+
+        let secret = format!("bench-{}", testkit::short_id());
+        let config = query_api::Config::try_parse_from([
+            "query-api",
+            "--database-url",
+            &db.url,
+            "--jwt-secret",
+            &secret,
+        ])?;
+        println!("query API pool: {} connections", config.postgres.database_max_connections);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(query_api::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let outcome = async {
+            let token = JwtKeys::new(&Secret::new(secret.clone())).issue("bench", Role::Admin, Duration::from_secs(3600))?;
+            let http = reqwest::Client::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !http
+                .get(format!("{base}/health"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                anyhow::ensure!(Instant::now() < deadline, "the query API did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let response = http
+                .get(format!("{base}/orders/{}", order_ids[0]))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            anyhow::ensure!(response.status() == 200, "GET /orders/{{id}}: {}", response.status());
+            let body: serde_json::Value = response.json().await?;
+            anyhow::ensure!(
+                body.to_string().contains(&order_ids[0]),
+                "unexpected answer: {body}"
+            );
+
+            // warm-up: connections, Postgres caches, allocator
+            wrk(base.clone(), ids.clone(), token.clone(), 3).await?;
+            let mut runs = Vec::new();
+            for round in 1..=ROUNDS {
+                let run = wrk(base.clone(), ids.clone(), token.clone(), SECONDS).await?;
+                println!(
+                    "round {round}: {:>6.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} requests, {} non-2xx{}{} | load {}",
+                    run.requests_per_second,
+                    run.p50_ms,
+                    run.p99_ms,
+                    run.requests,
+                    run.errors,
+                    if run.socket_errors.is_empty() { "" } else { ", " },
+                    run.socket_errors,
+                    loadavg()
+                );
+                anyhow::ensure!(run.errors == 0, "{} error responses", run.errors);
+                runs.push(run);
+            }
+            println!(
+                "median: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms (target ≥ 10,000 req/s, p99 ≤ 10 ms at 64 connections)",
+                median(runs.iter().map(|r| r.requests_per_second).collect()),
+                median(runs.iter().map(|r| r.p50_ms).collect()),
+                median(runs.iter().map(|r| r.p99_ms).collect())
+            );
+            anyhow::Ok(())
+        }
+        .await;
+        let _ = stop.send(());
+        server.await??;
+        outcome?;
+        // what Postgres alone answers: the API's query over as many connections as its pool
+        match pgbench_lookups(&db.url, ORDERS, 16, SECONDS).await {
+            Ok(tps) => println!(
+                "reference: Postgres alone (pgbench, the same lookup by id, 16 connections): {tps:.0} queries/s | load {}",
+                loadavg()
+            ),
+            Err(error) => println!("reference: pgbench not run: {error:#}"),
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_file(&ids);
+    db.drop_database().await?;
+    result
+}
