@@ -127,7 +127,8 @@ impl AppState {
             vouchers: Arc::new(vouchers),
             voucher_cache,
             orders: Arc::new(Commands::new(store.clone(), ())),
-            products: Arc::new(Commands::new(store.clone(), ())),
+            // products are hot too: every goods order reserves stock on each of its lines
+            products: Arc::new(Commands::new(store.clone(), ()).with_cache(AggregateCache::new(10_000))),
             coupons: Arc::new(Commands::new(store.clone(), ())),
             store,
             clock,

@@ -130,7 +130,7 @@ impl Lifecycle {
         };
         match (order.kind(), order.voucher_id(), order.coupon_id()) {
             (Some(OrderKind::SeckillVoucher), Some(voucher_id), _) => {
-                let voucher = self.store.load::<Voucher>(&voucher_id.to_string()).await?.aggregate;
+                let voucher = self.vouchers.read(&voucher_id.to_string()).await?.aggregate;
                 let (Some(value_cents), Some(min_spend_cents)) = (voucher.value_cents(), voucher.min_spend_cents())
                 else {
                     return Err(LifecycleError::Command(format!(
@@ -188,11 +188,7 @@ impl Lifecycle {
         let mut items = Vec::with_capacity(requested.len());
         let mut rejection = None;
         for line in &requested {
-            let product = self
-                .store
-                .load::<Product>(&line.product_id.to_string())
-                .await?
-                .aggregate;
+            let product = self.products.read(&line.product_id.to_string()).await?.aggregate;
             match (product.name(), product.price_cents()) {
                 (Some(name), Some(price)) => items.push(OrderItem {
                     product_id: Some(line.product_id),

@@ -316,6 +316,26 @@ impl<A> AggregateCache<A> {
         self.entries.lock().ok()?.remove(aggregate_id)
     }
 
+    /// A copy of the entry, left in place for its writers.
+    pub fn peek(&self, aggregate_id: &str) -> Option<Loaded<A>>
+    where
+        A: Clone,
+    {
+        self.entries.lock().ok()?.get(aggregate_id).cloned()
+    }
+
+    /// Stores `loaded` unless the entry already holds the same or a later version.
+    pub fn put_if_newer(&self, aggregate_id: &str, loaded: Loaded<A>) {
+        let newer = self
+            .entries
+            .lock()
+            .map(|entries| entries.get(aggregate_id).is_none_or(|cached| cached.version < loaded.version))
+            .unwrap_or(false);
+        if newer {
+            self.put(aggregate_id, loaded);
+        }
+    }
+
     pub fn put(&self, aggregate_id: &str, loaded: Loaded<A>) {
         if let Ok(mut entries) = self.entries.lock() {
             if entries.len() >= self.capacity && !entries.contains_key(aggregate_id) {

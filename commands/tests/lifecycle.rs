@@ -276,3 +276,38 @@ async fn deadlines_fire_once_after_their_time_and_never_against_a_paid_order() -
     assert_eq!(waiting, 1);
     db.drop_database().await
 }
+
+/// Products are read through the aggregate cache (the saga prices from them);
+/// what another process writes meanwhile must still be seen, and a stale entry
+/// must never make a reservation double-book the stock.
+#[tokio::test]
+async fn cached_product_reads_see_every_processs_writes() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let (here, there) = (state(&db), state(&db));
+    let (product, _, _) = submitted_order(&here).await?;
+    let id = product.to_string();
+    let reserve = |order_id: Uuid, quantity: u32| move || ProductCommand::Reserve { order_id, quantity };
+
+    let first = here.api.products.read(&id).await?;
+    assert_eq!((first.version, first.aggregate.available()), (1, 5));
+    // another process reserves; our cached copy is one event behind
+    there.api.products.execute(&id, reserve(Uuid::now_v7(), 2), &meta()).await?;
+    let second = here.api.products.read(&id).await?;
+    assert_eq!((second.version, second.aggregate.available()), (2, 3));
+    // a write here after a write there: caught up, not conflicting, not overbooking
+    there.api.products.execute(&id, reserve(Uuid::now_v7(), 1), &meta()).await?;
+    here.api.products.execute(&id, reserve(Uuid::now_v7(), 2), &meta()).await?;
+    let rejected = here.api.products.execute(&id, reserve(Uuid::now_v7(), 1), &meta()).await;
+    assert!(
+        matches!(
+            rejected,
+            Err(commands::bus::CommandError::Domain(commands::domain::ProductError::OutOfStock { .. }))
+        ),
+        "{rejected:?}"
+    );
+    let stored = here.api.store.load::<commands::domain::Product>(&id).await?;
+    let read = here.api.products.read(&id).await?;
+    assert_eq!((read.version, read.aggregate.available()), (4, 0));
+    assert_eq!(read.aggregate, stored.aggregate);
+    Ok(())
+}

@@ -78,7 +78,17 @@ pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
         None => provider.with_sampler(Sampler::AlwaysOff),
     };
     let tracer_provider = provider.build();
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer("citypicks"));
+    // Every request and message gets a span, so what the layer does per span
+    // and per poll is on the hot path. Our propagation reads the tracing span's
+    // context (`OpenTelemetrySpanExt::context`), never the thread's active
+    // OpenTelemetry context, so activating it on every enter is pure cost, as
+    // are busy/idle timings (two clock reads per poll) and the thread-name
+    // attribute (an allocation per span).
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer_provider.tracer("citypicks"))
+        .with_context_activation(false)
+        .with_tracked_inactivity(false)
+        .with_threads(false);
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // colours only for a person at a terminal, not in log files

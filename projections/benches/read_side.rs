@@ -92,7 +92,11 @@ async fn main() -> anyhow::Result<()> {
         replay_breakdown().await?;
     }
     if wants("daemon") {
-        daemon_bench().await?;
+        daemon_bench(false).await?;
+    }
+    // diagnosis only: the daemon without the view's GIN index
+    if args.iter().any(|a| a == "daemon_without_gin") {
+        daemon_bench(true).await?;
     }
     if wants("query") {
         query_bench().await?;
@@ -610,14 +614,18 @@ async fn daemon_round(
     Ok((orders * 4) as f64 / seconds)
 }
 
-async fn daemon_bench() -> anyhow::Result<()> {
+async fn daemon_bench(without_gin: bool) -> anyhow::Result<()> {
     const ORDERS: i64 = 75_000;
     const BATCHES: [usize; 3] = [500, 1_000, 2_000];
     println!(
-        "\n## projection daemon: {} events on the Order stream ({ROUNDS} rounds per batch size)",
+        "\n## projection daemon{}: {} events on the Order stream ({ROUNDS} rounds per batch size)",
+        if without_gin { " without the GIN index" } else { "" },
         ORDERS * 4
     );
     let db = testkit::TestDb::new().await?;
+    if without_gin {
+        sqlx::query("DROP INDEX order_view_doc_idx").execute(&db.pool).await?;
+    }
     let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
     let namespace = Namespace::new(testkit::unique_namespace())?;
     cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
