@@ -1,6 +1,8 @@
 //! Read-side benchmarks: `./dev bench read_side [daemon|replay|query ...]`
 //! (`replay_ratio` and `replay_1m` run the two halves of `replay`;
-//! `replay_breakdown`, only when named, shows where a replay's time goes).
+//! `replay_breakdown` and `daemon_without_gin`, only when named, are
+//! diagnostics: where a replay's time goes, and the daemon without the view's
+//! GIN index).
 //!
 //! Each scenario runs against the dev stack's real servers in a database and
 //! NATS namespace of its own, dropped at the end. The event store is filled
