@@ -329,7 +329,11 @@ impl<A> AggregateCache<A> {
         let newer = self
             .entries
             .lock()
-            .map(|entries| entries.get(aggregate_id).is_none_or(|cached| cached.version < loaded.version))
+            .map(|entries| {
+                entries
+                    .get(aggregate_id)
+                    .is_none_or(|cached| cached.version < loaded.version)
+            })
             .unwrap_or(false);
         if newer {
             self.put(aggregate_id, loaded);

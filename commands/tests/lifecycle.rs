@@ -291,17 +291,34 @@ async fn cached_product_reads_see_every_processs_writes() -> anyhow::Result<()> 
     let first = here.api.products.read(&id).await?;
     assert_eq!((first.version, first.aggregate.available()), (1, 5));
     // another process reserves; our cached copy is one event behind
-    there.api.products.execute(&id, reserve(Uuid::now_v7(), 2), &meta()).await?;
+    there
+        .api
+        .products
+        .execute(&id, reserve(Uuid::now_v7(), 2), &meta())
+        .await?;
     let second = here.api.products.read(&id).await?;
     assert_eq!((second.version, second.aggregate.available()), (2, 3));
     // a write here after a write there: caught up, not conflicting, not overbooking
-    there.api.products.execute(&id, reserve(Uuid::now_v7(), 1), &meta()).await?;
-    here.api.products.execute(&id, reserve(Uuid::now_v7(), 2), &meta()).await?;
-    let rejected = here.api.products.execute(&id, reserve(Uuid::now_v7(), 1), &meta()).await;
+    there
+        .api
+        .products
+        .execute(&id, reserve(Uuid::now_v7(), 1), &meta())
+        .await?;
+    here.api
+        .products
+        .execute(&id, reserve(Uuid::now_v7(), 2), &meta())
+        .await?;
+    let rejected = here
+        .api
+        .products
+        .execute(&id, reserve(Uuid::now_v7(), 1), &meta())
+        .await;
     assert!(
         matches!(
             rejected,
-            Err(commands::bus::CommandError::Domain(commands::domain::ProductError::OutOfStock { .. }))
+            Err(commands::bus::CommandError::Domain(
+                commands::domain::ProductError::OutOfStock { .. }
+            ))
         ),
         "{rejected:?}"
     );
