@@ -29,6 +29,7 @@ use events::{CouponSource, EventMetadata, Namespace};
 use platform::http::{Health, JwtKeys, Ops, Role};
 use rand::seq::IndexedRandom as _;
 use serde_json::{Value, json};
+use testkit::bench::{loadavg, percentile};
 use testkit::reqwest;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -56,14 +57,6 @@ async fn main() -> anyhow::Result<()> {
         timeouts_bench().await?;
     }
     Ok(())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 fn setup_state(pool: &sqlx::PgPool) -> AppState {
@@ -238,15 +231,6 @@ async fn goods_bench() -> anyhow::Result<()> {
         js.delete_stream(&stream.name).await?;
     }
     db.drop_database().await
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 async fn timeouts_bench() -> anyhow::Result<()> {

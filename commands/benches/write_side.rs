@@ -34,6 +34,7 @@ use cp_nats::{Publisher, Topology};
 use cqrs_es::AggregateError;
 use events::{EventEnvelope, EventMetadata, Namespace, VoucherKind};
 use futures::StreamExt as _;
+use testkit::bench::median;
 use uuid::Uuid;
 
 const COMMANDS: usize = 20_000;
@@ -59,11 +60,6 @@ async fn main() -> anyhow::Result<()> {
         relay_bench().await?;
     }
     Ok(())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn create_product(id: Uuid) -> ProductCommand {

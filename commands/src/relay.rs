@@ -30,7 +30,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use cp_nats::{Outgoing, Publisher};
 use events::{
-    Namespace,
+    EventEnvelope, Namespace,
     subjects::{
         HDR_AGGREGATE_ID, HDR_AGGREGATE_TYPE, HDR_CORRELATION_ID, HDR_EVENT_TYPE, HDR_EVENT_VERSION,
         HDR_GLOBAL_POSITION, HDR_SEQUENCE,
@@ -72,6 +72,31 @@ enum RelayError {
     Database(#[from] sqlx::Error),
     #[error("publish: {0}")]
     Publish(#[from] cp_nats::PublishFailure),
+    #[error("encode an envelope: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The message the relay publishes for a stored event: the envelope as JSON,
+/// its event id as `Nats-Msg-Id` (JetStream's dedup), its trace context, and
+/// the headers consumers route and order by.
+pub fn event_message(namespace: &Namespace, envelope: &EventEnvelope) -> Result<Outgoing, serde_json::Error> {
+    let trace = TraceHeaders {
+        traceparent: envelope.metadata.traceparent.clone(),
+        tracestate: envelope.metadata.tracestate.clone(),
+    };
+    Ok(Outgoing::new(
+        namespace.events_subject(&envelope.aggregate_type),
+        envelope.event_id.to_string(),
+        Bytes::from(serde_json::to_vec(envelope)?),
+    )
+    .trace(&trace)
+    .header(HDR_EVENT_TYPE, &envelope.event_type)
+    .header(HDR_EVENT_VERSION, &envelope.event_version)
+    .header(HDR_AGGREGATE_TYPE, &envelope.aggregate_type)
+    .header(HDR_AGGREGATE_ID, &envelope.aggregate_id)
+    .header(HDR_SEQUENCE, envelope.sequence.to_string())
+    .header(HDR_GLOBAL_POSITION, envelope.global_position.to_string())
+    .header(HDR_CORRELATION_ID, envelope.metadata.correlation_id.to_string()))
 }
 
 /// Where the relay got to: the last published `(tx_id, global_position)`.
@@ -217,24 +242,9 @@ impl Relay {
     fn to_message(&self, row: &sqlx::postgres::PgRow) -> Result<Row, RelayError> {
         let envelope = platform::pg::envelope_from_row(row)?;
         let (global_position, recorded_at) = (envelope.global_position, envelope.recorded_at);
-        let body = serde_json::to_vec(&envelope).unwrap_or_default();
-        let trace = TraceHeaders {
-            traceparent: envelope.metadata.traceparent.clone(),
-            tracestate: envelope.metadata.tracestate.clone(),
-        };
-        let message = Outgoing::new(
-            self.namespace.events_subject(&envelope.aggregate_type),
-            envelope.event_id.to_string(),
-            Bytes::from(body),
-        )
-        .trace(&trace)
-        .header(HDR_EVENT_TYPE, &envelope.event_type)
-        .header(HDR_EVENT_VERSION, &envelope.event_version)
-        .header(HDR_AGGREGATE_TYPE, &envelope.aggregate_type)
-        .header(HDR_AGGREGATE_ID, &envelope.aggregate_id)
-        .header(HDR_SEQUENCE, envelope.sequence.to_string())
-        .header(HDR_GLOBAL_POSITION, global_position.to_string())
-        .header(HDR_CORRELATION_ID, envelope.metadata.correlation_id.to_string());
+        // an envelope that cannot be encoded stops the relay here (retried,
+        // logged) rather than going out with an empty body
+        let message = event_message(&self.namespace, &envelope)?;
         let tx: String = row.try_get("tx")?;
         Ok(Row {
             cursor: Cursor {

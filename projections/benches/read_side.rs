@@ -39,23 +39,16 @@ use anyhow::Context as _;
 use chrono::{TimeZone as _, Utc};
 use clap::Parser as _;
 use commands::domain::{Order, OrderCommand};
-use cp_nats::{Outgoing, Publisher, Topology};
+use cp_nats::{Publisher, Topology};
 use cqrs_es::{
     View,
     persist::{GenericQuery, QueryReplay},
     test::TestFramework,
 };
-use events::{
-    EventEnvelope, EventMetadata, Namespace, OrderEvent,
-    subjects::{
-        HDR_AGGREGATE_ID, HDR_AGGREGATE_TYPE, HDR_CORRELATION_ID, HDR_EVENT_TYPE, HDR_EVENT_VERSION,
-        HDR_GLOBAL_POSITION, HDR_SEQUENCE,
-    },
-};
+use events::{EventEnvelope, EventMetadata, Namespace, OrderEvent};
 use platform::{
     Secret,
     http::{JwtKeys, Role},
-    telemetry::TraceHeaders,
 };
 use postgres_es::{PostgresEventRepository, PostgresViewRepository};
 use projections::{
@@ -66,6 +59,7 @@ use projections::{
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row as _};
+use testkit::bench::{loadavg, median};
 use tokio_util::sync::CancellationToken;
 
 const ROUNDS: usize = 3;
@@ -104,18 +98,6 @@ async fn main() -> anyhow::Result<()> {
         query_bench().await?;
     }
     Ok(())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-/// The 1-, 5- and 15-minute load averages.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_owned())
 }
 
 /// What the whole Postgres server has done so far: WAL bytes written and
@@ -496,27 +478,6 @@ async fn drop_streams(js: &async_nats::jetstream::Context, namespace: &Namespace
     Ok(())
 }
 
-/// The message the relay publishes for a stored event.
-fn relay_message(namespace: &Namespace, envelope: &EventEnvelope) -> anyhow::Result<Outgoing> {
-    let trace = TraceHeaders {
-        traceparent: envelope.metadata.traceparent.clone(),
-        tracestate: envelope.metadata.tracestate.clone(),
-    };
-    Ok(Outgoing::new(
-        namespace.events_subject(&envelope.aggregate_type),
-        envelope.event_id.to_string(),
-        serde_json::to_vec(envelope)?,
-    )
-    .trace(&trace)
-    .header(HDR_EVENT_TYPE, &envelope.event_type)
-    .header(HDR_EVENT_VERSION, &envelope.event_version)
-    .header(HDR_AGGREGATE_TYPE, &envelope.aggregate_type)
-    .header(HDR_AGGREGATE_ID, &envelope.aggregate_id)
-    .header(HDR_SEQUENCE, envelope.sequence.to_string())
-    .header(HDR_GLOBAL_POSITION, envelope.global_position.to_string())
-    .header(HDR_CORRELATION_ID, envelope.metadata.correlation_id.to_string()))
-}
-
 /// Publishes every stored event in commit order, as the relay would.
 async fn publish_store(
     pool: &PgPool,
@@ -536,7 +497,10 @@ async fn publish_store(
         cursor = last.try_get("global_position")?;
         let messages = rows
             .iter()
-            .map(|row| relay_message(namespace, &platform::pg::envelope_from_row(row)?))
+            .map(|row| {
+                let envelope = platform::pg::envelope_from_row(row)?;
+                anyhow::Ok(commands::relay::event_message(namespace, &envelope)?)
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         published += publisher.publish_all(messages).await?.len() as u64;
     }

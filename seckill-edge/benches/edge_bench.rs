@@ -46,6 +46,7 @@ use seckill_edge::{
     keys::{VoucherKeys, registry},
     ledger::VoucherSnapshot,
 };
+use testkit::bench::median;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -304,11 +305,6 @@ async fn drop_namespace(js: &async_nats::jetstream::Context, namespace: &Namespa
         }
     }
     Ok(())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// `forwarder`: a backlog of admitted requests drained into JetStream.

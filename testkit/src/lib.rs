@@ -7,6 +7,8 @@
 //! addresses come from `TEST_DATABASE_URL`, `TEST_NATS_URL` and
 //! `TEST_REDIS_URL`, defaulting to its ports.
 
+pub mod bench;
+
 use std::{future::Future, time::Duration};
 
 use anyhow::Context as _;
