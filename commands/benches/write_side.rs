@@ -116,7 +116,10 @@ async fn baseline(pool: &sqlx::PgPool, ids: Arc<Vec<Uuid>>, make: fn(Uuid) -> Pr
 }
 
 fn restock(_: Uuid) -> ProductCommand {
-    ProductCommand::Restock { quantity: 1 }
+    ProductCommand::Restock {
+        quantity: 1,
+        merchant: None,
+    }
 }
 
 async fn commands_bench() -> anyhow::Result<()> {

@@ -12,6 +12,16 @@
 //! - crash after the commit, before the ack: the redelivery finds the order
 //!   ids decided and does nothing.
 //!
+//! Nothing admitted is lost to a bad payload: a request whose user id the
+//! store cannot hold (a control character, say) is rejected by the voucher
+//! with `invalid_request` and still becomes a rejected order (under a
+//! storable form of the id), so the edge gives its unit back; a message that
+//! is not an `OrderRequested` but names its order and voucher is treated the
+//! same way; one that does not even name them is dead-lettered at once with
+//! the reason. Failures are sorted: a store that is away is retried, a
+//! decision that can never be stored is dead-lettered at once
+//! ([`ClaimError::is_permanent`]).
+//!
 //! The voucher is a hot aggregate: it lives in an [`AggregateCache`], is
 //! caught up from its cached sequence before each batch and appended with
 //! that sequence as the optimistic lock. One writer per voucher is the design
@@ -21,7 +31,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use async_nats::jetstream;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use cp_nats::{BatchHandler, HandlerError};
 use events::{EventMetadata, OrderRejectionReason, OrderRequested, VoucherEvent};
 use platform::telemetry::TraceHeaders;
@@ -49,6 +59,18 @@ pub enum ClaimError {
     Order(Uuid, crate::domain::order::OrderError),
     #[error("voucher {0} kept conflicting")]
     Conflict(Uuid),
+}
+
+impl ClaimError {
+    /// Whether retrying can never help: the batch's decision itself cannot
+    /// be recorded (as opposed to a database that is away, or other writers).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Store(error) => error.is_permanent(),
+            Self::Voucher(..) | Self::Order(..) => true,
+            Self::Conflict(_) => false,
+        }
+    }
 }
 
 /// One admitted request with what the event store needs to record it.
@@ -121,9 +143,10 @@ impl ClaimWriter {
                     return Err(ClaimError::Voucher(voucher_id, error));
                 }
             };
-            let (title, price_cents) = (
+            let (title, price_cents, merchant_id) = (
                 decided.aggregate.title().unwrap_or_default().to_owned(),
                 decided.aggregate.price_cents().unwrap_or(0),
+                decided.aggregate.merchant_id().unwrap_or_default().to_owned(),
             );
             let mut appends: Vec<Append> = Vec::with_capacity(decided.events.len() + 1);
             let mut voucher_append = decided.to_append(&EventMetadata::system("claim-writer"))?;
@@ -136,6 +159,7 @@ impl ClaimWriter {
                         OrderCommand::PlaceSeckillOrder {
                             order_id: *order_id,
                             user_id: user_id.clone(),
+                            merchant_id: merchant_id.clone(),
                             voucher_id,
                             title: title.clone(),
                             price_cents,
@@ -152,6 +176,7 @@ impl ClaimWriter {
                         OrderCommand::RejectSeckillOrder {
                             order_id: *order_id,
                             user_id: user_id.clone(),
+                            merchant_id: Some(merchant_id.clone()),
                             voucher_id,
                             reason: OrderRejectionReason::from(*reason),
                             rejected_at: Utc::now(),
@@ -198,7 +223,8 @@ impl ClaimWriter {
             let loaded = self.store.load::<Order>(&id).await?;
             let command = OrderCommand::RejectSeckillOrder {
                 order_id: claim.order_id,
-                user_id: claim.user_id.clone(),
+                user_id: crate::domain::limits::storable_user_id(&claim.user_id),
+                merchant_id: None,
                 voucher_id,
                 reason: OrderRejectionReason::VoucherNotFound,
                 rejected_at: Utc::now(),
@@ -252,20 +278,15 @@ impl BatchHandler for ClaimWriter {
         let mut outcomes: Vec<Result<(), HandlerError>> = (0..messages.len()).map(|_| Ok(())).collect();
         let mut by_voucher: HashMap<Uuid, Vec<Request>> = HashMap::new();
         for (index, message) in messages.iter().enumerate() {
-            match serde_json::from_slice::<OrderRequested>(&message.payload) {
-                Ok(request) => {
+            match decode_request(&message.payload) {
+                Ok((voucher_id, claim)) => {
                     let trace = message.headers.as_ref().map(trace_of).unwrap_or_default();
-                    by_voucher.entry(request.voucher_id).or_default().push(Request {
-                        index,
-                        claim: SeckillClaim {
-                            order_id: request.order_id,
-                            user_id: request.user_id,
-                            requested_at: request.requested_at,
-                        },
-                        trace,
-                    });
+                    by_voucher
+                        .entry(voucher_id)
+                        .or_default()
+                        .push(Request { index, claim, trace });
                 }
-                Err(error) => outcomes[index] = Err(format!("not an OrderRequested: {error}").into()),
+                Err(error) => outcomes[index] = Err(cp_nats::permanent(error)),
             }
         }
         for (voucher_id, requests) in by_voucher {
@@ -275,14 +296,74 @@ impl BatchHandler for ClaimWriter {
             let span = tracing::info_span!("claim_batch", %voucher_id, claims = claims.len());
             let result = tracing::Instrument::instrument(self.process(voucher_id, &claims, &traces), span).await;
             if let Err(error) = result {
-                tracing::warn!(%voucher_id, %error, "claim batch failed");
-                let text = error.to_string();
+                let permanent = error.is_permanent();
+                tracing::warn!(%voucher_id, error = %DisplayChain(&error), permanent, "claim batch failed");
+                let text = DisplayChain(&error).to_string();
                 for request in &requests {
-                    outcomes[request.index] = Err(text.clone().into());
+                    outcomes[request.index] = Err(if permanent {
+                        cp_nats::permanent(text.clone())
+                    } else {
+                        text.clone().into()
+                    });
                 }
             }
         }
         outcomes
+    }
+}
+
+/// An admitted request that does not decode as an `OrderRequested`.
+#[derive(Debug, thiserror::Error)]
+#[error("not an OrderRequested, and it names no order and voucher: {0}")]
+pub struct UnreadableRequest(#[source] serde_json::Error);
+
+/// What a request that is not a valid `OrderRequested` still tells.
+#[derive(serde::Deserialize)]
+struct RequestIds {
+    order_id: Uuid,
+    voucher_id: Uuid,
+}
+
+/// Decodes a request. One that is not a valid `OrderRequested` but names its
+/// order and voucher becomes a claim with no usable user id, which the
+/// voucher refuses as `invalid_request`: the admitted request still ends as
+/// one (rejected) order and its unit goes back to the sale.
+fn decode_request(payload: &[u8]) -> Result<(Uuid, SeckillClaim), UnreadableRequest> {
+    match serde_json::from_slice::<OrderRequested>(payload) {
+        Ok(request) => Ok((
+            request.voucher_id,
+            SeckillClaim {
+                order_id: request.order_id,
+                user_id: request.user_id,
+                requested_at: request.requested_at,
+            },
+        )),
+        Err(error) => {
+            let ids: RequestIds = serde_json::from_slice(payload).map_err(|_| UnreadableRequest(error))?;
+            Ok((
+                ids.voucher_id,
+                SeckillClaim {
+                    order_id: ids.order_id,
+                    user_id: String::new(),
+                    requested_at: DateTime::<Utc>::UNIX_EPOCH,
+                },
+            ))
+        }
+    }
+}
+
+/// An error with its sources, for the log and the dead letter's reason.
+struct DisplayChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 

@@ -76,6 +76,18 @@ pub struct Config {
     /// The provider's webhook signing secret; unset turns payments off.
     #[arg(long, env = "PAYMENT_WEBHOOK_SECRET", hide_env_values = true)]
     pub payment_webhook_secret: Option<platform::Secret>,
+    /// `hosted`: a real provider's checkout page (`PAYMENT_CHECKOUT_URL`);
+    /// `simulated`: the local stack's fake provider, whose checkout route
+    /// exists only with this setting (never in production).
+    #[arg(long, env = "PAYMENT_PROVIDER", value_enum, default_value = "hosted")]
+    pub payment_provider: payments::provider::ProviderKind,
+    /// The hosted provider's checkout page; `{payment_id}` is replaced.
+    #[arg(
+        long,
+        env = "PAYMENT_CHECKOUT_URL",
+        default_value = "https://checkout.payments.invalid/pay/{payment_id}"
+    )]
+    pub payment_checkout_url: String,
     /// The command API as customers reach it: the simulated provider's checkout URLs start with it.
     #[arg(long, env = "PAYMENT_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
     pub payment_public_url: String,
@@ -104,6 +116,8 @@ pub struct Config {
     pub startup: StartupConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    #[command(flatten)]
+    pub http: platform::config::HttpConfig,
 }
 
 #[derive(Debug, Clone, FromRef)]
@@ -162,6 +176,7 @@ impl AppState {
             payment_timeout,
             coupon_validity: api::COUPON_VALIDITY,
             hot_products: self.api.hot_products.clone(),
+            clock: self.api.clock.clone(),
         }
     }
 
@@ -197,10 +212,19 @@ pub async fn run(
     let mut state = AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops);
     match &config.payment_webhook_secret {
         Some(secret) => {
-            state = state.with_payments(payments::PaymentSettings {
-                provider: Arc::new(payments::provider::SimulatedProvider {
-                    public_url: config.payment_public_url.clone(),
+            let provider: Arc<dyn payments::provider::PaymentProvider> = match config.payment_provider {
+                payments::provider::ProviderKind::Hosted => Arc::new(payments::provider::HostedProvider {
+                    checkout_url_template: config.payment_checkout_url.clone(),
                 }),
+                payments::provider::ProviderKind::Simulated => {
+                    tracing::warn!("PAYMENT_PROVIDER=simulated: payments are simulated, never use this in production");
+                    Arc::new(payments::provider::SimulatedProvider {
+                        public_url: config.payment_public_url.clone(),
+                    })
+                }
+            };
+            state = state.with_payments(payments::PaymentSettings {
+                provider,
                 webhook_secret: secret.clone(),
                 webhook_url: config.payment_webhook_url.clone(),
                 http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
@@ -316,7 +340,7 @@ pub async fn run(
         background.spawn(poller.run(stop.clone().cancelled_owned()));
     }
 
-    let served = platform::http::serve(listener, router(state), shutdown).await;
+    let served = platform::http::serve(listener, router(state), &config.http, shutdown).await;
     stop.cancel();
     while background.join_next().await.is_some() {}
     served?;

@@ -13,6 +13,13 @@
 //! anywhere redelivers the event, and every command it sends is idempotent
 //! per order (release twice = once; the coupon id is derived from the order
 //! id, its expiry from the payment time, so a second issue is the same one).
+//!
+//! Failures are sorted ([`LifecycleError::is_permanent`]): a database away or
+//! other writers winning is retried with backoff; an event that does not
+//! decode, or a command its aggregate refuses, can never succeed and is
+//! dead-lettered at once with the reason. What the saga can decide by itself
+//! it decides: a total that cannot be represented, or lines of several
+//! merchants, reject the order instead of failing the event.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -27,7 +34,7 @@ use uuid::Uuid;
 use crate::{
     bus::{CommandError, Commands},
     domain::{
-        Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, Voucher, VoucherCommand,
+        Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, SharedClock, Voucher, VoucherCommand,
         coupon::CouponError, order::OrderError, product::ProductError, voucher::VoucherError,
     },
     store::EventStore,
@@ -57,6 +64,8 @@ pub struct Lifecycle {
     pub coupon_validity: chrono::Duration,
     /// Given back once the saga has tried each product.
     pub hot_products: Option<crate::hot::ProductSemaphore>,
+    /// "Now" for every time the reactor records.
+    pub clock: SharedClock,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -69,16 +78,77 @@ impl std::fmt::Debug for Lifecycle {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
-    #[error("database: {0}")]
+    #[error("database")]
     Database(#[from] sqlx::Error),
-    #[error("event store: {0}")]
+    #[error("event store")]
     Store(#[from] crate::store::StoreError),
-    #[error("{0}")]
-    Command(String),
+    #[error("{event_type} does not decode as an Order event")]
+    Undecodable {
+        event_type: String,
+        #[source]
+        source: events::envelope::EnvelopeError,
+    },
+    /// An aggregate refused a command the reactor sent, for a reason no
+    /// retry changes.
+    #[error("{aggregate} refused the command")]
+    Refused {
+        aggregate: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{aggregate} kept changing under the reactor")]
+    Contended { aggregate: &'static str },
+    #[error("voucher {voucher_id} of order {order_id} is unknown")]
+    UnknownVoucher { voucher_id: Uuid, order_id: String },
 }
 
-fn command_error<E: std::error::Error>(error: CommandError<E>) -> LifecycleError {
-    LifecycleError::Command(error.to_string())
+impl LifecycleError {
+    /// Whether the event can never succeed, so it is dead-lettered at once.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Database(_) | Self::Contended { .. } => false,
+            Self::Store(error) => error.is_permanent(),
+            Self::Undecodable { .. } | Self::Refused { .. } | Self::UnknownVoucher { .. } => true,
+        }
+    }
+}
+
+fn command_error<A: cqrs_es::Aggregate>(error: CommandError<A::Error>) -> LifecycleError
+where
+    A::Error: Send + Sync + 'static,
+{
+    match error {
+        CommandError::Domain(source) => LifecycleError::Refused {
+            aggregate: A::TYPE,
+            source: Box::new(source),
+        },
+        CommandError::Conflict { .. } => LifecycleError::Contended { aggregate: A::TYPE },
+        CommandError::Store(error) => LifecycleError::Store(error),
+    }
+}
+
+/// The merchant of an order's lines: one, or [`OrderRejectionReason::MixedMerchants`].
+fn single_merchant<'a>(mut merchants: impl Iterator<Item = &'a str>) -> Result<Option<&'a str>, OrderRejectionReason> {
+    let Some(first) = merchants.next() else {
+        return Ok(None);
+    };
+    if merchants.all(|other| other == first) {
+        Ok(Some(first))
+    } else {
+        Err(OrderRejectionReason::MixedMerchants)
+    }
+}
+
+/// The subtotal of priced lines, or [`OrderRejectionReason::TotalTooLarge`].
+fn subtotal_of(items: &[OrderItem]) -> Result<i64, OrderRejectionReason> {
+    items
+        .iter()
+        .try_fold(0_i64, |sum, item| {
+            item.unit_price_cents
+                .checked_mul(i64::from(item.quantity))
+                .and_then(|line| sum.checked_add(line))
+        })
+        .ok_or(OrderRejectionReason::TotalTooLarge)
 }
 
 impl Lifecycle {
@@ -92,12 +162,12 @@ impl Lifecycle {
             ..EventMetadata::system("order-lifecycle")
         }
         .caused_by(envelope.event_id);
-        let Ok(event) = envelope.decode::<OrderEvent>() else {
-            return Err(LifecycleError::Command(format!(
-                "{} does not decode",
-                envelope.event_type
-            )));
-        };
+        let event = envelope
+            .decode::<OrderEvent>()
+            .map_err(|source| LifecycleError::Undecodable {
+                event_type: envelope.event_type.clone(),
+                source,
+            })?;
         match event {
             OrderEvent::OrderSubmitted { .. } => self.reserve_goods(order_id, &metadata).await?,
             OrderEvent::OrderPlaced { placed_at, .. } => {
@@ -133,9 +203,10 @@ impl Lifecycle {
                 let voucher = self.vouchers.read(&voucher_id.to_string()).await?.aggregate;
                 let (Some(value_cents), Some(min_spend_cents)) = (voucher.value_cents(), voucher.min_spend_cents())
                 else {
-                    return Err(LifecycleError::Command(format!(
-                        "voucher {voucher_id} of order {order_id} is unknown"
-                    )));
+                    return Err(LifecycleError::UnknownVoucher {
+                        voucher_id,
+                        order_id: order_id.to_owned(),
+                    });
                 };
                 let coupon_id = coupon_id_for(id);
                 let issue = CouponCommand::Issue {
@@ -153,7 +224,7 @@ impl Lifecycle {
                     .await
                 {
                     Ok(_) | Err(CommandError::Domain(CouponError::AlreadyIssued)) => {}
-                    Err(error) => return Err(command_error(error)),
+                    Err(error) => return Err(command_error::<Coupon>(error)),
                 }
             }
             (Some(OrderKind::Goods), _, Some(coupon_id)) => {
@@ -164,7 +235,7 @@ impl Lifecycle {
                         metadata,
                     )
                     .await
-                    .map_err(command_error)?;
+                    .map_err(command_error::<Coupon>)?;
             }
             _ => {}
         }
@@ -186,17 +257,21 @@ impl Lifecycle {
         let requested = order.requested_items().to_vec();
         // 1. price the lines (prices as bought are copied into the order)
         let mut items = Vec::with_capacity(requested.len());
+        let mut merchants = Vec::with_capacity(requested.len());
         let mut rejection = None;
         for line in &requested {
             let product = self.products.read(&line.product_id.to_string()).await?.aggregate;
-            match (product.name(), product.price_cents()) {
-                (Some(name), Some(price)) => items.push(OrderItem {
-                    product_id: Some(line.product_id),
-                    voucher_id: None,
-                    name: name.to_owned(),
-                    quantity: line.quantity,
-                    unit_price_cents: price,
-                }),
+            match (product.name(), product.price_cents(), product.merchant_id()) {
+                (Some(name), Some(price), Some(merchant)) => {
+                    merchants.push(merchant.to_owned());
+                    items.push(OrderItem {
+                        product_id: Some(line.product_id),
+                        voucher_id: None,
+                        name: name.to_owned(),
+                        quantity: line.quantity,
+                        unit_price_cents: price,
+                    });
+                }
                 _ => {
                     rejection = Some(OrderRejectionReason::ProductNotFound {
                         product_id: line.product_id,
@@ -205,14 +280,26 @@ impl Lifecycle {
                 }
             }
         }
-        let subtotal: i64 = items
-            .iter()
-            .map(|item| item.unit_price_cents.saturating_mul(i64::from(item.quantity)))
-            .sum();
+        // One merchant per order, and a total that can be represented: both
+        // decided here, before anything is reserved.
+        let merchant_id = match single_merchant(merchants.iter().map(String::as_str)) {
+            Ok(merchant) => merchant.unwrap_or_default().to_owned(),
+            Err(reason) => {
+                rejection.get_or_insert(reason);
+                String::new()
+            }
+        };
+        let subtotal = match subtotal_of(&items) {
+            Ok(subtotal) => subtotal,
+            Err(reason) => {
+                rejection.get_or_insert(reason);
+                0
+            }
+        };
         // 2. the coupon, its minimum spend checked against the priced subtotal
         let mut discount_cents = 0;
         if let (None, Some(coupon_id)) = (rejection, order.coupon_id()) {
-            let at = Utc::now();
+            let at = self.clock.now();
             let reserve = || CouponCommand::Reserve {
                 order_id: id,
                 user_id: user_id.clone(),
@@ -228,7 +315,7 @@ impl Lifecycle {
                     rejection = Some(OrderRejectionReason::CouponMinSpendNotMet);
                 }
                 Err(CommandError::Domain(_)) => rejection = Some(OrderRejectionReason::CouponUnavailable),
-                Err(error) => return Err(command_error(error)),
+                Err(error) => return Err(command_error::<Coupon>(error)),
             }
         }
         // 3. each product's stock, the sequence as optimistic lock
@@ -258,7 +345,7 @@ impl Lifecycle {
                         });
                         break;
                     }
-                    Err(error) => return Err(command_error(error)),
+                    Err(error) => return Err(command_error::<Product>(error)),
                 }
             }
         }
@@ -268,9 +355,10 @@ impl Lifecycle {
         }
         let decision = match rejection {
             None => {
-                let placed_at = Utc::now();
+                let placed_at = self.clock.now();
                 let coupon_id = order.coupon_id();
                 let place = || OrderCommand::PlaceGoodsOrder {
+                    merchant_id: merchant_id.clone(),
                     items: items.clone(),
                     coupon_id,
                     discount_cents,
@@ -283,7 +371,7 @@ impl Lifecycle {
                 self.release_products(id, requested.iter().map(|line| line.product_id), metadata)
                     .await?;
                 self.release_coupon(&order, metadata).await?;
-                let rejected_at = Utc::now();
+                let rejected_at = self.clock.now();
                 self.orders
                     .execute(
                         order_id,
@@ -299,7 +387,7 @@ impl Lifecycle {
             Err(CommandError::Domain(OrderError::InvalidTransition { .. })) => {
                 self.release_holds(order_id, metadata).await
             }
-            Err(error) => Err(command_error(error)),
+            Err(error) => Err(command_error::<Order>(error)),
         }
     }
 
@@ -316,7 +404,7 @@ impl Lifecycle {
                 .await;
             match released {
                 Ok(_) | Err(CommandError::Domain(CouponError::NotFound)) => {}
-                Err(error) => return Err(command_error(error)),
+                Err(error) => return Err(command_error::<Coupon>(error)),
             }
         }
         Ok(())
@@ -339,7 +427,7 @@ impl Lifecycle {
                 .await;
             match released {
                 Ok(_) | Err(CommandError::Domain(ProductError::NotFound)) => {}
-                Err(error) => return Err(command_error(error)),
+                Err(error) => return Err(command_error::<Product>(error)),
             }
         }
         Ok(())
@@ -361,7 +449,7 @@ impl Lifecycle {
             match released {
                 // a claim the voucher never accepted holds nothing
                 Ok(_) | Err(CommandError::Domain(VoucherError::ClaimNotFound)) => {}
-                Err(error) => return Err(command_error(error)),
+                Err(error) => return Err(command_error::<Voucher>(error)),
             }
         }
         // a goods order cancelled before it was placed holds what the saga reserved so far
@@ -394,7 +482,7 @@ impl BatchHandler for Lifecycle {
                     by_order[at].1.push((index, envelope));
                 }
                 Ok(_) => outcomes[index] = Some(Ok(())),
-                Err(error) => outcomes[index] = Some(Err(Box::new(error))),
+                Err(error) => outcomes[index] = Some(Err(cp_nats::permanent(error))),
             }
         }
         let results: Vec<Vec<(usize, Result<(), HandlerError>)>> = futures::stream::iter(by_order)
@@ -406,7 +494,11 @@ impl BatchHandler for Lifecycle {
                     let outcome: Result<(), HandlerError> = if failed {
                         Err("an earlier event of this order failed".into())
                     } else {
-                        self.react(&envelope).await.map_err(|e| Box::new(e) as HandlerError)
+                        self.react(&envelope).await.map_err(|error| {
+                            let permanent = error.is_permanent();
+                            let error = Box::new(error) as HandlerError;
+                            if permanent { cp_nats::permanent(error) } else { error }
+                        })
                     };
                     failed |= outcome.is_err();
                     results.push((index, outcome));

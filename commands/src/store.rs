@@ -17,7 +17,11 @@
 //!
 //! The optimistic lock is the primary key `(aggregate_type, aggregate_id,
 //! sequence)`: a second writer of the same sequence fails with a unique
-//! violation, reported as [`StoreError::Conflict`].
+//! violation, reported as [`StoreError::Conflict`]. An append must also start
+//! right after the aggregate's last stored event: one that would leave a gap
+//! in an aggregate's sequence (e.g. appending a refund decided on top of a
+//! success that was never stored) is refused whole, as
+//! [`StoreError::SequenceGap`].
 
 use std::{
     collections::HashMap,
@@ -35,6 +39,16 @@ pub enum StoreError {
     /// Another writer appended to one of the aggregates first.
     #[error("optimistic lock conflict")]
     Conflict,
+    /// A programming error, never retried: the events were decided on a
+    /// state the store does not have.
+    #[error(
+        "appending {aggregate_type}/{aggregate_id} at sequence {sequence} would leave a gap: its previous event is not stored"
+    )]
+    SequenceGap {
+        aggregate_type: &'static str,
+        aggregate_id: String,
+        sequence: u64,
+    },
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("cannot serialize an event")]
@@ -47,6 +61,32 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl StoreError {
+    /// Whether retrying can never help (as opposed to a conflict or a
+    /// database that is away).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Conflict => false,
+            Self::Database(error) => database_error_is_permanent(error),
+            Self::SequenceGap { .. } | Self::Serialize(_) | Self::Corrupt { .. } => true,
+        }
+    }
+}
+
+/// A statement Postgres refused for what it holds (a value it cannot store,
+/// a check that fails), not for the state of the server or the connection.
+fn database_error_is_permanent(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            // 22: data exception (e.g. a NUL in jsonb), 23: integrity
+            // constraint (other than the optimistic lock, handled as Conflict)
+            code.starts_with("22") || code.starts_with("23")
+        }),
+        sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } | sqlx::Error::ColumnDecode { .. } => true,
+        _ => false,
+    }
 }
 
 /// An aggregate as of `version` (the sequence of its last event; 0 = no events).
@@ -93,6 +133,40 @@ impl<A: Aggregate> Decided<A> {
             base_version: self.base_version,
             events,
         })
+    }
+
+    /// Decides `command` on top of these events, as one decision: the
+    /// events of both are appended together, so nothing decided on the
+    /// first can be stored without it. On `Err` the decision is handed back
+    /// unchanged.
+    pub async fn then(self, command: A::Command, services: &A::Services) -> Result<Self, (A::Error, Self)> {
+        let Self {
+            aggregate_id,
+            aggregate,
+            base_version,
+            mut events,
+        } = self;
+        let version = base_version + events.len() as u64;
+        match decide(&aggregate_id, Loaded { aggregate, version }, command, services).await {
+            Ok(next) => {
+                events.extend(next.events);
+                Ok(Self {
+                    aggregate_id,
+                    aggregate: next.aggregate,
+                    base_version,
+                    events,
+                })
+            }
+            Err((error, unchanged)) => Err((
+                error,
+                Self {
+                    aggregate_id,
+                    aggregate: unchanged.aggregate,
+                    base_version,
+                    events,
+                },
+            )),
+        }
     }
 
     pub fn into_loaded(self) -> Loaded<A> {
@@ -207,11 +281,55 @@ impl EventStore {
         .await
     }
 
+    /// Names the first predecessor that is not stored (the error path only).
+    async fn gap(&self, types: &[&'static str], ids: &[&str], sequences: &[i64]) -> StoreError {
+        for ((aggregate_type, aggregate_id), sequence) in types.iter().zip(ids).zip(sequences) {
+            let stored: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
+                "SELECT sequence FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequence)
+            .fetch_optional(&self.pool)
+            .await;
+            match stored {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return StoreError::SequenceGap {
+                        aggregate_type,
+                        aggregate_id: (*aggregate_id).to_owned(),
+                        sequence: sequence.unsigned_abs() + 1,
+                    };
+                }
+                Err(error) => return error.into(),
+            }
+        }
+        StoreError::SequenceGap {
+            aggregate_type: types.first().copied().unwrap_or("unknown"),
+            aggregate_id: ids.first().map(|id| (*id).to_owned()).unwrap_or_default(),
+            sequence: sequences.first().map_or(0, |s| s.unsigned_abs() + 1),
+        }
+    }
+
     /// Stores every append in one transaction and one statement: all or none.
     pub async fn append(&self, appends: &[Append]) -> Result<(), StoreError> {
         let total: usize = appends.iter().map(|a| a.events.len()).sum();
         if total == 0 {
             return Ok(());
+        }
+        // Each append's predecessor: stored already, or earlier in this call.
+        let mut new_sequences = std::collections::HashSet::with_capacity(total);
+        let (mut before_types, mut before_ids, mut before_sequences) = (Vec::new(), Vec::new(), Vec::new());
+        for append in appends {
+            let first = append.base_version;
+            if first > 0 && !new_sequences.contains(&(append.aggregate_type, append.aggregate_id.as_str(), first)) {
+                before_types.push(append.aggregate_type);
+                before_ids.push(append.aggregate_id.as_str());
+                before_sequences.push(i64::try_from(first).unwrap_or(i64::MAX));
+            }
+            for offset in 1..=append.events.len() as u64 {
+                new_sequences.insert((append.aggregate_type, append.aggregate_id.as_str(), first + offset));
+            }
         }
         let mut types = Vec::with_capacity(total);
         let mut ids = Vec::with_capacity(total);
@@ -231,9 +349,17 @@ impl EventStore {
                 metadata.push(&event.metadata);
             }
         }
+        // The predecessors are checked in the same statement; a committed
+        // predecessor is always visible, since the caller decided on it.
         let result = sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])",
+            "WITH missing AS (
+                 SELECT 1 FROM UNNEST($8::text[], $9::text[], $10::bigint[]) AS p(aggregate_type, aggregate_id, sequence)
+                  WHERE NOT EXISTS (SELECT 1 FROM events e
+                                     WHERE e.aggregate_type = p.aggregate_type AND e.aggregate_id = p.aggregate_id
+                                       AND e.sequence = p.sequence))
+             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+              WHERE NOT EXISTS (SELECT 1 FROM missing)",
         )
         .bind(&types)
         .bind(&ids)
@@ -242,10 +368,14 @@ impl EventStore {
         .bind(&versions)
         .bind(&payloads)
         .bind(&metadata)
+        .bind(&before_types)
+        .bind(&before_ids)
+        .bind(&before_sequences)
         .execute(&self.pool)
         .await;
         match result {
-            Ok(_) => Ok(()),
+            Ok(done) if done.rows_affected() == total as u64 => Ok(()),
+            Ok(_) => Err(self.gap(&before_types, &before_ids, &before_sequences).await),
             Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Err(StoreError::Conflict),
             Err(error) => Err(error.into()),
         }

@@ -93,10 +93,189 @@ async fn creating_needs_a_token_and_the_right_role() -> anyhow::Result<()> {
         .post(
             "/products",
             ADMIN,
-            Some(json!({"name": "Tea", "price_cents": 300, "stock": 5})),
+            Some(json!({"merchant_id": "m-1", "name": "Tea", "price_cents": 300, "stock": 5})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
+    Ok(())
+}
+
+/// The role is checked before the body is read: a customer gets 403 on a
+/// merchant endpoint whatever it sends (API.md "Auth").
+#[tokio::test]
+async fn the_role_is_checked_before_the_body_is_read() -> anyhow::Result<()> {
+    let api = api().await?;
+    for path in ["/vouchers", "/products"] {
+        for body in [None, Some(json!({"nonsense": true})), Some(json!([1, 2, 3]))] {
+            let (status, answer) = api.post(path, ALICE, body).await;
+            assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "forbidden"), "{path}");
+        }
+    }
+    let (status, answer) = api.post("/orders", MERCHANT, Some(json!({"x": 1}))).await;
+    assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "forbidden"));
+    Ok(())
+}
+
+/// API.md "Tenancy": a merchant creates for itself, an admin for a named
+/// merchant; a merchant acts only on what it owns, anything else is a 404.
+#[tokio::test]
+async fn merchants_act_only_on_what_they_own() -> anyhow::Result<()> {
+    let api = api().await?;
+    let other = Some(("m-2", Role::Merchant));
+    // creating: for oneself, or (admins) for a named merchant
+    let (status, body) = api
+        .post(
+            "/products",
+            ADMIN,
+            Some(json!({"name": "Tea", "price_cents": 300, "stock": 5})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("merchant_id"))
+    );
+    let (status, _) = api
+        .post(
+            "/products",
+            MERCHANT,
+            Some(json!({"merchant_id": "m-2", "name": "Tea", "price_cents": 300, "stock": 5})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let mut voucher = regular_voucher();
+    voucher["merchant_id"] = json!("m-2");
+    let (status, _) = api.post("/vouchers", ADMIN, Some(voucher)).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let (_, product) = api
+        .post(
+            "/products",
+            MERCHANT,
+            Some(json!({"name": "Tea", "price_cents": 300, "stock": 5})),
+        )
+        .await;
+    let product_id = product["product_id"].as_str().unwrap_or_default().to_owned();
+    let order = json!({"items": [{"product_id": product_id, "quantity": 1}], "coupon_id": null});
+    let (status, submitted) = api.post("/orders", ALICE, Some(order)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{submitted}");
+    let order_id = submitted["order_id"].as_str().unwrap_or_default().to_owned();
+
+    // every merchant-facing command: another merchant's resource is missing
+    let routes = [
+        (
+            format!("/products/{product_id}/restock"),
+            Some(json!({"quantity": 1})),
+            StatusCode::OK,
+        ),
+        (
+            format!("/orders/{order_id}/start-preparing"),
+            None,
+            StatusCode::CONFLICT,
+        ),
+        (format!("/orders/{order_id}/complete"), None, StatusCode::CONFLICT),
+    ];
+    for (path, body, owner_status) in routes {
+        let (status, answer) = api.post(&path, other, body.clone()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {answer}");
+        assert!(code(&answer).ends_with("_not_found"), "{path}: {answer}");
+        // the owner and an admin get the real answer
+        assert_eq!(api.post(&path, MERCHANT, body.clone()).await.0, owner_status, "{path}");
+        assert_eq!(api.post(&path, ADMIN, body).await.0, owner_status, "{path}");
+    }
+    // another customer's order is missing too, not forbidden
+    let (status, answer) = api.post(&format!("/orders/{order_id}/cancel"), BOB, None).await;
+    assert_eq!((status, code(&answer)), (StatusCode::NOT_FOUND, "order_not_found"));
+    let restocks: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'ProductRestocked'")
+        .fetch_one(&api._db.pool)
+        .await?;
+    assert_eq!(restocks, 2, "only the owner's and the admin's restocks");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_goods_order_names_its_merchant_and_mixing_merchants_is_refused() -> anyhow::Result<()> {
+    let api = api().await?;
+    let product = |merchant: &'static str| {
+        let api = &api;
+        async move {
+            let (_, body) = api
+                .post(
+                    "/products",
+                    Some((merchant, Role::Merchant)),
+                    Some(json!({"name": "Tea", "price_cents": 300, "stock": 5})),
+                )
+                .await;
+            body["product_id"].clone()
+        }
+    };
+    let (a1, a2, b) = (product("m-1").await, product("m-1").await, product("m-2").await);
+    let items = |ids: &[&Value]| json!({"items": ids.iter().map(|id| json!({"product_id": id, "quantity": 1})).collect::<Vec<_>>()});
+    let (status, body) = api.post("/orders", ALICE, Some(items(&[&a1, &b]))).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "mixed_merchants")
+    );
+    let (status, body) = api.post("/orders", ALICE, Some(items(&[&a1, &a2]))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let merchant: Option<String> = sqlx::query_scalar(
+        "SELECT payload->'OrderSubmitted'->>'merchant_id' FROM events WHERE aggregate_type = 'Order'",
+    )
+    .fetch_one(&api._db.pool)
+    .await?;
+    assert_eq!(merchant.as_deref(), Some("m-1"));
+    Ok(())
+}
+
+/// API.md "Limits": out-of-range money, quantities and text are 422s that
+/// name the field, never a 5xx, and record nothing.
+#[tokio::test]
+async fn amounts_quantities_and_text_outside_the_limits_are_refused() -> anyhow::Result<()> {
+    let api = api().await?;
+    let product = |name: &str, price: i64, stock: i64| json!({"name": name, "price_cents": price, "stock": stock});
+    for (body, field) in [
+        (product("Tea", 100_000_000_001, 1), "price_cents"),
+        (product("Tea", i64::MAX - 5, 1), "price_cents"),
+        (product("Tea", -1, 1), "price_cents"),
+        (product("Tea", 300, 0), "stock"),
+        (product("Tea", 300, 1_000_001), "stock"),
+        (product("T\0ea", 300, 1), "name"),
+        (product("Tea\n", 300, 1), "name"),
+        (product(&"x".repeat(201), 300, 1), "name"),
+        (product("   ", 300, 1), "name"),
+    ] {
+        let (status, answer) = api.post("/products", MERCHANT, Some(body.clone())).await;
+        assert!(
+            status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::BAD_REQUEST,
+            "{body} → {status} {answer}"
+        );
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "{body} → {message}");
+    }
+    let mut voucher = regular_voucher();
+    voucher["title"] = json!("Hot\0pot");
+    let (status, _) = api.post("/vouchers", MERCHANT, Some(voucher)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut voucher = regular_voucher();
+    voucher["value_cents"] = json!(100_000_000_001_i64);
+    let (status, _) = api.post("/vouchers", MERCHANT, Some(voucher)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    for order in [
+        json!({"items": [{"product_id": uuid::Uuid::now_v7(), "quantity": 1_000_001}]}),
+        json!({"items": [{"product_id": uuid::Uuid::now_v7(), "quantity": 0}]}),
+        json!({"items": (0..51).map(|_| json!({"product_id": uuid::Uuid::now_v7(), "quantity": 1})).collect::<Vec<_>>()}),
+    ] {
+        let (status, answer) = api.post("/orders", ALICE, Some(order)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&api._db.pool)
+        .await?;
+    assert_eq!(events, 0, "a refused command recorded something");
     Ok(())
 }
 
@@ -226,10 +405,7 @@ async fn order_transitions_follow_the_lifecycle_and_illegal_ones_are_409() -> an
     let (status, body) = api.post(&format!("/orders/{order_id}/complete"), MERCHANT, None).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (status, body) = api.post(&format!("/orders/{order_id}/cancel"), BOB, None).await;
-    assert!(
-        matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND),
-        "another user's order: {body}"
-    );
+    assert_eq!(status, StatusCode::NOT_FOUND, "another user's order: {body}");
     let (status, body) = api.post(&format!("/orders/{order_id}/cancel"), MERCHANT, None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, body) = api.post(&format!("/orders/{order_id}/cancel"), ALICE, None).await;
@@ -335,4 +511,139 @@ async fn a_hot_product_answers_503_once_its_in_flight_limit_is_reached() -> anyh
     gate.release(&[hot]).await;
     assert_eq!(api.post("/orders", ann, order(hot)).await.0, StatusCode::ACCEPTED);
     Ok(())
+}
+
+mod hostile_input {
+    //! API.md "Limits" as properties: whatever a client sends as a name,
+    //! title or amount, the command API never answers 5xx, and whatever it
+    //! accepts the projections can apply.
+
+    use std::sync::OnceLock;
+
+    use events::EventEnvelope;
+    use projections::views::{ProductProjector, Projector as _, VoucherProjector};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One database and runtime for every case: the cases only add events.
+    fn shared() -> &'static (tokio::runtime::Runtime, Api) {
+        static SHARED: OnceLock<(tokio::runtime::Runtime, Api)> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let api = runtime.block_on(api()).expect("api");
+            (runtime, api)
+        })
+    }
+
+    /// The stored envelope of the event an accepted creation recorded.
+    async fn stored(api: &Api, id: &str) -> anyhow::Result<EventEnvelope> {
+        let (aggregate_type, sequence, event_type, event_version, payload, position): (
+            String,
+            i64,
+            String,
+            String,
+            Value,
+            i64,
+        ) = sqlx::query_as(
+            "SELECT aggregate_type, sequence, event_type, event_version, payload, global_position
+               FROM events WHERE aggregate_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&api._db.pool)
+        .await?;
+        Ok(EventEnvelope {
+            event_id: uuid::Uuid::now_v7(),
+            aggregate_type,
+            aggregate_id: id.to_owned(),
+            sequence: sequence.unsigned_abs(),
+            global_position: position,
+            event_type,
+            event_version,
+            payload,
+            metadata: events::EventMetadata::system("test"),
+            recorded_at: chrono::Utc::now(),
+        })
+    }
+
+    fn any_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "\\PC{0,250}",
+            "[a-z \\x00-\\x1f\\u{200b}\\u{fffd}]{0,10}"
+        ]
+    }
+
+    fn any_cents() -> impl Strategy<Value = i64> {
+        prop_oneof![any::<i64>(), -2..100_000_000_002_i64, Just(i64::MAX), Just(i64::MIN)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_product_is_refused_with_a_4xx_or_stored_in_a_form_the_projection_applies(
+            name in any_text(),
+            price in any_cents(),
+            stock in prop_oneof![any::<i64>(), -1..1_000_002_i64],
+        ) {
+            let (runtime, api) = shared();
+            let body = json!({"name": name, "price_cents": price, "stock": stock});
+            let (status, answer) = runtime.block_on(api.post("/products", MERCHANT, Some(body)));
+            prop_assert!(status.is_success() || status.is_client_error(), "{status} {answer}");
+            prop_assert!(answer.is_object(), "{answer}");
+            if status == StatusCode::CREATED {
+                let id = answer["product_id"].as_str().unwrap_or_default().to_owned();
+                let envelope = runtime.block_on(stored(api, &id)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let view = ProductProjector::apply(None, &envelope);
+                prop_assert!(view.is_ok(), "{view:?}");
+            } else {
+                prop_assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+            }
+        }
+
+        #[test]
+        fn any_voucher_is_refused_with_a_4xx_or_stored_in_a_form_the_projection_applies(
+            title in any_text(),
+            price in any_cents(),
+            value in any_cents(),
+            min_spend in any_cents(),
+            stock in prop_oneof![any::<i64>(), 0..1_000_002_i64],
+        ) {
+            let (runtime, api) = shared();
+            let body = json!({
+                "title": title, "kind": "seckill", "price_cents": price, "value_cents": value,
+                "min_spend_cents": min_spend, "stock": stock,
+                "begins_at": "2020-01-01T00:00:00Z", "ends_at": "2099-01-01T00:00:00Z"
+            });
+            let (status, answer) = runtime.block_on(api.post("/vouchers", MERCHANT, Some(body)));
+            prop_assert!(status.is_success() || status.is_client_error(), "{status} {answer}");
+            if status == StatusCode::CREATED {
+                let id = answer["voucher_id"].as_str().unwrap_or_default().to_owned();
+                let envelope = runtime.block_on(stored(api, &id)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let view = VoucherProjector::apply(None, &envelope);
+                prop_assert!(view.is_ok(), "{view:?}");
+            }
+        }
+
+        #[test]
+        fn any_identity_is_refused_with_401_or_served(sub in any_text()) {
+            let (runtime, api) = shared();
+            let (status, answer) = runtime.block_on(api.post(
+                "/orders",
+                Some((sub.as_str(), Role::Customer)),
+                Some(json!({"items": [{"product_id": uuid::Uuid::now_v7(), "quantity": 1}]})),
+            ));
+            let valid = platform::http::auth::validate_sub(&sub).is_ok();
+            if valid {
+                prop_assert_eq!(status, StatusCode::ACCEPTED, "{}", answer);
+            } else {
+                prop_assert_eq!(status, StatusCode::UNAUTHORIZED, "{}", answer);
+            }
+        }
+    }
 }

@@ -259,3 +259,162 @@ async fn the_cached_voucher_catches_up_with_writes_made_elsewhere() -> anyhow::R
     assert_eq!((voucher.aggregate.claimed(), voucher.aggregate.remaining()), (3, 0));
     Ok(())
 }
+
+#[tokio::test]
+async fn admitted_requests_the_store_cannot_hold_end_as_rejected_orders_and_unreadable_ones_are_dead_lettered()
+-> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let voucher_id = seckill_voucher(&state, 10).await?;
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
+    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    let publisher = Publisher::new(js.clone(), 4_096);
+
+    let request = |user_id: &str| OrderRequested {
+        order_id: Uuid::now_v7(),
+        voucher_id,
+        user_id: user_id.to_owned(),
+        requested_at: Utc::now(),
+    };
+    // a NUL (Postgres cannot store it in jsonb), an empty and an oversized user id
+    let bad: Vec<OrderRequested> = vec![request("ann\0"), request(""), request(&"x".repeat(10_000))];
+    let good = request("bob");
+    // names its order and voucher, but is no OrderRequested
+    let broken_order = Uuid::now_v7();
+    let broken = serde_json::json!({ "order_id": broken_order, "voucher_id": voucher_id, "user_id": 7 });
+    let mut messages: Vec<Outgoing> = bad
+        .iter()
+        .chain(std::iter::once(&good))
+        .map(|r| {
+            Outgoing::new(
+                namespace.seckill_requests_subject(),
+                r.order_id.to_string(),
+                serde_json::to_vec(r).unwrap_or_default(),
+            )
+        })
+        .collect();
+    messages.push(Outgoing::new(
+        namespace.seckill_requests_subject(),
+        broken_order.to_string(),
+        serde_json::to_vec(&broken)?,
+    ));
+    messages.push(Outgoing::new(
+        namespace.seckill_requests_subject(),
+        "garbage",
+        b"not json at all".to_vec(),
+    ));
+    publisher.publish_all(messages).await?;
+
+    let consumer = ensure_consumer(
+        &js,
+        &ConsumerSpec::new(namespace.seckill_requests_stream(), "claim-writer").max_deliver(10),
+    )
+    .await?;
+    let config = RunnerConfig {
+        max_deliver: 10,
+        ..RunnerConfig::default()
+    };
+    let runner = ConsumerRunner::batched(consumer, state.claim_writer(), publisher, namespace.clone(), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async {
+        let _ = stopped.await;
+    }));
+    let dlq = js.get_stream(namespace.dead_letter_stream()).await?;
+    testkit::eventually(Duration::from_secs(20), || async {
+        let dead = js
+            .get_stream(namespace.dead_letter_stream())
+            .await?
+            .get_info()
+            .await?
+            .state
+            .messages;
+        Ok(order_statuses(&db.pool).await?.len() == 5 && dead == 1)
+    })
+    .await?;
+    let _ = stop.send(());
+    let _ = task.await;
+
+    // every identifiable admitted request is one order: the bad ones rejected
+    for order_id in bad.iter().map(|r| r.order_id).chain([broken_order]) {
+        let order = state.api.store.load::<Order>(&order_id.to_string()).await?;
+        assert_eq!(order.aggregate.status(), Some(OrderStatus::Rejected), "{order_id}");
+        assert_eq!(
+            order.aggregate.rejection(),
+            Some(events::OrderRejectionReason::InvalidRequest)
+        );
+        let user = order.aggregate.user_id().unwrap_or_default();
+        assert!(commands::domain::limits::is_valid_user_id(user), "{user:?}");
+    }
+    let placed = state.api.store.load::<Order>(&good.order_id.to_string()).await?;
+    assert_eq!(placed.aggregate.status(), Some(OrderStatus::PendingPayment));
+    assert_eq!(placed.aggregate.merchant_id(), Some("m-1"));
+    // the refused requests took no unit in the store (the edge re-credits its own)
+    let voucher = state.api.store.load::<Voucher>(&voucher_id.to_string()).await?;
+    assert_eq!(voucher.aggregate.remaining(), 9);
+    // the unreadable one was dead-lettered at once, with its reason
+    let dead = dlq.get_raw_message(1).await?;
+    assert_eq!(&dead.payload[..], b"not json at all");
+    let header = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(header(cp_nats::consumer::HDR_DLQ_DELIVERED).as_deref(), Some("1"));
+    assert!(
+        header(cp_nats::consumer::HDR_DLQ_ERROR)
+            .unwrap_or_default()
+            .contains("not an OrderRequested"),
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_store_refuses_an_append_that_would_leave_a_gap_in_a_sequence() -> anyhow::Result<()> {
+    use commands::store::{Append, PendingEvent, StoreError};
+    let db = testkit::TestDb::new().await?;
+    let store = commands::store::EventStore::new(db.pool.clone());
+    let event = |event_type: &str| PendingEvent {
+        event_type: event_type.to_owned(),
+        event_version: "1.0".to_owned(),
+        payload: serde_json::json!({ event_type: {} }),
+        metadata: serde_json::json!({}),
+    };
+    let append = |id: &str, base_version: u64, types: &[&str]| Append {
+        aggregate_type: "Payment",
+        aggregate_id: id.to_owned(),
+        base_version,
+        events: types.iter().map(|t| event(t)).collect(),
+    };
+    store.append(&[append("p-1", 0, &["PaymentCreated"])]).await?;
+    // sequence 3 after 1: refused whole, with the good append beside it
+    let refused = store
+        .append(&[
+            append("p-2", 0, &["PaymentCreated"]),
+            append("p-1", 2, &["PaymentRefunded"]),
+        ])
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::SequenceGap { aggregate_id, sequence: 3, .. }) if aggregate_id == "p-1"),
+        "{refused:?}"
+    );
+    assert!(refused.as_ref().is_err_and(StoreError::is_permanent));
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(stored, 1, "nothing of the refused call was stored");
+    // two appends of one aggregate in one call chain: the second follows the first
+    store
+        .append(&[
+            append("p-1", 1, &["PaymentSucceeded"]),
+            append("p-1", 2, &["PaymentRefunded"]),
+        ])
+        .await?;
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = 'p-1' ORDER BY sequence")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(sequences, [1, 2, 3]);
+    // the optimistic lock still answers a conflict, not a gap
+    assert!(matches!(
+        store.append(&[append("p-1", 2, &["PaymentRefunded"])]).await,
+        Err(StoreError::Conflict)
+    ));
+    Ok(())
+}

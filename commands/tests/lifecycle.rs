@@ -100,6 +100,7 @@ async fn submitted_order(state: &AppState) -> anyhow::Result<(Uuid, Uuid, Uuid)>
             || OrderCommand::SubmitGoodsOrder {
                 order_id: order,
                 user_id: "ann".into(),
+                merchant_id: Some("shop-1".into()),
                 items: vec![RequestedItem {
                     product_id: product,
                     quantity: 2,
@@ -327,4 +328,106 @@ async fn cached_product_reads_see_every_processs_writes() -> anyhow::Result<()> 
     assert_eq!((read.version, read.aggregate.available()), (4, 0));
     assert_eq!(read.aggregate, stored.aggregate);
     Ok(())
+}
+
+/// A product recorded before the limits existed, priced so that three of it
+/// overflow an `i64`: the order is rejected (`total_too_large`) and holds
+/// nothing; the event is not retried forever.
+#[tokio::test]
+async fn an_order_whose_total_cannot_be_represented_is_rejected_not_retried() -> anyhow::Result<()> {
+    use commands::store::{Append, PendingEvent};
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let product = Uuid::now_v7();
+    let price = i64::MAX / 2;
+    state
+        .api
+        .store
+        .append(&[Append {
+            aggregate_type: "Product",
+            aggregate_id: product.to_string(),
+            base_version: 0,
+            events: vec![PendingEvent {
+                event_type: "ProductCreated".into(),
+                event_version: "1.0".into(),
+                payload: serde_json::json!({"ProductCreated": {
+                    "product_id": product, "merchant_id": "shop-1", "name": "Gold",
+                    "price_cents": price, "stock": 10
+                }}),
+                metadata: serde_json::json!({}),
+            }],
+        }])
+        .await?;
+    let order = Uuid::now_v7();
+    state
+        .api
+        .orders
+        .create(
+            &order.to_string(),
+            || OrderCommand::SubmitGoodsOrder {
+                order_id: order,
+                user_id: "ann".into(),
+                merchant_id: Some("shop-1".into()),
+                items: vec![RequestedItem {
+                    product_id: product,
+                    quantity: 3,
+                }],
+                coupon_id: None,
+                submitted_at: Utc::now(),
+            },
+            &meta(),
+        )
+        .await?;
+    let submitted = envelope(&db, "Order", &order.to_string(), 1).await?;
+    let reactor = lifecycle(&state, &db);
+    reactor.react(&submitted).await?;
+    reactor.react(&submitted).await?;
+    assert_eq!(
+        history(&db, "Order", &order.to_string()).await?,
+        ["OrderSubmitted", "OrderRejected"]
+    );
+    let rejected = envelope(&db, "Order", &order.to_string(), 2).await?;
+    assert_eq!(rejected.payload["OrderRejected"]["reason"]["code"], "total_too_large");
+    assert_eq!(rejected.payload["OrderRejected"]["merchant_id"], "shop-1");
+    // nothing was reserved, so nothing stays held
+    assert_eq!(history(&db, "Product", &product.to_string()).await?, ["ProductCreated"]);
+    db.drop_database().await
+}
+
+/// An event the reactor can never handle is a permanent failure (dead-lettered
+/// at once); a database that is away is not.
+#[tokio::test]
+async fn failures_are_sorted_into_permanent_and_transient() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let (_, _, order) = submitted_order(&state).await?;
+    let mut garbled = envelope(&db, "Order", &order.to_string(), 1).await?;
+    garbled.payload = serde_json::json!({"OrderSubmitted": {"order_id": 5}});
+    let reactor = lifecycle(&state, &db);
+    let error = reactor
+        .react(&garbled)
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("accepted"))?;
+    assert!(error.is_permanent(), "{error:?}");
+
+    // the same reactor over a pool whose database is gone
+    let submitted = envelope(&db, "Order", &order.to_string(), 1).await?;
+    let away = AppState::with_clock(
+        testkit::unreachable_pool(),
+        JwtKeys::new(&platform::Secret::new("s")),
+        Ops {
+            health: Health::new(),
+            metrics: platform::telemetry::metrics_handle(),
+        },
+        Arc::new(SystemClock),
+    );
+    let error = away
+        .lifecycle(testkit::unreachable_pool(), Duration::from_secs(900))
+        .react(&submitted)
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("accepted without a database"))?;
+    assert!(!error.is_permanent(), "{error:?}");
+    db.drop_database().await
 }

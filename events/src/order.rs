@@ -46,10 +46,21 @@ pub enum OrderRejectionReason {
     SaleNotStarted,
     SaleEnded,
     VoucherNotFound,
-    OutOfStock { product_id: Uuid },
-    ProductNotFound { product_id: Uuid },
+    OutOfStock {
+        product_id: Uuid,
+    },
+    ProductNotFound {
+        product_id: Uuid,
+    },
     CouponUnavailable,
     CouponMinSpendNotMet,
+    /// The request could never be recorded as it was (see
+    /// [`ClaimRejection::InvalidRequest`]).
+    InvalidRequest,
+    /// The order's total cannot be represented: refused, never retried.
+    TotalTooLarge,
+    /// The lines belong to more than one merchant: an order has one.
+    MixedMerchants,
 }
 
 impl From<ClaimRejection> for OrderRejectionReason {
@@ -61,6 +72,7 @@ impl From<ClaimRejection> for OrderRejectionReason {
             ClaimRejection::SaleEnded => Self::SaleEnded,
             // The API answers a non-seckill voucher like an unknown one.
             ClaimRejection::NotSeckill => Self::VoucherNotFound,
+            ClaimRejection::InvalidRequest => Self::InvalidRequest,
         }
     }
 }
@@ -107,6 +119,11 @@ pub enum OrderEvent {
     OrderSubmitted {
         order_id: Uuid,
         user_id: String,
+        /// The merchant whose products these are (API.md "Tenancy"); absent
+        /// on orders recorded before tenancy, and when no line's product was
+        /// known at submission.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        merchant_id: Option<String>,
         items: Vec<RequestedItem>,
         coupon_id: Option<Uuid>,
         submitted_at: DateTime<Utc>,
@@ -115,6 +132,10 @@ pub enum OrderEvent {
     OrderPlaced {
         order_id: Uuid,
         user_id: String,
+        /// The voucher's or the products' merchant; absent only on orders
+        /// recorded before tenancy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        merchant_id: Option<String>,
         kind: OrderKind,
         items: Vec<OrderItem>,
         voucher_id: Option<Uuid>,
@@ -127,6 +148,9 @@ pub enum OrderEvent {
     OrderRejected {
         order_id: Uuid,
         user_id: String,
+        /// Absent when the merchant is unknown (e.g. the voucher does not exist).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        merchant_id: Option<String>,
         kind: OrderKind,
         voucher_id: Option<Uuid>,
         reason: OrderRejectionReason,

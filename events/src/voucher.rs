@@ -29,6 +29,10 @@ pub enum ClaimRejection {
     SaleNotStarted,
     SaleEnded,
     NotSeckill,
+    /// The request can never be stored as it is (e.g. a user id the event
+    /// store cannot hold): it still ends as a rejected order, and the gate
+    /// gives its unit back to the sale.
+    InvalidRequest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,6 +94,7 @@ fn order_events() -> Vec<OrderEvent> {
         OrderEvent::OrderSubmitted {
             order_id: id(10),
             user_id: "user-1".to_owned(),
+            merchant_id: Some("shop-1".to_owned()),
             items: vec![RequestedItem {
                 product_id: id(20),
                 quantity: 2,
@@ -104,6 +105,7 @@ fn order_events() -> Vec<OrderEvent> {
         OrderEvent::OrderPlaced {
             order_id: id(10),
             user_id: "user-1".to_owned(),
+            merchant_id: Some("shop-1".to_owned()),
             kind: OrderKind::Goods,
             items: vec![OrderItem {
                 product_id: Some(id(20)),
@@ -122,6 +124,7 @@ fn order_events() -> Vec<OrderEvent> {
         OrderEvent::OrderRejected {
             order_id: id(11),
             user_id: "user-2".to_owned(),
+            merchant_id: None,
             kind: OrderKind::Goods,
             voucher_id: None,
             reason: OrderRejectionReason::OutOfStock { product_id: id(20) },
@@ -272,8 +275,15 @@ fn every_rejection_reason_and_source_roundtrips() {
         OrderRejectionReason::ProductNotFound { product_id: id(21) },
         OrderRejectionReason::CouponUnavailable,
         OrderRejectionReason::CouponMinSpendNotMet,
+        OrderRejectionReason::InvalidRequest,
+        OrderRejectionReason::TotalTooLarge,
+        OrderRejectionReason::MixedMerchants,
     ];
     reasons.iter().for_each(json_roundtrip);
+    assert_eq!(
+        OrderRejectionReason::from(ClaimRejection::InvalidRequest),
+        OrderRejectionReason::InvalidRequest
+    );
     [
         CouponSource::RegularClaim,
         CouponSource::SeckillOrder { order_id: id(3) },
@@ -287,6 +297,21 @@ fn every_rejection_reason_and_source_roundtrips() {
     ]
     .iter()
     .for_each(json_roundtrip);
+}
+
+/// Orders recorded before tenancy have no `merchant_id`: they still decode,
+/// as belonging to no merchant, and new ones carry it.
+#[test]
+fn order_events_without_a_merchant_still_decode() {
+    let old = json!({"OrderPlaced": {
+        "order_id": id(10), "user_id": "user-1", "kind": "seckill_voucher", "items": [],
+        "voucher_id": id(7), "coupon_id": null, "subtotal_cents": 990, "discount_cents": 0,
+        "total_cents": 990, "placed_at": "2025-06-01T10:00:00Z"
+    }});
+    let event: OrderEvent = serde_json::from_value(old).unwrap();
+    assert!(matches!(event, OrderEvent::OrderPlaced { merchant_id: None, .. }));
+    let new = serde_json::to_value(&order_events()[1]).unwrap();
+    assert_eq!(new["OrderPlaced"]["merchant_id"], "shop-1");
 }
 
 #[test]

@@ -2,10 +2,13 @@
 //!
 //! Per message: call the handler; on success ack (the handler has committed its
 //! effects, so a crash before the ack means a redelivery the handler must treat
-//! as a no-op); on failure `Nak(Some(delay))` with exponential backoff (a plain
-//! NAK ignores the consumer's backoff); on the `max_deliver`-th failure publish
-//! a copy to the dead-letter stream — payload, original headers, the error and
-//! where it came from — then `Term` it so the consumer moves on.
+//! as a no-op). Failures are sorted: a transient one (a server away, a
+//! conflict) is retried with `Nak(Some(delay))` and exponential backoff (a
+//! plain NAK ignores the consumer's backoff), and dead-lettered on the
+//! `max_deliver`-th failure; a [`Permanent`] one (a payload that can never
+//! succeed) is dead-lettered at once. Dead-lettering publishes a copy to the
+//! dead-letter stream — payload, original headers, the error and where it
+//! came from — then `Term`s the message so the consumer moves on.
 
 use std::{future::Future, pin::pin, sync::Arc, time::Duration};
 
@@ -31,8 +34,26 @@ pub const HDR_DLQ_STREAM_SEQ: &str = "Cp-Dlq-Stream-Seq";
 pub const HDR_DLQ_SUBJECT: &str = "Cp-Dlq-Subject";
 pub const HDR_DLQ_DELIVERED: &str = "Cp-Dlq-Delivered";
 
-/// A handler failure; the runner retries it and finally dead-letters it.
+/// A handler failure; the runner retries it and finally dead-letters it,
+/// unless it is [`Permanent`].
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failure that no retry can cure (the payload does not decode, a value
+/// the store can never hold): the runner dead-letters it at once, with its
+/// reason, instead of retrying it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(#[source] pub HandlerError);
+
+/// Marks `error` as [`Permanent`].
+pub fn permanent(error: impl Into<HandlerError>) -> HandlerError {
+    Box::new(Permanent(error.into()))
+}
+
+/// Whether the runner will dead-letter `error` without retrying it.
+pub fn is_permanent(error: &HandlerError) -> bool {
+    error.downcast_ref::<Permanent>().is_some()
+}
 
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message. Must be idempotent: the same message may come again.
@@ -236,6 +257,15 @@ impl<H: BatchHandler> ConsumerRunner<H> {
                     tracing::warn!(consumer = %self.name, %error, "ack failed");
                 }
             }
+            Err(error) if is_permanent(&error) => {
+                tracing::error!(
+                    consumer = %self.name, %error, msg_id = msg_id(&message), stream_sequence,
+                    "message can never succeed; dead-lettering it at once"
+                );
+                self.count("permanent_failure");
+                self.dead_letter(&message, &stream_name, stream_sequence, delivered, &error)
+                    .await;
+            }
             Err(error) if delivered >= self.config.max_deliver => {
                 tracing::error!(
                     consumer = %self.name, %error, msg_id = msg_id(&message), stream_sequence,
@@ -345,6 +375,15 @@ mod tests {
         assert_eq!(config.backoff(4), Duration::from_millis(800));
         assert_eq!(config.backoff(5), Duration::from_secs(1));
         assert_eq!(config.backoff(1_000), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn permanent_errors_are_told_apart_from_transient_ones() {
+        let transient: HandlerError = "connection refused".into();
+        assert!(!is_permanent(&transient));
+        let poison = permanent("not an OrderRequested: missing field `order_id`");
+        assert!(is_permanent(&poison));
+        assert_eq!(poison.to_string(), "not an OrderRequested: missing field `order_id`");
     }
 
     #[test]

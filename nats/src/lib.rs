@@ -14,7 +14,9 @@ pub mod consumer;
 pub mod publisher;
 pub mod topology;
 
-pub use consumer::{BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, RunnerConfig};
+pub use consumer::{
+    BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, Permanent, RunnerConfig, is_permanent, permanent,
+};
 pub use publisher::{Outgoing, PublishFailure, Publisher};
 pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology};
 

@@ -184,6 +184,9 @@ impl Handler for Flaky {
             *n += 1;
             *n
         };
+        if body.starts_with("doomed") {
+            return Err(cp_nats::permanent(format!("{body} can never be handled")));
+        }
         if body.starts_with("poison") || attempt <= self.failures {
             return Err(format!("cannot handle {body} (attempt {attempt})\nsecond line").into());
         }
@@ -282,6 +285,40 @@ async fn a_handler_that_always_fails_dead_letters_after_max_deliver_and_the_next
         .map_err(|e| anyhow::anyhow!(e))?;
     let info = consumer.get_info().await?;
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_dead_lettered_on_its_first_delivery_with_its_reason() -> anyhow::Result<()> {
+    let bus = bus().await?;
+    let handler = Flaky::new(0);
+    // max_deliver 10: only the classification can explain a first-delivery dead letter
+    let stop = start_runner(&bus, handler.clone(), 10).await?;
+    bus.publisher
+        .publish(Outgoing::new(bus.order_subject(), "doomed-id", "doomed-1"))
+        .await?;
+    bus.publisher
+        .publish(Outgoing::new(bus.order_subject(), "good-id", "good-1"))
+        .await?;
+    wait_until("the good message", || handler.done.load(Ordering::SeqCst) == 1).await?;
+    let dlq = bus.namespace.dead_letter_stream();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while bus.count(&dlq).await? == 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "nothing dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    let dead = bus.js.get_stream(&dlq).await?.get_raw_message(1).await?;
+    assert_eq!(&dead.payload[..], b"doomed-1");
+    let header = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(header(HDR_DLQ_DELIVERED).as_deref(), Some("1"), "not retried");
+    assert_eq!(header(HDR_DLQ_ERROR).as_deref(), Some("doomed-1 can never be handled"));
+    let attempts = handler
+        .attempts
+        .lock()
+        .map(|a| a.get("doomed-1").copied())
+        .unwrap_or_default();
+    assert_eq!(attempts, Some(1));
     Ok(())
 }
 

@@ -110,3 +110,62 @@ pub struct TelemetryConfig {
     #[arg(long, env = "OTEL_SERVICE_NAME")]
     pub service_name: Option<String>,
 }
+
+/// What every HTTP service does with its connections (API.md "Limits").
+#[derive(Debug, Clone, Args)]
+pub struct HttpConfig {
+    /// How long a connection may take to send a request's headers, counted
+    /// from when it opens or from its previous response; past it the
+    /// connection is closed. Cuts slowloris clients and idle keep-alive
+    /// connections alike.
+    #[arg(
+        long,
+        env = "HTTP_HEADER_READ_TIMEOUT_MS",
+        default_value_t = HttpConfig::HEADER_READ_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub http_header_read_timeout_ms: u64,
+    /// How long one request may take from its headers to its response; past
+    /// it the answer is 503 `request_timeout`. Must exceed the query API's
+    /// longest `min_version` wait (10 s).
+    #[arg(
+        long,
+        env = "HTTP_REQUEST_TIMEOUT_MS",
+        default_value_t = HttpConfig::REQUEST_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub http_request_timeout_ms: u64,
+    /// Connections served at once; at the cap the service stops accepting
+    /// until one closes (new ones wait in the listen backlog).
+    #[arg(
+        long,
+        env = "HTTP_MAX_CONNECTIONS",
+        default_value_t = HttpConfig::MAX_CONNECTIONS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub http_max_connections: u32,
+}
+
+impl HttpConfig {
+    pub const HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+    pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+    pub const MAX_CONNECTIONS: u32 = 10_000;
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_read_timeout_ms.max(1))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_request_timeout_ms.max(1))
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            http_header_read_timeout_ms: Self::HEADER_READ_TIMEOUT_MS,
+            http_request_timeout_ms: Self::REQUEST_TIMEOUT_MS,
+            http_max_connections: Self::MAX_CONNECTIONS,
+        }
+    }
+}

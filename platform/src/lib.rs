@@ -2,20 +2,24 @@
 //!
 //! Layout:
 //! - [`config`]: configuration structs read from environment variables (clap `env`),
-//!   with defaults that match the local stack started by `./dev up`.
+//!   with defaults that match the local stack started by `./dev up` (including the
+//!   HTTP layer's timeouts and connection cap, [`config::HttpConfig`]).
 //! - [`telemetry`]: tracing subscriber, optional OTLP trace export, the Prometheus
 //!   registry behind `/metrics`, and W3C trace-context helpers for HTTP and NATS headers.
 //! - [`pg`], [`kv`], [`bus`]: connecting to Postgres (plus the embedded migrations),
 //!   Redis and NATS, waiting for them at start-up.
 //! - [`http`]: the API error body, JSON/path/query extractors that answer in that
-//!   format, the JWT auth extractor, `/health` and `/metrics`, request tracing and
-//!   serving with graceful shutdown.
+//!   format, the JWT auth and role extractors, `/health` and `/metrics`, request
+//!   tracing, and serving with timeouts, a connection cap and graceful shutdown.
+//! - [`limits`]: the input bounds of API.md "Limits" (money, quantities, text)
+//!   as pure validators whose errors are 422s naming the field.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
 
 pub mod bus;
 pub mod config;
 pub mod http;
 pub mod kv;
+pub mod limits;
 pub mod pg;
 pub mod shutdown;
 mod startup;

@@ -232,7 +232,7 @@ async fn check_seed(pool: &PgPool) -> anyhow::Result<()> {
     let at = Utc.with_ymd_and_hms(2026, 11, 22, 0, 0, 0).single().context("time")?;
     let next = TestFramework::<Order>::with(())
         .given(decoded)
-        .when_async(OrderCommand::Complete { at })
+        .when_async(OrderCommand::Complete { merchant: None, at })
         .await
         .inspect_result();
     anyhow::ensure!(

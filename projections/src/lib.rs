@@ -59,6 +59,8 @@ pub struct Config {
     pub startup: StartupConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    #[command(flatten)]
+    pub http: platform::config::HttpConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -175,7 +177,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     let mut projecting = tokio::spawn(daemon.run(stop.clone()));
     let state = AppState { pool, nats, ops };
-    let serving = platform::http::serve(listener, router(state), shutdown);
+    let serving = platform::http::serve(listener, router(state), &config.http, shutdown);
     tokio::select! {
         served = serving => {
             stop.cancel();

@@ -310,7 +310,9 @@ pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Resu
         "SELECT count(*) FILTER (WHERE l.id IS NULL) AS missing_live,
                 count(*) FILTER (WHERE r.id IS NULL) AS missing_replay,
                 count(*) FILTER (WHERE l.id IS NOT NULL AND r.id IS NOT NULL
-                                   AND (l.doc <> r.doc OR l.version <> r.version)) AS changed
+                                   AND (l.doc <> r.doc OR l.version <> r.version
+                                        OR l.user_id IS DISTINCT FROM r.user_id
+                                        OR l.merchant_id IS DISTINCT FROM r.merchant_id)) AS changed
            FROM {live} l FULL OUTER JOIN {rebuilt} r ON l.id = r.id"
     ))
     .fetch_one(&mut *conn)
@@ -318,6 +320,7 @@ pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Resu
     let sample: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT COALESCE(l.id, r.id) FROM {live} l FULL OUTER JOIN {rebuilt} r ON l.id = r.id
           WHERE l.id IS NULL OR r.id IS NULL OR l.doc <> r.doc OR l.version <> r.version
+             OR l.user_id IS DISTINCT FROM r.user_id OR l.merchant_id IS DISTINCT FROM r.merchant_id
           ORDER BY 1 LIMIT 10"
     ))
     .fetch_all(&mut *conn)

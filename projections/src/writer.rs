@@ -278,6 +278,7 @@ impl<P: Projector> Documents<P> {
         let mut versions = Vec::with_capacity(chunk.len());
         let mut docs = Vec::with_capacity(chunk.len());
         let mut users = Vec::with_capacity(chunk.len());
+        let mut merchants = Vec::with_capacity(chunk.len());
         let mut statuses = Vec::with_capacity(chunk.len());
         let mut created: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(chunk.len());
         let mut updated: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(chunk.len());
@@ -290,6 +291,7 @@ impl<P: Projector> Documents<P> {
             versions.push(i64::try_from(doc.version).unwrap_or(i64::MAX));
             docs.push(serde_json::to_value(view).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
             users.push(columns.user_id);
+            merchants.push(columns.merchant_id);
             statuses.push(columns.status);
             created.push(columns.created_at);
             updated.push(columns.updated_at);
@@ -298,11 +300,11 @@ impl<P: Projector> Documents<P> {
             return Ok(0);
         }
         let query = format!(
-            "INSERT INTO {t} (id, version, doc, user_id, status, created_at, updated_at)
+            "INSERT INTO {t} (id, version, doc, user_id, status, created_at, updated_at, merchant_id)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::jsonb[], $4::text[], $5::text[],
-                                  $6::timestamptz[], $7::timestamptz[])
+                                  $6::timestamptz[], $7::timestamptz[], $8::text[])
              ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, doc = EXCLUDED.doc,
-                 user_id = EXCLUDED.user_id, status = EXCLUDED.status,
+                 user_id = EXCLUDED.user_id, status = EXCLUDED.status, merchant_id = EXCLUDED.merchant_id,
                  created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
              WHERE {t}.version < EXCLUDED.version",
             t = self.table
@@ -315,6 +317,7 @@ impl<P: Projector> Documents<P> {
             .bind(&statuses)
             .bind(&created)
             .bind(&updated)
+            .bind(&merchants)
             .execute(&mut *conn)
             .await?;
         Ok(ids.len())

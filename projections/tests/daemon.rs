@@ -15,6 +15,7 @@ fn placed(order: Uuid, user: &str) -> OrderEvent {
     OrderEvent::OrderPlaced {
         order_id: order,
         user_id: user.into(),
+        merchant_id: Some("m-1".into()),
         kind: OrderKind::SeckillVoucher,
         items: vec![OrderItem {
             product_id: None,

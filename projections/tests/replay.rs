@@ -23,6 +23,7 @@ async fn projected_history(setup: &mut Setup) -> anyhow::Result<()> {
         let placed = OrderEvent::OrderPlaced {
             order_id: order,
             user_id: format!("user-{i}"),
+            merchant_id: Some("m-1".into()),
             kind: OrderKind::SeckillVoucher,
             items: vec![OrderItem {
                 product_id: None,

@@ -31,6 +31,7 @@ async fn readers_never_fail_while_a_replay_swaps_the_orders_view() -> anyhow::Re
         let placed = OrderEvent::OrderPlaced {
             order_id: order,
             user_id: format!("user-{}", i % 10),
+            merchant_id: Some("m-1".into()),
             kind: OrderKind::SeckillVoucher,
             items: vec![OrderItem {
                 product_id: None,

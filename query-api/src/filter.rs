@@ -16,7 +16,7 @@
 //!
 //! | type | fields |
 //! |---|---|
-//! | text (JSON string) | `order_id user_id kind status voucher_id coupon_id payment.status payment.payment_id rejection.code` |
+//! | text (JSON string) | `order_id user_id merchant_id kind status voucher_id coupon_id payment.status payment.payment_id rejection.code` |
 //! | integer (JSON integer, no floats or strings) | `subtotal_cents discount_cents total_cents version payment.amount_cents` |
 //! | timestamp (RFC 3339 string) | `created_at updated_at` |
 //!
@@ -370,6 +370,7 @@ struct Field {
 const FIELDS: &[Field] = &[
     doc_field("order_id", FieldType::Text, "(doc->>'order_id')", &["order_id"]),
     column("user_id", FieldType::Text, "user_id"),
+    column("merchant_id", FieldType::Text, "merchant_id"),
     doc_field("kind", FieldType::Text, "(doc->>'kind')", &["kind"]),
     column("status", FieldType::Text, "status"),
     doc_field("voucher_id", FieldType::Text, "(doc->>'voucher_id')", &["voucher_id"]),

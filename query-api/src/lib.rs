@@ -35,6 +35,8 @@ pub struct Config {
     pub startup: StartupConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    #[command(flatten)]
+    pub http: platform::config::HttpConfig,
 }
 
 #[derive(Debug, Clone, FromRef)]
@@ -64,6 +66,6 @@ pub async fn run(
         jwt: JwtKeys::new(&config.auth.jwt_secret),
         ops,
     };
-    platform::http::serve(listener, router(state), shutdown).await?;
+    platform::http::serve(listener, router(state), &config.http, shutdown).await?;
     Ok(())
 }

@@ -11,7 +11,9 @@ use axum::{
     routing::get,
 };
 use chrono::{DateTime, Utc};
-use platform::http::{ApiPath, ApiQuery, AuthUser, CommonError, Role};
+use platform::http::{
+    AnyRole, ApiPath, ApiQuery, AuthUser, Authorized, CommonError, Customers, MerchantsOrAdmins, NoBody, Role,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row as _};
@@ -75,11 +77,42 @@ impl Freshness {
     }
 }
 
-/// A stored document with what authorization needs.
+/// A stored document the caller may see.
 struct Stored {
     version: u64,
     doc: Value,
+}
+
+/// What of a view the caller may see, as SQL predicates that are always
+/// ANDed into its queries (API.md "Tenancy"): a customer its own documents,
+/// a merchant its own, an admin everything. Another's document is answered
+/// exactly like a missing one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Scope {
     user_id: Option<String>,
+    merchant_id: Option<String>,
+}
+
+impl Scope {
+    /// Orders: the customer's own, or the merchant's own.
+    fn orders(user: &AuthUser) -> Self {
+        match user.role {
+            Role::Customer => Self {
+                user_id: Some(user.sub.clone()),
+                merchant_id: None,
+            },
+            Role::Merchant => Self {
+                user_id: None,
+                merchant_id: Some(user.sub.clone()),
+            },
+            Role::Admin => Self::default(),
+        }
+    }
+
+    /// Catalogue documents (vouchers, products): anyone authenticated.
+    fn everyone() -> Self {
+        Self::default()
+    }
 }
 
 /// The views read by id.
@@ -91,11 +124,21 @@ enum View {
 }
 
 impl View {
+    /// By id, within the caller's scope (`$2` user, `$3` merchant; NULL = any).
     fn select(self) -> &'static str {
         match self {
-            Self::Orders => "SELECT version, doc, user_id FROM order_view WHERE id = $1",
-            Self::Vouchers => "SELECT version, doc, user_id FROM voucher_view WHERE id = $1",
-            Self::Products => "SELECT version, doc, user_id FROM product_view WHERE id = $1",
+            Self::Orders => {
+                "SELECT version, doc FROM order_view WHERE id = $1
+                    AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
+            }
+            Self::Vouchers => {
+                "SELECT version, doc FROM voucher_view WHERE id = $1
+                    AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
+            }
+            Self::Products => {
+                "SELECT version, doc FROM product_view WHERE id = $1
+                    AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
+            }
         }
     }
 
@@ -109,34 +152,43 @@ impl View {
     }
 }
 
-async fn fetch(pool: &PgPool, view: View, id: &str) -> Result<Option<Stored>, sqlx::Error> {
-    let row = sqlx::query(view.select()).bind(id).fetch_optional(pool).await?;
+async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Option<Stored>, sqlx::Error> {
+    let row = sqlx::query(view.select())
+        .bind(id)
+        .bind(scope.user_id.as_deref())
+        .bind(scope.merchant_id.as_deref())
+        .fetch_optional(pool)
+        .await?;
     row.map(|row| {
         Ok(Stored {
             version: row.try_get::<i64, _>("version")?.unsigned_abs(),
             doc: row.try_get("doc")?,
-            user_id: row.try_get("user_id")?,
         })
     })
     .transpose()
 }
 
-/// Reads a document, waiting up to the asked time for `min_version`. The
-/// flag says whether the version was reached (or none was asked for).
+/// Reads a document the caller may see, waiting up to the asked time for
+/// `min_version`: 200 with it, or 202 with the current one when the version
+/// was not reached in time. An unknown id and another's document are the
+/// same 404, at once (API.md "Read-your-writes").
 async fn read_fresh(
     pool: &PgPool,
     view: View,
     id: &str,
+    scope: &Scope,
     freshness: &Freshness,
-) -> Result<(Option<Stored>, bool), ApiError> {
+) -> Result<(Stored, bool), ApiError> {
     let deadline = Instant::now() + freshness.wait()?;
     let mut pause = Duration::from_millis(5);
     loop {
-        let stored = fetch(pool, view, id).await?;
+        let stored = fetch(pool, view, id, scope)
+            .await?
+            .ok_or(ApiError::NotFound(view.noun()))?;
         let Some(min_version) = freshness.min_version else {
             return Ok((stored, true));
         };
-        if stored.as_ref().is_some_and(|s| s.version >= min_version) {
+        if stored.version >= min_version {
             return Ok((stored, true));
         }
         if Instant::now() >= deadline {
@@ -147,41 +199,51 @@ async fn read_fresh(
     }
 }
 
-/// 200 with the document, or 202 with the current one (a stub at version 0
-/// if there is none yet) when `min_version` was not reached in time.
-fn answer(stored: Option<Stored>, fresh: bool, view: View) -> Result<Response, ApiError> {
-    match (stored, fresh) {
-        (Some(stored), true) => Ok(Json(stored.doc).into_response()),
-        (Some(stored), false) => Ok((StatusCode::ACCEPTED, Json(stored.doc)).into_response()),
-        (None, true) => Err(ApiError::NotFound(view.noun())),
-        (None, false) => Ok((StatusCode::ACCEPTED, Json(json!({ "version": 0 }))).into_response()),
+/// 200 with the document, or 202 with the current one (same schema) when
+/// `min_version` was not reached in time.
+fn answer((stored, fresh): (Stored, bool)) -> Response {
+    if fresh {
+        Json(stored.doc).into_response()
+    } else {
+        (StatusCode::ACCEPTED, Json(stored.doc)).into_response()
     }
 }
 
 async fn get_order(
     State(state): State<AppState>,
-    user: AuthUser,
+    user: Authorized<AnyRole>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(freshness): ApiQuery<Freshness>,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
-    let (stored, fresh) = read_fresh(&state.pool, View::Orders, &id.to_string(), &freshness).await?;
-    // another customer's order is answered like a missing one
-    let stored = stored.filter(|s| user.role != Role::Customer || s.user_id.as_deref() == Some(user.sub.as_str()));
-    answer(stored, fresh, View::Orders)
+    let read = read_fresh(
+        &state.pool,
+        View::Orders,
+        &id.to_string(),
+        &Scope::orders(&user),
+        &freshness,
+    )
+    .await?;
+    Ok(answer(read))
 }
 
 async fn get_voucher(
     State(state): State<AppState>,
-    _user: AuthUser,
+    _user: Authorized<AnyRole>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(freshness): ApiQuery<Freshness>,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
-    let (stored, fresh) = read_fresh(&state.pool, View::Vouchers, &id.to_string(), &freshness).await?;
-    let stored = stored.map(|mut s| {
-        s.doc["status"] = json!(voucher_status(&s.doc, Utc::now()));
-        s
-    });
-    answer(stored, fresh, View::Vouchers)
+    let (mut stored, fresh) = read_fresh(
+        &state.pool,
+        View::Vouchers,
+        &id.to_string(),
+        &Scope::everyone(),
+        &freshness,
+    )
+    .await?;
+    stored.doc["status"] = json!(voucher_status(&stored.doc, Utc::now()));
+    Ok(answer((stored, fresh)))
 }
 
 /// The sale's state now: a view stores no clock-dependent field (it must
@@ -206,12 +268,20 @@ fn voucher_status(doc: &Value, now: DateTime<Utc>) -> &'static str {
 
 async fn get_product(
     State(state): State<AppState>,
-    _user: AuthUser,
+    _user: Authorized<AnyRole>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(freshness): ApiQuery<Freshness>,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
-    let (stored, fresh) = read_fresh(&state.pool, View::Products, &id.to_string(), &freshness).await?;
-    answer(stored, fresh, View::Products)
+    let read = read_fresh(
+        &state.pool,
+        View::Products,
+        &id.to_string(),
+        &Scope::everyone(),
+        &freshness,
+    )
+    .await?;
+    Ok(answer(read))
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,25 +294,39 @@ struct OrdersQuery {
 
 async fn list_orders(
     State(state): State<AppState>,
-    user: AuthUser,
+    user: Authorized<AnyRole>,
     ApiQuery(query): ApiQuery<OrdersQuery>,
+    _: NoBody,
 ) -> Result<Json<Value>, ApiError> {
     let listing = OrderQuery::parse(&query.list)?;
     // the caller's scope: fixed SQL, values bound first
     let mut scope: Vec<String> = Vec::new();
     let mut values: Vec<String> = Vec::new();
-    let owner = match user.role {
-        Role::Customer => match query.user_id {
-            Some(other) if other != user.sub => {
-                return Err(CommonError::Forbidden("customers see their own orders only".into()).into());
-            }
-            _ => Some(user.sub.clone()),
-        },
-        Role::Merchant | Role::Admin => query.user_id,
-    };
-    if let Some(owner) = owner {
-        values.push(owner);
-        scope.push(format!("user_id = ${}", values.len()));
+    // bound into SQL below: one that no user id can be (a NUL, which
+    // Postgres text cannot hold, included) is the client's mistake
+    if let Some(user_id) = &query.user_id
+        && platform::http::validate_sub(user_id).is_err()
+    {
+        return Err(ApiError::InvalidParameter(
+            "user_id must be a user id: 1 to 128 printable characters".into(),
+        ));
+    }
+    if user.role == Role::Customer
+        && let Some(other) = &query.user_id
+        && *other != user.sub
+    {
+        return Err(CommonError::Forbidden("customers see their own orders only".into()).into());
+    }
+    // the caller's tenancy first, then the narrowing it asked for
+    let tenancy = Scope::orders(&user);
+    for (column, value) in [
+        ("user_id", tenancy.user_id.or(query.user_id)),
+        ("merchant_id", tenancy.merchant_id),
+    ] {
+        if let Some(value) = value {
+            values.push(value);
+            scope.push(format!("{column} = ${}", values.len()));
+        }
     }
     if let Some(status) = query.status {
         if !ORDER_STATUSES.contains(&status.as_str()) {
@@ -282,10 +366,10 @@ const MAX_COUPONS: i64 = 1_000;
 
 async fn my_coupons(
     State(state): State<AppState>,
-    user: AuthUser,
+    user: Authorized<Customers>,
     ApiQuery(query): ApiQuery<CouponsQuery>,
+    _: NoBody,
 ) -> Result<Json<Value>, ApiError> {
-    user.require(&[Role::Customer])?;
     if let Some(status) = &query.status
         && !COUPON_STATUSES.contains(&status.as_str())
     {
@@ -309,29 +393,48 @@ async fn my_coupons(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TicketsQuery {
-    limit: Option<i64>,
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
-/// The kitchen's queue: paid orders waiting to be prepared, oldest payment
-/// first, as tickets (what to cook, for whom, since when). A view over
-/// `order_view`: an order leaves the queue when preparation starts.
+/// The kitchen's queue: the merchant's paid orders waiting to be prepared,
+/// oldest payment first, as tickets (what to cook, for whom, since when),
+/// a page at a time (`limit`, `cursor`). A view over `order_view`: an order
+/// leaves the queue when preparation starts. An admin sees every merchant's.
 async fn kitchen_tickets(
     State(state): State<AppState>,
-    user: AuthUser,
+    user: Authorized<MerchantsOrAdmins>,
     ApiQuery(query): ApiQuery<TicketsQuery>,
+    _: NoBody,
 ) -> Result<Json<Value>, ApiError> {
-    user.require(&[Role::Merchant, Role::Admin])?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::InvalidParameter("limit must be between 1 and 200".into()));
+    // the order listing's keyset pagination, sorted by when the order
+    // became paid (its last change while it waits)
+    let listing = OrderQuery::parse(&ListParams {
+        filter: None,
+        sort: Some("updated_at".into()),
+        limit: query.limit,
+        cursor: query.cursor,
+    })?;
+    let mut values = Vec::new();
+    let mut scope = vec!["status = 'paid'".to_owned()];
+    if let Some(merchant_id) = Scope::orders(&user).merchant_id {
+        values.push(merchant_id);
+        scope.push(format!("merchant_id = ${}", values.len()));
     }
-    let orders: Vec<Value> =
-        sqlx::query_scalar("SELECT doc FROM order_view WHERE status = 'paid' ORDER BY updated_at, id LIMIT $1")
-            .bind(limit)
-            .fetch_all(&state.pool)
-            .await?;
-    let tickets: Vec<Value> = orders.iter().map(ticket).collect();
-    Ok(Json(json!({ "items": tickets })))
+    let sql = listing.to_sql(values.len());
+    let statement = sql.statement(Some(&scope.join(" AND ")));
+    let mut select = sqlx::query(&statement);
+    for value in values {
+        select = select.bind(value);
+    }
+    let rows = sql.bind(select).fetch_all(&state.pool).await?;
+    let page = listing.page(rows)?;
+    let tickets = page
+        .rows
+        .iter()
+        .map(|row| row.try_get::<Value, _>("doc").map(|order| ticket(&order)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "items": tickets, "next_cursor": page.next_cursor })))
 }
 
 fn ticket(order: &Value) -> Value {
@@ -352,6 +455,7 @@ fn ticket(order: &Value) -> Value {
     json!({
         "order_id": order["order_id"],
         "user_id": order["user_id"],
+        "merchant_id": order["merchant_id"],
         "kind": order["kind"],
         "items": lines,
         "paid_at": paid_at,
@@ -368,14 +472,14 @@ mod tests {
     #[test]
     fn a_ticket_says_what_to_cook_and_since_when() {
         let order = json!({
-            "order_id": "o-1", "user_id": "ann", "kind": "goods", "version": 4,
+            "order_id": "o-1", "user_id": "ann", "merchant_id": "shop-1", "kind": "goods", "version": 4,
             "items": [{"name": "Dumplings", "quantity": 2, "unit_price_cents": 3000, "product_id": "p"}],
             "history": [{"status": "pending_payment", "at": "2030-01-01T10:00:00Z"},
                         {"status": "paid", "at": "2030-01-01T10:05:00Z"}],
         });
         assert_eq!(
             ticket(&order),
-            json!({"order_id": "o-1", "user_id": "ann", "kind": "goods", "version": 4,
+            json!({"order_id": "o-1", "user_id": "ann", "merchant_id": "shop-1", "kind": "goods", "version": 4,
                    "items": [{"name": "Dumplings", "quantity": 2}], "paid_at": "2030-01-01T10:05:00Z"})
         );
     }

@@ -55,10 +55,11 @@ impl Api {
 
     async fn put(&self, table: &str, id: &str, version: i64, doc: Value) -> anyhow::Result<()> {
         let user = doc["user_id"].as_str().map(str::to_owned);
+        let merchant = doc["merchant_id"].as_str().map(str::to_owned);
         let status = doc["status"].as_str().map(str::to_owned);
         sqlx::query(&format!(
-            "INSERT INTO {table} (id, version, doc, user_id, status, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, now(), now())
+            "INSERT INTO {table} (id, version, doc, user_id, status, created_at, updated_at, merchant_id)
+             VALUES ($1, $2, $3, $4, $5, now(), now(), $6)
              ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, doc = EXCLUDED.doc"
         ))
         .bind(id)
@@ -66,15 +67,21 @@ impl Api {
         .bind(&doc)
         .bind(user)
         .bind(status)
+        .bind(merchant)
         .execute(&self.db.pool)
         .await?;
         Ok(())
     }
 
+    /// An order of the merchant `shop`.
     async fn order(&self, user: &str, status: &str, total: i64) -> anyhow::Result<String> {
+        self.order_of(user, "shop", status, total).await
+    }
+
+    async fn order_of(&self, user: &str, merchant: &str, status: &str, total: i64) -> anyhow::Result<String> {
         let id = Uuid::now_v7().to_string();
-        let doc = json!({"order_id": id, "user_id": user, "kind": "goods", "status": status,
-                         "total_cents": total, "version": 1, "items": [], "history": []});
+        let doc = json!({"order_id": id, "user_id": user, "merchant_id": merchant, "kind": "goods",
+                         "status": status, "total_cents": total, "version": 1, "items": [], "history": []});
         self.put("order_view", &id, 1, doc).await?;
         Ok(id)
     }
@@ -159,6 +166,73 @@ async fn every_endpoint_checks_who_is_asking() -> anyhow::Result<()> {
     api.db.drop_database().await
 }
 
+/// Every merchant-facing read, for a merchant that owns the order and one
+/// that does not: the other's is answered like a missing one, and never
+/// appears in a listing, whatever the filter asks for.
+#[tokio::test]
+async fn a_merchant_reads_only_its_own_orders_on_every_endpoint() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    let a = api.order_of("ann", "shop-a", "paid", 1_000).await?;
+    let b = api.order_of("ann", "shop-b", "paid", 2_000).await?;
+    let shop_a = Some(("shop-a", Role::Merchant));
+    let shop_b = Some(("shop-b", Role::Merchant));
+    let listed = |body: &Value| -> Vec<String> {
+        body["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|o| o["order_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (me, mine, theirs, their_shop) in [(shop_a, &a, &b, "shop-b"), (shop_b, &b, &a, "shop-a")] {
+        // by id (also while waiting for a version)
+        assert_eq!(api.get(&format!("/orders/{mine}"), me).await.0, StatusCode::OK);
+        for path in [format!("/orders/{theirs}"), format!("/orders/{theirs}?min_version=1")] {
+            let (status, body) = api.get(&path, me).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (StatusCode::NOT_FOUND, Some("order_not_found")),
+                "{path}"
+            );
+        }
+        // listings, with every way of asking for the other's
+        let filter = urlencode(&format!(r#"{{"merchant_id": "{their_shop}"}}"#));
+        for path in [
+            "/orders".to_owned(),
+            "/orders?user_id=ann".to_owned(),
+            "/orders?status=paid".to_owned(),
+            format!("/orders?filter={filter}"),
+            format!(
+                "/orders?filter={}",
+                urlencode(&format!(r#"{{"order_id": "{theirs}"}}"#))
+            ),
+            "/kitchen/tickets".to_owned(),
+        ] {
+            let (status, body) = api.get(&path, me).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            let ids = listed(&body);
+            assert!(!ids.contains(theirs), "{path} showed another merchant's order");
+            if !path.contains("filter") {
+                assert_eq!(ids, std::slice::from_ref(mine), "{path}");
+            }
+        }
+    }
+    // the admin sees both, and may narrow to one merchant
+    let (_, all) = api.get("/orders", ADMIN).await;
+    assert_eq!(listed(&all).len(), 2);
+    let (_, only_a) = api
+        .get(
+            &format!("/orders?filter={}", urlencode(r#"{"merchant_id": "shop-a"}"#)),
+            ADMIN,
+        )
+        .await;
+    assert_eq!(listed(&only_a), std::slice::from_ref(&a));
+    api.db.drop_database().await
+}
+
 #[tokio::test]
 async fn unknown_ids_and_bad_parameters_are_4xx_in_the_error_format() -> anyhow::Result<()> {
     let api = Api::new().await?;
@@ -177,6 +251,8 @@ async fn unknown_ids_and_bad_parameters_are_4xx_in_the_error_format() -> anyhow:
     for (path, status, code) in [
         ("/orders/not-a-uuid", StatusCode::BAD_REQUEST, "invalid_path"),
         ("/orders?status=lost", StatusCode::BAD_REQUEST, "invalid_query"),
+        // a NUL no user id has (Postgres text cannot even hold it): not a 503
+        ("/orders?user_id=a%00b", StatusCode::BAD_REQUEST, "invalid_query"),
         (
             "/orders?filter=%7B%22%24where%22%3A1%7D",
             StatusCode::BAD_REQUEST,
@@ -226,11 +302,25 @@ async fn min_version_waits_for_the_view_or_answers_202_with_what_there_is() -> a
     writer.await??;
     assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("paid")));
 
-    // nothing yet: 202 with a version-0 stub, not a 404
-    let (status, body) = api
-        .get(&format!("/orders/{}?min_version=1&wait_ms=50", Uuid::now_v7()), ANN)
-        .await;
-    assert_eq!((status, body), (StatusCode::ACCEPTED, json!({"version": 0})));
+    // an unknown id, and another's order, are the same 404 at once: no wait,
+    // no stub outside the documented schema, nothing told apart
+    for (path, who) in [
+        (format!("/orders/{}?min_version=1&wait_ms=5000", Uuid::now_v7()), ANN),
+        (format!("/orders/{id}?min_version=5&wait_ms=5000"), BOB),
+        (
+            format!("/orders/{id}?min_version=5&wait_ms=5000"),
+            Some(("other-shop", Role::Merchant)),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = api.get(&path, who).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("order_not_found")),
+            "{path}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{path} waited");
+    }
     api.db.drop_database().await
 }
 
@@ -332,6 +422,9 @@ async fn the_kitchen_sees_paid_orders_waiting_oldest_first() -> anyhow::Result<(
         .execute(&api.db.pool)
         .await?;
 
+    // another merchant's paid order is not in this kitchen
+    let elsewhere = api.order_of("eve", "other-shop", "paid", 5_000).await?;
+
     let (status, body) = api.get("/kitchen/tickets", SHOP).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let ids: Vec<&str> = body["items"]
@@ -341,6 +434,45 @@ async fn the_kitchen_sees_paid_orders_waiting_oldest_first() -> anyhow::Result<(
         .filter_map(|t| t["order_id"].as_str())
         .collect();
     assert_eq!(ids, [first.as_str(), second.as_str()]);
+    assert_eq!(body["items"][0]["merchant_id"], "shop");
+    let (_, all) = api.get("/kitchen/tickets", ADMIN).await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(3));
+    let (_, theirs) = api.get("/kitchen/tickets", Some(("other-shop", Role::Merchant))).await;
+    assert_eq!(theirs["items"][0]["order_id"].as_str(), Some(elsewhere.as_str()));
+
+    // beyond one page, the cursor walks the whole queue
+    let mut queue = vec![first.clone(), second.clone()];
+    for i in 0..5 {
+        let id = api.order(&format!("late-{i}"), "paid", 100).await?;
+        sqlx::query("UPDATE order_view SET updated_at = now() + make_interval(secs => $2) WHERE id = $1")
+            .bind(&id)
+            .bind(f64::from(i + 1))
+            .execute(&api.db.pool)
+            .await?;
+        queue.push(id);
+    }
+    let mut walked = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(cursor) => format!("/kitchen/tickets?limit=3&cursor={cursor}"),
+            None => "/kitchen/tickets?limit=3".to_owned(),
+        };
+        let (status, page) = api.get(&path, SHOP).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        walked.extend(
+            page["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .filter_map(|t| t["order_id"].as_str().map(str::to_owned)),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(walked, queue);
     assert_eq!(api.get("/kitchen/tickets", ANN).await.0, StatusCode::FORBIDDEN);
     assert_eq!(
         api.get("/kitchen/tickets?limit=0", ADMIN).await.0,

@@ -9,7 +9,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
 };
 use platform::{
-    http::{ApiPath, AuthUser, Role},
+    http::{ApiPath, Authorized, Customers, NoBody},
     telemetry::TraceHeaders,
 };
 use serde::{Deserialize, Serialize};
@@ -41,11 +41,11 @@ pub struct Queued {
 
 pub async fn attempt(
     State(edge): State<Edge>,
-    user: AuthUser,
+    user: Authorized<Customers>,
     ApiPath(voucher_id): ApiPath<Uuid>,
     headers: HeaderMap,
+    _: NoBody,
 ) -> Result<(StatusCode, Json<Queued>), ApiError> {
-    user.require(&[Role::Customer])?;
     let idempotency_key = idempotency_key(&headers)?;
     // A keyed retry must get its stored answer, which only Redis has.
     if idempotency_key.is_none() && edge.flags.is_sold_out(voucher_id) {

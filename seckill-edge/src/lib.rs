@@ -93,6 +93,8 @@ pub struct Config {
     pub startup: StartupConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    #[command(flatten)]
+    pub http: platform::config::HttpConfig,
 }
 
 impl Config {
@@ -226,7 +228,7 @@ pub async fn run(
         });
     }
 
-    let served = platform::http::serve(listener, router(state), shutdown).await;
+    let served = platform::http::serve(listener, router(state), &config.http, shutdown).await;
     stop.cancel();
     while background.join_next().await.is_some() {}
     served?;

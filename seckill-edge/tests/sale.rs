@@ -68,6 +68,8 @@ impl System {
             &commands_url,
             "--payment-webhook-url",
             &webhook_url,
+            "--payment-provider",
+            "simulated",
         ])?;
         let commands = Server::start_on(commands_listener, |listener, shutdown| {
             commands::run(commands_config, listener, shutdown)
@@ -371,14 +373,22 @@ async fn the_callers_trace_reaches_jetstream_and_the_event_store() -> anyhow::Re
 }
 
 /// Events of one aggregate, in order: (event type, payload).
+/// An aggregate's event types in order, checking that its sequence has no gap.
 async fn history(pool: &sqlx::PgPool, aggregate_type: &str, id: &str) -> anyhow::Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT event_type FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT sequence, event_type FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
     )
     .bind(aggregate_type)
     .bind(id)
     .fetch_all(pool)
-    .await?)
+    .await?;
+    let sequences: Vec<i64> = rows.iter().map(|(sequence, _)| *sequence).collect();
+    let expected: Vec<i64> = (1..=i64::try_from(rows.len())?).collect();
+    anyhow::ensure!(
+        sequences == expected,
+        "{aggregate_type} {id} has a gap in its sequence: {sequences:?}"
+    );
+    Ok(rows.into_iter().map(|(_, event_type)| event_type).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -511,8 +521,25 @@ async fn a_seckill_order_paid_through_the_simulated_provider_issues_its_coupon()
         .await?;
     assert_eq!(status, 404);
 
+    // the simulated checkout is the order's customer's only
+    let (status, _) = system.post(&checkout_url, None).await?;
+    assert_eq!(status, 401);
+    let (status, _) = system
+        .post(&checkout_url, Some(&system.token("bob", Role::Customer)))
+        .await?;
+    assert_eq!(status, 404);
+    let (status, _) = system
+        .post(&checkout_url, Some(&system.token("shop-1", Role::Merchant)))
+        .await?;
+    assert_eq!(status, 403);
+    assert_eq!(
+        history(&system.db.pool, "Payment", &payment.to_string()).await?,
+        ["PaymentCreated"]
+    );
     // the customer completes the checkout: the provider calls the signed webhook
-    let (status, delivered) = system.post(&checkout_url, None).await?;
+    let (status, delivered) = system
+        .post(&checkout_url, Some(&system.token("ann", Role::Customer)))
+        .await?;
     assert_eq!(
         (status, delivered["webhook_status"].as_u64()),
         (200, Some(200)),
@@ -537,6 +564,64 @@ async fn a_seckill_order_paid_through_the_simulated_provider_issues_its_coupon()
             .await?;
     assert_eq!(payload["CouponIssued"]["user_id"], "ann");
     assert_eq!(payload["CouponIssued"]["value_cents"], 5_000);
+    system.stop().await
+}
+
+fn failed(id: &str, payment: Uuid, order: Uuid, amount: i64) -> serde_json::Value {
+    json!({"id": id, "type": "payment.failed", "payment_id": payment, "order_id": order, "amount_cents": amount})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_success_after_a_failure_is_recorded_then_refunded_and_a_cancelled_order_cannot_be_paid() -> anyhow::Result<()>
+{
+    let system = System::start().await?;
+    let voucher = system.create_sale(5).await?;
+    let order = system.placed_order(voucher, "ann").await?;
+    let (payment, amount, _) = system.pay(order, "ann").await?;
+    let now = Utc::now().timestamp();
+    // declined: the order is cancelled
+    assert_eq!(
+        system
+            .webhook(&failed("evt_f", payment, order, amount), now, WEBHOOK_SECRET)
+            .await?,
+        200
+    );
+    // paying a cancelled order is refused, although it had a payment session
+    let (status, body) = system
+        .post(
+            &system.commands.url(&format!("/orders/{order}/pay")),
+            Some(&system.token("ann", Role::Customer)),
+        )
+        .await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("order_cancelled")),
+        "{body}"
+    );
+    // the provider then reports the money arrived after all: recorded, then refunded
+    assert_eq!(
+        system
+            .webhook(&succeeded("evt_s", payment, order, amount), now, WEBHOOK_SECRET)
+            .await?,
+        200
+    );
+    assert_eq!(
+        history(&system.db.pool, "Payment", &payment.to_string()).await?,
+        ["PaymentCreated", "PaymentFailed", "PaymentSucceeded", "PaymentRefunded"]
+    );
+    assert_eq!(
+        history(&system.db.pool, "Order", &order.to_string()).await?,
+        ["OrderPlaced", "OrderPaymentStarted", "OrderCancelled", "OrderRefunded"]
+    );
+    // delivered again: nothing more
+    let before = system.count_events().await?;
+    assert_eq!(
+        system
+            .webhook(&succeeded("evt_s", payment, order, amount), now, WEBHOOK_SECRET)
+            .await?,
+        200
+    );
+    assert_eq!(system.count_events().await?, before);
     system.stop().await
 }
 
@@ -718,7 +803,8 @@ impl System {
     /// Pays an order through the simulated provider.
     async fn pay_and_check_out(&self, order: Uuid, user: &str) -> anyhow::Result<()> {
         let (_, _, checkout_url) = self.pay(order, user).await?;
-        let (status, delivered) = self.post(&checkout_url, None).await?;
+        let token = self.token(user, Role::Customer);
+        let (status, delivered) = self.post(&checkout_url, Some(&token)).await?;
         anyhow::ensure!(
             status == 200 && delivered["webhook_status"] == 200,
             "checkout failed: {delivered}"
@@ -787,11 +873,9 @@ async fn a_goods_order_short_of_stock_is_rejected_and_releases_everything_it_res
     assert_eq!(status, 201, "{created}");
     let voucher = created["voucher_id"].as_str().context("voucher_id")?;
     let (status, claimed) = system
-        .post_json(
-            &format!("/vouchers/{voucher}/claim"),
-            "ann",
-            Role::Customer,
-            json!(null),
+        .post(
+            &system.commands.url(&format!("/vouchers/{voucher}/claim")),
+            Some(&system.token("ann", Role::Customer)),
         )
         .await?;
     assert_eq!(status, 201, "{claimed}");
@@ -824,7 +908,10 @@ async fn a_goods_order_short_of_stock_is_rejected_and_releases_everything_it_res
     assert_eq!(decided, "OrderPlaced");
     // cancelling a placed goods order gives back its stock and coupon
     let (status, _) = system
-        .post_json(&format!("/orders/{second}/cancel"), "ann", Role::Customer, json!(null))
+        .post(
+            &system.commands.url(&format!("/orders/{second}/cancel")),
+            Some(&system.token("ann", Role::Customer)),
+        )
         .await?;
     assert_eq!(status, 200);
     eventually(Duration::from_secs(15), || async {

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// Too many orders for this product are waiting for their reservation.
     #[error("product {0} has too many orders in flight; retry shortly")]
     ProductBusy(uuid::Uuid),
+    /// A goods order's products belong to more than one merchant.
+    #[error("an order's products must all belong to one merchant")]
+    MixedMerchants,
     /// Optimistic-lock conflicts outlasted the retries.
     #[error("the resource is being changed by others; try again")]
     Contended,
@@ -56,6 +59,9 @@ impl IntoResponse for ApiError {
             Self::Coupon(error) => domain(&error),
             Self::Payment(error) => domain(&error),
             Self::Contended => error_response(StatusCode::CONFLICT, "concurrent_modification", self.to_string()),
+            Self::MixedMerchants => {
+                error_response(StatusCode::UNPROCESSABLE_ENTITY, "mixed_merchants", self.to_string())
+            }
             Self::ProductBusy(_) => {
                 let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "product_busy", self.to_string());
                 response
@@ -100,6 +106,12 @@ pub fn from_command<E: std::error::Error>(error: CommandError<E>, wrap: impl FnO
         CommandError::Domain(error) => wrap(error),
         CommandError::Conflict { .. } => ApiError::Contended,
         CommandError::Store(error) => ApiError::Store(error),
+    }
+}
+
+impl From<platform::limits::LimitError> for ApiError {
+    fn from(error: platform::limits::LimitError) -> Self {
+        Self::Common(error.into())
     }
 }
 

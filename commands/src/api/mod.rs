@@ -21,7 +21,11 @@ use axum::{
 use chrono::{DateTime, Utc};
 use events::{CancellationReason, CouponSource, EventMetadata, RequestedItem, VoucherKind};
 use platform::{
-    http::{ApiJson, ApiPath, AuthUser, JwtKeys, Role},
+    http::{
+        ApiJson, ApiPath, AuthUser, Authorized, CommonError, Customers, CustomersOrAdmins, JwtKeys, MerchantsOrAdmins,
+        NoBody, Role,
+    },
+    limits::{self, LimitError},
     telemetry::TraceHeaders,
 };
 use serde::{Deserialize, Serialize};
@@ -70,7 +74,9 @@ impl axum::extract::FromRef<Api> for JwtKeys {
 }
 
 pub fn routes(api: Api) -> Router {
-    Router::new()
+    // the simulated provider's checkout exists only when it is the provider
+    let simulated = api.payments.as_ref().is_some_and(|p| p.provider.is_simulated());
+    let router = Router::new()
         .route("/vouchers", post(create_voucher))
         .route("/vouchers/{id}/claim", post(claim_voucher))
         .route("/products", post(create_product))
@@ -79,11 +85,15 @@ pub fn routes(api: Api) -> Router {
         .route("/orders/{id}/cancel", post(cancel_order))
         .route("/orders/{id}/pay", post(payments::pay))
         .route("/webhooks/payments", post(payments::webhook))
-        .route("/provider/checkout/{payment_id}", post(payments::simulated_checkout))
         .route("/orders/{id}/start-preparing", post(start_preparing))
         .route("/orders/{id}/complete", post(complete_order))
-        .route("/openapi.json", get(openapi))
-        .with_state(api)
+        .route("/openapi.json", get(openapi));
+    let router = if simulated {
+        router.route("/provider/checkout/{payment_id}", post(payments::simulated_checkout))
+    } else {
+        router
+    };
+    router.with_state(api)
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -116,9 +126,33 @@ struct Versioned {
     version: u64,
 }
 
+/// The merchant a new product or voucher belongs to: a merchant creates for
+/// itself; an admin names the merchant (API.md "Tenancy").
+fn owner_for(user: &AuthUser, merchant_id: Option<String>) -> Result<String, ApiError> {
+    match (user.role, merchant_id) {
+        (Role::Merchant, None) => Ok(user.sub.clone()),
+        (Role::Merchant, Some(merchant_id)) if merchant_id == user.sub => Ok(merchant_id),
+        (Role::Merchant, Some(_)) => Err(CommonError::Forbidden("merchants create for themselves only".into()).into()),
+        (Role::Admin, Some(merchant_id)) => Ok(merchant_id),
+        (Role::Admin, None) => {
+            Err(CommonError::InvalidBody("merchant_id: required when an admin creates for a merchant".into()).into())
+        }
+        (Role::Customer, _) => Err(CommonError::Forbidden(Role::Merchant.as_str().into()).into()),
+    }
+}
+
+/// The merchant an acting user stands for: `None` for an admin, who acts
+/// on every merchant's behalf.
+fn acting_merchant(user: &AuthUser) -> Option<String> {
+    (user.role == Role::Merchant).then(|| user.sub.clone())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateVoucher {
+    /// Admins only: whose voucher it is.
+    #[serde(default)]
+    merchant_id: Option<String>,
     title: String,
     kind: VoucherKind,
     price_cents: i64,
@@ -131,12 +165,30 @@ struct CreateVoucher {
     ends_at: DateTime<Utc>,
 }
 
+impl CreateVoucher {
+    /// API.md "Limits", each failure naming its field.
+    fn check(&self) -> Result<(), LimitError> {
+        if let Some(merchant_id) = &self.merchant_id {
+            limits::text("merchant_id", merchant_id, platform::http::auth::MAX_SUB_CHARS)?;
+        }
+        limits::text("title", &self.title, limits::MAX_TITLE_CHARS)?;
+        limits::cents("price_cents", self.price_cents)?;
+        limits::cents("value_cents", self.value_cents)?;
+        limits::cents("min_spend_cents", self.min_spend_cents)?;
+        if let Some(stock) = self.stock {
+            limits::quantity("stock", stock)?;
+        }
+        Ok(())
+    }
+}
+
 async fn create_voucher(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<MerchantsOrAdmins>,
     ApiJson(body): ApiJson<CreateVoucher>,
 ) -> Result<impl IntoResponse, ApiError> {
-    user.require(&[Role::Admin, Role::Merchant])?;
+    body.check()?;
+    let merchant_id = owner_for(&user, body.merchant_id.clone())?;
     let voucher_id = Uuid::now_v7();
     let executed = api
         .vouchers
@@ -144,7 +196,7 @@ async fn create_voucher(
             &voucher_id.to_string(),
             || VoucherCommand::Create {
                 voucher_id,
-                merchant_id: user.sub.clone(),
+                merchant_id: merchant_id.clone(),
                 title: body.title.clone(),
                 kind: body.kind,
                 price_cents: body.price_cents,
@@ -176,10 +228,10 @@ struct Claimed {
 /// the coupon are one transaction, so there is never one without the other.
 async fn claim_voucher(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<Customers>,
     ApiPath(voucher_id): ApiPath<Uuid>,
+    _: NoBody,
 ) -> Result<impl IntoResponse, ApiError> {
-    user.require(&[Role::Customer])?;
     let id = voucher_id.to_string();
     let coupon_id = Uuid::now_v7();
     let metadata = metadata(&user);
@@ -236,17 +288,33 @@ async fn claim_voucher(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateProduct {
+    /// Admins only: whose product it is.
+    #[serde(default)]
+    merchant_id: Option<String>,
     name: String,
     price_cents: i64,
     stock: u32,
 }
 
+impl CreateProduct {
+    /// API.md "Limits", each failure naming its field.
+    fn check(&self) -> Result<(), LimitError> {
+        if let Some(merchant_id) = &self.merchant_id {
+            limits::text("merchant_id", merchant_id, platform::http::auth::MAX_SUB_CHARS)?;
+        }
+        limits::text("name", &self.name, limits::MAX_TITLE_CHARS)?;
+        limits::cents("price_cents", self.price_cents)?;
+        limits::quantity("stock", self.stock)
+    }
+}
+
 async fn create_product(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<MerchantsOrAdmins>,
     ApiJson(body): ApiJson<CreateProduct>,
 ) -> Result<impl IntoResponse, ApiError> {
-    user.require(&[Role::Admin, Role::Merchant])?;
+    body.check()?;
+    let merchant_id = owner_for(&user, body.merchant_id.clone())?;
     let product_id = Uuid::now_v7();
     let executed = api
         .products
@@ -254,7 +322,7 @@ async fn create_product(
             &product_id.to_string(),
             || ProductCommand::Create {
                 product_id,
-                merchant_id: user.sub.clone(),
+                merchant_id: merchant_id.clone(),
                 name: body.name.clone(),
                 price_cents: body.price_cents,
                 stock: body.stock,
@@ -279,17 +347,18 @@ struct Restock {
 
 async fn restock_product(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<MerchantsOrAdmins>,
     ApiPath(product_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<Restock>,
 ) -> Result<Json<Versioned>, ApiError> {
-    user.require(&[Role::Admin, Role::Merchant])?;
+    limits::quantity("quantity", body.quantity)?;
     let executed = api
         .products
         .execute(
             &product_id.to_string(),
             || ProductCommand::Restock {
                 quantity: body.quantity,
+                merchant: acting_merchant(&user),
             },
             &metadata(&user),
         )
@@ -315,6 +384,27 @@ struct SubmitOrder {
     coupon_id: Option<Uuid>,
 }
 
+impl SubmitOrder {
+    /// API.md "Limits": a bounded number of lines, each quantity in range, so
+    /// that any total of them at any allowed price fits (checked again,
+    /// with checked arithmetic, where the order is priced).
+    fn check(&self) -> Result<(), LimitError> {
+        if self.items.is_empty() || self.items.len() > crate::domain::order::MAX_ITEMS {
+            return Err(LimitError {
+                field: "items".into(),
+                problem: limits::LimitProblem::OutOfRange {
+                    min: 1,
+                    max: crate::domain::order::MAX_ITEMS as i128,
+                },
+            });
+        }
+        for (index, item) in self.items.iter().enumerate() {
+            limits::quantity(format!("items[{index}].quantity"), item.quantity)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Submitted {
     order_id: Uuid,
@@ -324,16 +414,25 @@ struct Submitted {
 /// Records a goods order; reserving its stock and coupon is the lifecycle saga's job.
 async fn submit_order(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<Customers>,
     ApiJson(body): ApiJson<SubmitOrder>,
 ) -> Result<impl IntoResponse, ApiError> {
-    user.require(&[Role::Customer])?;
+    body.check()?;
     let products: Vec<Uuid> = body.items.iter().map(|item| item.product_id).collect();
     if let Some(gate) = &api.hot_products {
         gate.acquire(&products)
             .await
             .map_err(|busy| ApiError::ProductBusy(busy.0))?;
     }
+    let merchant_id = match merchant_of(&api, &products).await {
+        Ok(merchant_id) => merchant_id,
+        Err(error) => {
+            if let Some(gate) = &api.hot_products {
+                gate.release(&products).await;
+            }
+            return Err(error);
+        }
+    };
     let order_id = Uuid::now_v7();
     let submitted_at = api.clock.now();
     let executed = api
@@ -343,6 +442,7 @@ async fn submit_order(
             || OrderCommand::SubmitGoodsOrder {
                 order_id,
                 user_id: user.sub.clone(),
+                merchant_id: merchant_id.clone(),
                 items: body
                     .items
                     .iter()
@@ -376,12 +476,29 @@ async fn submit_order(
     ))
 }
 
+/// The one merchant whose products an order asks for (422 `mixed_merchants`
+/// for several). Products not known yet are left to the saga, which rejects
+/// the order for them.
+async fn merchant_of(api: &Api, products: &[Uuid]) -> Result<Option<String>, ApiError> {
+    let mut merchant: Option<String> = None;
+    for product_id in products {
+        let product = api.products.read(&product_id.to_string()).await?.aggregate;
+        match (product.merchant_id(), &merchant) {
+            (None, _) => {}
+            (Some(owner), None) => merchant = Some(owner.to_owned()),
+            (Some(owner), Some(first)) if owner == first => {}
+            (Some(_), Some(_)) => return Err(ApiError::MixedMerchants),
+        }
+    }
+    Ok(merchant)
+}
+
 async fn cancel_order(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<CustomersOrAdmins>,
     ApiPath(order_id): ApiPath<Uuid>,
+    _: NoBody,
 ) -> Result<Json<Versioned>, ApiError> {
-    user.require(&[Role::Customer, Role::Admin])?;
     let (by_role, reason) = match user.role {
         Role::Admin => (CancellerRole::Admin, CancellationReason::AdminRequested),
         _ => (CancellerRole::Customer, CancellationReason::CustomerRequested),
@@ -398,22 +515,32 @@ async fn cancel_order(
 
 async fn start_preparing(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<MerchantsOrAdmins>,
     ApiPath(order_id): ApiPath<Uuid>,
+    _: NoBody,
 ) -> Result<Json<Versioned>, ApiError> {
-    user.require(&[Role::Merchant, Role::Admin])?;
     let at = api.clock.now();
-    order_command(&api, &user, order_id, || OrderCommand::StartPreparing { at }).await
+    let merchant = acting_merchant(&user);
+    order_command(&api, &user, order_id, || OrderCommand::StartPreparing {
+        merchant: merchant.clone(),
+        at,
+    })
+    .await
 }
 
 async fn complete_order(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<MerchantsOrAdmins>,
     ApiPath(order_id): ApiPath<Uuid>,
+    _: NoBody,
 ) -> Result<Json<Versioned>, ApiError> {
-    user.require(&[Role::Merchant, Role::Admin])?;
     let at = api.clock.now();
-    order_command(&api, &user, order_id, || OrderCommand::Complete { at }).await
+    let merchant = acting_merchant(&user);
+    order_command(&api, &user, order_id, || OrderCommand::Complete {
+        merchant: merchant.clone(),
+        at,
+    })
+    .await
 }
 
 async fn order_command(

@@ -10,13 +10,12 @@
 
 use axum::{
     Json,
-    body::Bytes,
     extract::State,
     http::{HeaderMap, StatusCode, header},
 };
 use chrono::Utc;
 use events::{CancellationReason, EventMetadata};
-use platform::http::{ApiPath, ApiQuery, AuthUser, Role};
+use platform::http::{ApiBytes, ApiPath, ApiQuery, Authorized, Customers, NoBody};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -45,10 +44,10 @@ pub struct Checkout {
 
 pub async fn pay(
     State(api): State<Api>,
-    user: AuthUser,
+    user: Authorized<Customers>,
     ApiPath(order_id): ApiPath<Uuid>,
+    _: NoBody,
 ) -> Result<Json<Checkout>, ApiError> {
-    user.require(&[Role::Customer])?;
     let settings = settings(&api)?;
     let id = order_id.to_string();
     let metadata = metadata(&user);
@@ -59,8 +58,12 @@ pub async fn pay(
             // someone else's order is answered like a missing one
             return Err(ApiError::Order(OrderError::NotFound));
         }
-        // a retried "pay" gets the payment it started
-        if let Some(payment_id) = order.aggregate.payment_id() {
+        // A retried "pay" gets the payment it started, while the order still
+        // awaits payment; a cancelled or paid order is refused below by
+        // `StartPayment`, whatever sessions it had (409).
+        if order.aggregate.status() == Some(events::OrderStatus::PendingPayment)
+            && let Some(payment_id) = order.aggregate.payment_id()
+        {
             let payment = api.store.load::<Payment>(&payment_id.to_string()).await?.aggregate;
             if let Some(checkout_url) = payment.checkout_url() {
                 return Ok(Json(Checkout {
@@ -122,7 +125,11 @@ fn fresh<A: Default>() -> Loaded<A> {
     }
 }
 
-pub async fn webhook(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
+pub async fn webhook(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> Result<StatusCode, ApiError> {
     let settings = settings(&api)?;
     let header = headers.get(signature::HEADER).and_then(|value| value.to_str().ok());
     signature::verify(
@@ -210,7 +217,9 @@ async fn succeeded(
     };
     match decide(&order_id, order.clone(), paid, &()).await {
         Ok(paid) => Ok(vec![Decision::Payment(settled), Decision::Order(paid)]),
-        // cancelled or timed out first: the money goes back
+        // Cancelled or timed out first (a failed payment cancels too): the
+        // success is recorded, then the money goes back, in one decision so
+        // the refund is never stored without the success before it.
         Err((OrderError::Cancelled, _)) => {
             let reason = "paid after the order was cancelled".to_owned();
             let refund = PaymentCommand::Refund {
@@ -218,7 +227,8 @@ async fn succeeded(
                 reason: reason.clone(),
                 at,
             };
-            let refunded_payment = decide(&id, settled.into_loaded(), refund, &())
+            let refunded_payment = settled
+                .then(refund, &())
                 .await
                 .map_err(|(error, _)| ApiError::Payment(error))?;
             let refund_order = OrderCommand::Refund {
@@ -282,11 +292,15 @@ pub struct Delivered {
 }
 
 /// The simulated provider's checkout: it sends the signed webhook to the
-/// configured URL, as a real provider would after the customer paid.
+/// configured URL, as a real provider would after the customer paid. Only
+/// the order's customer may use it; anyone else's payment is answered as
+/// missing.
 pub async fn simulated_checkout(
     State(api): State<Api>,
+    user: Authorized<Customers>,
     ApiPath(payment_id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<CheckoutQuery>,
+    _: NoBody,
 ) -> Result<Json<Delivered>, ApiError> {
     let settings = settings(&api)?;
     let kind = match query.outcome.as_deref() {
@@ -295,9 +309,12 @@ pub async fn simulated_checkout(
         Some(other) => return Err(ApiError::InvalidWebhook(format!("unknown outcome {other:?}"))),
     };
     let payment = api.store.load::<Payment>(&payment_id.to_string()).await?.aggregate;
-    let Some(order_id) = payment.order_id() else {
+    let (Some(order_id), Some(owner)) = (payment.order_id(), payment.user_id()) else {
         return Err(ApiError::Payment(crate::domain::PaymentError::NotFound));
     };
+    if owner != user.sub {
+        return Err(ApiError::Payment(crate::domain::PaymentError::NotFound));
+    }
     let amount_cents = payment.amount_cents();
     let event = WebhookEvent {
         id: format!("evt_{}", Uuid::now_v7().simple()),

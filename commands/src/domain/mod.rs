@@ -20,6 +20,7 @@
 
 pub mod clock;
 pub mod coupon;
+pub mod limits;
 pub mod order;
 pub mod payment;
 pub mod product;

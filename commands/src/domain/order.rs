@@ -32,7 +32,9 @@ use uuid::Uuid;
 use super::{DomainError, ErrorKind};
 
 pub const MAX_ITEMS: usize = 50;
-pub const MAX_QUANTITY: u32 = 1_000;
+/// Per line; with at most [`MAX_ITEMS`] lines and prices up to `MAX_CENTS`,
+/// every total fits an `i64`.
+pub const MAX_QUANTITY: u32 = super::limits::MAX_QUANTITY;
 
 /// Who asks for a cancellation; only customers are limited to their own orders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,6 +50,8 @@ pub enum OrderCommand {
     PlaceSeckillOrder {
         order_id: Uuid,
         user_id: String,
+        /// The voucher's merchant: the order belongs to it.
+        merchant_id: String,
         voucher_id: Uuid,
         title: String,
         price_cents: i64,
@@ -56,6 +60,8 @@ pub enum OrderCommand {
     RejectSeckillOrder {
         order_id: Uuid,
         user_id: String,
+        /// `None` when the voucher is unknown.
+        merchant_id: Option<String>,
         voucher_id: Uuid,
         reason: OrderRejectionReason,
         rejected_at: DateTime<Utc>,
@@ -63,12 +69,16 @@ pub enum OrderCommand {
     SubmitGoodsOrder {
         order_id: Uuid,
         user_id: String,
+        /// The merchant of the lines' products, where they are known.
+        merchant_id: Option<String>,
         items: Vec<RequestedItem>,
         coupon_id: Option<Uuid>,
         submitted_at: DateTime<Utc>,
     },
     /// The reservation saga priced the order and holds its stock and coupon.
     PlaceGoodsOrder {
+        /// The products' merchant; must agree with the one recorded at submission.
+        merchant_id: String,
         items: Vec<OrderItem>,
         coupon_id: Option<Uuid>,
         /// Clamped to the subtotal: a coupon worth more than the order makes
@@ -102,9 +112,13 @@ pub enum OrderCommand {
         at: DateTime<Utc>,
     },
     StartPreparing {
+        /// The acting merchant (`None`: an admin or the system). A merchant
+        /// acts only on its own orders; another's is answered as missing.
+        merchant: Option<String>,
         at: DateTime<Utc>,
     },
     Complete {
+        merchant: Option<String>,
         at: DateTime<Utc>,
     },
     /// Records the refund of a payment that arrived after cancellation.
@@ -154,8 +168,8 @@ pub enum OrderError {
     Cancelled,
     #[error("order is already cancelled")]
     AlreadyCancelled,
-    #[error("only the customer who placed the order may do this")]
-    NotOwner,
+    #[error("the order's lines belong to merchant {expected}, not {actual}")]
+    MerchantMismatch { expected: String, actual: String },
     #[error("the payment deadline has not passed")]
     DeadlineNotReached,
     #[error("cannot {action} an order that is {}", from.as_str())]
@@ -166,7 +180,6 @@ impl DomainError for OrderError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NotFound => ErrorKind::NotFound,
-            Self::NotOwner => ErrorKind::Forbidden,
             Self::AlreadyExists
             | Self::AmountMismatch { .. }
             | Self::PaymentAlreadyStarted { .. }
@@ -181,6 +194,7 @@ impl DomainError for OrderError {
             | Self::InvalidQuantity { .. }
             | Self::DuplicateProduct { .. }
             | Self::ItemsMismatch
+            | Self::MerchantMismatch { .. }
             | Self::CouponMismatch
             | Self::NegativeDiscount
             | Self::DiscountWithoutCoupon
@@ -209,7 +223,7 @@ impl DomainError for OrderError {
             Self::AlreadyPaid => "order_already_paid",
             Self::Cancelled => "order_cancelled",
             Self::AlreadyCancelled => "order_already_cancelled",
-            Self::NotOwner => "not_owner",
+            Self::MerchantMismatch { .. } => "merchant_mismatch",
             Self::DeadlineNotReached => "deadline_not_reached",
             Self::InvalidTransition { .. } => "invalid_order_transition",
         }
@@ -220,6 +234,7 @@ impl DomainError for OrderError {
 pub struct Order {
     order_id: Option<Uuid>,
     user_id: String,
+    merchant_id: Option<String>,
     kind: Option<OrderKind>,
     status: Option<OrderStatus>,
     voucher_id: Option<Uuid>,
@@ -254,6 +269,17 @@ impl Order {
 
     pub fn user_id(&self) -> Option<&str> {
         self.exists().then_some(self.user_id.as_str())
+    }
+
+    /// The merchant the order belongs to (API.md "Tenancy").
+    pub fn merchant_id(&self) -> Option<&str> {
+        self.merchant_id.as_deref()
+    }
+
+    /// Whether `merchant` (an acting merchant; `None` for an admin or the
+    /// system) may see and act on this order.
+    fn visible_to_merchant(&self, merchant: Option<&str>) -> bool {
+        merchant.is_none_or(|merchant| self.merchant_id.as_deref() == Some(merchant))
     }
 
     pub fn kind(&self) -> Option<OrderKind> {
@@ -327,6 +353,7 @@ impl Order {
             OrderCommand::PlaceSeckillOrder {
                 order_id,
                 user_id,
+                merchant_id,
                 voucher_id,
                 title,
                 price_cents,
@@ -345,6 +372,7 @@ impl Order {
                 Ok(Some(OrderEvent::OrderPlaced {
                     order_id,
                     user_id,
+                    merchant_id: Some(merchant_id),
                     kind: OrderKind::SeckillVoucher,
                     items: vec![OrderItem {
                         product_id: None,
@@ -364,6 +392,7 @@ impl Order {
             OrderCommand::RejectSeckillOrder {
                 order_id,
                 user_id,
+                merchant_id,
                 voucher_id,
                 reason,
                 rejected_at,
@@ -378,6 +407,7 @@ impl Order {
                 Ok(Some(OrderEvent::OrderRejected {
                     order_id,
                     user_id,
+                    merchant_id,
                     kind: OrderKind::SeckillVoucher,
                     voucher_id: Some(voucher_id),
                     reason,
@@ -387,6 +417,7 @@ impl Order {
             OrderCommand::SubmitGoodsOrder {
                 order_id,
                 user_id,
+                merchant_id,
                 items,
                 coupon_id,
                 submitted_at,
@@ -402,17 +433,19 @@ impl Order {
                 Ok(Some(OrderEvent::OrderSubmitted {
                     order_id,
                     user_id,
+                    merchant_id,
                     items,
                     coupon_id,
                     submitted_at,
                 }))
             }
             OrderCommand::PlaceGoodsOrder {
+                merchant_id,
                 items,
                 coupon_id,
                 discount_cents,
                 placed_at,
-            } => self.decide_place_goods(items, coupon_id, discount_cents, placed_at),
+            } => self.decide_place_goods(merchant_id, items, coupon_id, discount_cents, placed_at),
             OrderCommand::RejectGoodsOrder { reason, rejected_at } => {
                 let status = self.current()?;
                 if status == OrderStatus::Rejected && self.rejection == Some(reason) {
@@ -427,6 +460,7 @@ impl Order {
                 Ok(Some(OrderEvent::OrderRejected {
                     order_id: self.order_id.unwrap_or_default(),
                     user_id: self.user_id.clone(),
+                    merchant_id: self.merchant_id.clone(),
                     kind: OrderKind::Goods,
                     voucher_id: None,
                     reason,
@@ -512,9 +546,10 @@ impl Order {
                 at,
             } => {
                 let status = self.current()?;
-                // Ownership before state, so a stranger learns nothing about it.
+                // Ownership before state, so a stranger learns nothing about
+                // it: another customer's order is answered as missing.
                 if by_role == CancellerRole::Customer && by != self.user_id {
-                    return Err(OrderError::NotOwner);
+                    return Err(OrderError::NotFound);
                 }
                 match status {
                     OrderStatus::Submitted | OrderStatus::PendingPayment => Ok(Some(OrderEvent::OrderCancelled {
@@ -542,8 +577,11 @@ impl Order {
                     timed_out_at: at,
                 }))
             }
-            OrderCommand::StartPreparing { at } => {
+            OrderCommand::StartPreparing { merchant, at } => {
                 let status = self.current()?;
+                if !self.visible_to_merchant(merchant.as_deref()) {
+                    return Err(OrderError::NotFound);
+                }
                 if status != OrderStatus::Paid {
                     return Err(OrderError::InvalidTransition {
                         from: status,
@@ -552,8 +590,11 @@ impl Order {
                 }
                 Ok(Some(OrderEvent::OrderPreparationStarted { at }))
             }
-            OrderCommand::Complete { at } => {
+            OrderCommand::Complete { merchant, at } => {
                 let status = self.current()?;
+                if !self.visible_to_merchant(merchant.as_deref()) {
+                    return Err(OrderError::NotFound);
+                }
                 if status != OrderStatus::Preparing {
                     return Err(OrderError::InvalidTransition {
                         from: status,
@@ -599,6 +640,7 @@ impl Order {
 
     fn decide_place_goods(
         &self,
+        merchant_id: String,
         items: Vec<OrderItem>,
         coupon_id: Option<Uuid>,
         discount_cents: i64,
@@ -632,6 +674,14 @@ impl Order {
         if coupon_id != self.coupon_id {
             return Err(OrderError::CouponMismatch);
         }
+        if let Some(expected) = &self.merchant_id
+            && *expected != merchant_id
+        {
+            return Err(OrderError::MerchantMismatch {
+                expected: expected.clone(),
+                actual: merchant_id,
+            });
+        }
         if discount_cents < 0 {
             return Err(OrderError::NegativeDiscount);
         }
@@ -650,6 +700,7 @@ impl Order {
         Ok(Some(OrderEvent::OrderPlaced {
             order_id: self.order_id.unwrap_or_default(),
             user_id: self.user_id.clone(),
+            merchant_id: Some(merchant_id),
             kind: OrderKind::Goods,
             items,
             voucher_id: None,
@@ -736,12 +787,14 @@ impl Aggregate for Order {
             OrderEvent::OrderSubmitted {
                 order_id,
                 user_id,
+                merchant_id,
                 items,
                 coupon_id,
                 ..
             } => {
                 self.order_id = Some(order_id);
                 self.user_id = user_id;
+                self.merchant_id = merchant_id;
                 self.kind = Some(OrderKind::Goods);
                 self.status = Some(OrderStatus::Submitted);
                 self.requested_items = items;
@@ -750,6 +803,7 @@ impl Aggregate for Order {
             OrderEvent::OrderPlaced {
                 order_id,
                 user_id,
+                merchant_id,
                 kind,
                 items,
                 voucher_id,
@@ -761,6 +815,9 @@ impl Aggregate for Order {
             } => {
                 self.order_id = Some(order_id);
                 self.user_id = user_id;
+                if merchant_id.is_some() {
+                    self.merchant_id = merchant_id;
+                }
                 self.kind = Some(kind);
                 self.status = Some(OrderStatus::PendingPayment);
                 self.items = items;
@@ -774,6 +831,7 @@ impl Aggregate for Order {
             OrderEvent::OrderRejected {
                 order_id,
                 user_id,
+                merchant_id,
                 kind,
                 voucher_id,
                 reason,
@@ -781,6 +839,9 @@ impl Aggregate for Order {
             } => {
                 self.order_id = Some(order_id);
                 self.user_id = user_id;
+                if merchant_id.is_some() {
+                    self.merchant_id = merchant_id;
+                }
                 self.kind = Some(kind);
                 self.status = Some(OrderStatus::Rejected);
                 if voucher_id.is_some() {
@@ -836,6 +897,7 @@ mod tests {
     const COUPON: u128 = 0xC0;
     const APPLE: u128 = 0xA1;
     const BREAD: u128 = 0xB2;
+    const SHOP: &str = "shop-1";
 
     fn framework() -> TestFramework<Order> {
         TestFramework::with(())
@@ -847,6 +909,7 @@ mod tests {
         OrderCommand::PlaceSeckillOrder {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: SHOP.into(),
             voucher_id: id(VOUCHER),
             title: "Two coffees for one".into(),
             price_cents: 990,
@@ -858,6 +921,7 @@ mod tests {
         OrderEvent::OrderPlaced {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             kind: OrderKind::SeckillVoucher,
             items: vec![OrderItem {
                 product_id: None,
@@ -879,6 +943,7 @@ mod tests {
         OrderCommand::RejectSeckillOrder {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             voucher_id: id(VOUCHER),
             reason: OrderRejectionReason::SoldOut,
             rejected_at: at_secs(0),
@@ -889,6 +954,7 @@ mod tests {
         OrderEvent::OrderRejected {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             kind: OrderKind::SeckillVoucher,
             voucher_id: Some(id(VOUCHER)),
             reason: OrderRejectionReason::SoldOut,
@@ -915,6 +981,7 @@ mod tests {
         OrderCommand::SubmitGoodsOrder {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             items,
             coupon_id: Some(id(COUPON)),
             submitted_at: at_secs(0),
@@ -925,6 +992,7 @@ mod tests {
         OrderEvent::OrderSubmitted {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             items: requested(),
             coupon_id: Some(id(COUPON)),
             submitted_at: at_secs(0),
@@ -952,6 +1020,7 @@ mod tests {
 
     fn place_goods(discount_cents: i64) -> OrderCommand {
         OrderCommand::PlaceGoodsOrder {
+            merchant_id: SHOP.into(),
             items: priced(),
             coupon_id: Some(id(COUPON)),
             discount_cents,
@@ -964,6 +1033,7 @@ mod tests {
         OrderEvent::OrderPlaced {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             kind: OrderKind::Goods,
             items: priced(),
             voucher_id: None,
@@ -979,6 +1049,7 @@ mod tests {
         OrderEvent::OrderRejected {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             kind: OrderKind::Goods,
             voucher_id: None,
             reason,
@@ -1346,6 +1417,7 @@ mod tests {
         let mut discount_cents = 0;
         edit(&mut items, &mut coupon_id, &mut discount_cents);
         OrderCommand::PlaceGoodsOrder {
+            merchant_id: SHOP.into(),
             items,
             coupon_id,
             discount_cents,
@@ -1407,6 +1479,7 @@ mod tests {
         let without_coupon = OrderEvent::OrderSubmitted {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some(SHOP.into()),
             items: requested(),
             coupon_id: None,
             submitted_at: at_secs(0),
@@ -1689,7 +1762,7 @@ mod tests {
         for status in ALL_STATUSES {
             assert_eq!(
                 when_in(status, cancel("mallory", CancellerRole::Customer)),
-                Err(OrderError::NotOwner)
+                Err(OrderError::NotFound)
             );
         }
     }
@@ -1778,10 +1851,54 @@ mod tests {
     // ---- StartPreparing / Complete ----
 
     #[test]
+    fn a_merchant_acts_only_on_its_own_orders() {
+        let prepare = |merchant: &str| OrderCommand::StartPreparing {
+            merchant: Some(merchant.into()),
+            at: at_secs(120),
+        };
+        framework()
+            .given(history_to(OrderStatus::Paid))
+            .when(prepare(SHOP))
+            .then_expect_events(vec![preparing()]);
+        // another merchant's order is answered as missing, whatever its state
+        for status in ALL_STATUSES {
+            assert_eq!(when_in(status, prepare("shop-2")), Err(OrderError::NotFound));
+            assert_eq!(
+                when_in(
+                    status,
+                    OrderCommand::Complete {
+                        merchant: Some("shop-2".into()),
+                        at: at_secs(180),
+                    }
+                ),
+                Err(OrderError::NotFound)
+            );
+        }
+    }
+
+    #[test]
+    fn a_goods_order_is_placed_for_the_merchant_it_was_submitted_to() {
+        let mut command = place_goods(0);
+        if let OrderCommand::PlaceGoodsOrder { merchant_id, .. } = &mut command {
+            *merchant_id = "shop-2".into();
+        }
+        framework()
+            .given(vec![submitted()])
+            .when(command)
+            .then_expect_error(OrderError::MerchantMismatch {
+                expected: SHOP.into(),
+                actual: "shop-2".into(),
+            });
+    }
+
+    #[test]
     fn start_preparing_a_paid_order() {
         framework()
             .given(history_to(OrderStatus::Paid))
-            .when(OrderCommand::StartPreparing { at: at_secs(120) })
+            .when(OrderCommand::StartPreparing {
+                merchant: None,
+                at: at_secs(120),
+            })
             .then_expect_events(vec![preparing()]);
     }
 
@@ -1792,7 +1909,13 @@ mod tests {
                 continue;
             }
             assert_eq!(
-                when_in(status, OrderCommand::StartPreparing { at: at_secs(120) }),
+                when_in(
+                    status,
+                    OrderCommand::StartPreparing {
+                        merchant: None,
+                        at: at_secs(120),
+                    }
+                ),
                 Err(OrderError::InvalidTransition {
                     from: status,
                     action: "start preparing"
@@ -1801,7 +1924,10 @@ mod tests {
         }
         framework()
             .given_no_previous_events()
-            .when(OrderCommand::StartPreparing { at: at_secs(120) })
+            .when(OrderCommand::StartPreparing {
+                merchant: None,
+                at: at_secs(120),
+            })
             .then_expect_error(OrderError::NotFound);
     }
 
@@ -1809,7 +1935,10 @@ mod tests {
     fn complete_a_preparing_order() {
         framework()
             .given(history_to(OrderStatus::Preparing))
-            .when(OrderCommand::Complete { at: at_secs(180) })
+            .when(OrderCommand::Complete {
+                merchant: None,
+                at: at_secs(180),
+            })
             .then_expect_events(vec![completed()]);
     }
 
@@ -1820,7 +1949,13 @@ mod tests {
                 continue;
             }
             assert_eq!(
-                when_in(status, OrderCommand::Complete { at: at_secs(180) }),
+                when_in(
+                    status,
+                    OrderCommand::Complete {
+                        merchant: None,
+                        at: at_secs(180),
+                    }
+                ),
                 Err(OrderError::InvalidTransition {
                     from: status,
                     action: "complete"
@@ -1829,7 +1964,10 @@ mod tests {
         }
         framework()
             .given_no_previous_events()
-            .when(OrderCommand::Complete { at: at_secs(180) })
+            .when(OrderCommand::Complete {
+                merchant: None,
+                at: at_secs(180),
+            })
             .then_expect_error(OrderError::NotFound);
     }
 
@@ -1926,8 +2064,14 @@ mod tests {
             place_seckill(),
             start_payment(PAYMENT, 990),
             mark_paid(PAYMENT, 990),
-            OrderCommand::StartPreparing { at: at_secs(120) },
-            OrderCommand::Complete { at: at_secs(180) },
+            OrderCommand::StartPreparing {
+                merchant: None,
+                at: at_secs(120),
+            },
+            OrderCommand::Complete {
+                merchant: None,
+                at: at_secs(180),
+            },
         ];
         for step in steps {
             assert_eq!(execute(&mut order, step, &()).unwrap().len(), 1);
@@ -1963,7 +2107,10 @@ mod tests {
             OrderError::AlreadyPaid,
             OrderError::Cancelled,
             OrderError::AlreadyCancelled,
-            OrderError::NotOwner,
+            OrderError::MerchantMismatch {
+                expected: "m-1".into(),
+                actual: "m-2".into(),
+            },
             OrderError::DeadlineNotReached,
             OrderError::InvalidTransition {
                 from: OrderStatus::Paid,
@@ -1972,6 +2119,7 @@ mod tests {
         ];
         let codes: BTreeSet<_> = all.iter().map(DomainError::code).collect();
         assert_eq!(codes.len(), all.len());
-        assert_eq!(OrderError::NotOwner.kind().http_status(), 403);
+        // another's order is answered as missing (API.md "Auth")
+        assert_eq!(OrderError::NotFound.kind().http_status(), 404);
     }
 }

@@ -6,8 +6,11 @@
 //! - It settles once: `pending` → `succeeded` or `failed`. Webhooks are
 //!   delivered at least once and providers may resend the same outcome under
 //!   a new event id, so repeating the outcome already recorded succeeds with
-//!   no events whatever the provider event id; only the opposite outcome is
-//!   an error, because money cannot both arrive and not arrive.
+//!   no events whatever the provider event id. A success after a failure is
+//!   recorded (providers do report a declined attempt that later went
+//!   through, and money that arrived must be in the audit trail: the saga
+//!   then refunds it); a failure after a success is an error, because money
+//!   that arrived cannot un-arrive.
 //! - A succeeded payment can be refunded once, for at most its amount
 //!   (partial refunds are allowed, a second refund is a no-op).
 
@@ -221,9 +224,10 @@ impl Payment {
                     return Err(PaymentError::MissingProviderEventId);
                 }
                 match status {
-                    PaymentStatus::Pending => Ok(Some(PaymentEvent::PaymentSucceeded { provider_event_id, at })),
+                    PaymentStatus::Pending | PaymentStatus::Failed => {
+                        Ok(Some(PaymentEvent::PaymentSucceeded { provider_event_id, at }))
+                    }
                     PaymentStatus::Succeeded | PaymentStatus::Refunded => Ok(None),
-                    PaymentStatus::Failed => Err(PaymentError::AlreadyFailed),
                 }
             }
             PaymentCommand::Fail {
@@ -476,11 +480,16 @@ mod tests {
     }
 
     #[test]
-    fn succeed_after_failure_is_a_conflict() {
+    fn succeed_after_failure_records_the_money_that_came_in() {
         framework()
             .given(vec![created(), failed("evt_1")])
             .when(succeed("evt_2"))
-            .then_expect_error(PaymentError::AlreadyFailed);
+            .then_expect_events(vec![succeeded("evt_2")]);
+        // and it can then be refunded
+        framework()
+            .given(vec![created(), failed("evt_1"), succeeded("evt_2")])
+            .when(refund(990))
+            .then_expect_events(vec![refunded(990)]);
     }
 
     #[test]

@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use super::{DomainError, ErrorKind};
 
-pub const MAX_NAME_CHARS: usize = 200;
-pub const MAX_RESTOCK: u32 = 1_000_000;
+pub const MAX_NAME_CHARS: usize = super::limits::MAX_TEXT_CHARS;
+pub const MAX_RESTOCK: u32 = super::limits::MAX_QUANTITY;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProductCommand {
@@ -39,6 +39,9 @@ pub enum ProductCommand {
     },
     Restock {
         quantity: u32,
+        /// The acting merchant (`None`: an admin). A merchant restocks only
+        /// its own products; another's is answered as missing.
+        merchant: Option<String>,
     },
     Reserve {
         order_id: Uuid,
@@ -59,8 +62,14 @@ pub enum ProductError {
     EmptyName,
     #[error("name must be at most {MAX_NAME_CHARS} characters")]
     NameTooLong,
+    #[error("name must not contain control characters")]
+    NameNotText,
     #[error("price_cents must not be negative")]
     NegativePrice,
+    #[error("price_cents must be at most {}", super::limits::MAX_CENTS)]
+    PriceTooHigh,
+    #[error("stock must be at most {}", super::limits::MAX_QUANTITY)]
+    StockTooLarge,
     #[error("quantity {quantity} is out of range")]
     InvalidQuantity { quantity: u32 },
     #[error("the stock would exceed its maximum")]
@@ -78,7 +87,10 @@ impl DomainError for ProductError {
             Self::AlreadyExists | Self::OutOfStock { .. } | Self::ReservationConflict { .. } => ErrorKind::Conflict,
             Self::EmptyName
             | Self::NameTooLong
+            | Self::NameNotText
             | Self::NegativePrice
+            | Self::PriceTooHigh
+            | Self::StockTooLarge
             | Self::InvalidQuantity { .. }
             | Self::StockOverflow => ErrorKind::Invalid,
         }
@@ -90,7 +102,10 @@ impl DomainError for ProductError {
             Self::AlreadyExists => "product_exists",
             Self::EmptyName => "name_empty",
             Self::NameTooLong => "name_too_long",
+            Self::NameNotText => "name_not_text",
             Self::NegativePrice => "negative_price",
+            Self::PriceTooHigh => "price_too_high",
+            Self::StockTooLarge => "stock_too_large",
             Self::InvalidQuantity { .. } => "invalid_quantity",
             Self::StockOverflow => "stock_overflow",
             Self::OutOfStock { .. } => "out_of_stock",
@@ -185,8 +200,17 @@ impl Product {
                 if name.chars().count() > MAX_NAME_CHARS {
                     return Err(ProductError::NameTooLong);
                 }
+                if !super::limits::is_clean_text(&name) {
+                    return Err(ProductError::NameNotText);
+                }
                 if price_cents < 0 {
                     return Err(ProductError::NegativePrice);
+                }
+                if price_cents > super::limits::MAX_CENTS {
+                    return Err(ProductError::PriceTooHigh);
+                }
+                if stock > super::limits::MAX_QUANTITY {
+                    return Err(ProductError::StockTooLarge);
                 }
                 Ok(Some(ProductEvent::ProductCreated {
                     product_id,
@@ -196,8 +220,13 @@ impl Product {
                     stock,
                 }))
             }
-            ProductCommand::Restock { quantity } => {
-                if !self.exists() {
+            ProductCommand::Restock { quantity, merchant } => {
+                let owned = match (&self.details, merchant) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(details), Some(merchant)) => details.merchant_id == merchant,
+                };
+                if !owned {
                     return Err(ProductError::NotFound);
                 }
                 if quantity == 0 || quantity > MAX_RESTOCK {
@@ -396,6 +425,17 @@ mod tests {
             (create("   ", 120, 1), ProductError::EmptyName),
             (create(&long, 120, 1), ProductError::NameTooLong),
             (create("Apple", -1, 1), ProductError::NegativePrice),
+            (create("Ap\0ple", 120, 1), ProductError::NameNotText),
+            (create("Apple\n", 120, 1), ProductError::NameNotText),
+            (
+                create("Apple", crate::domain::limits::MAX_CENTS + 1, 1),
+                ProductError::PriceTooHigh,
+            ),
+            (create("Apple", i64::MAX, 1), ProductError::PriceTooHigh),
+            (
+                create("Apple", 120, crate::domain::limits::MAX_QUANTITY + 1),
+                ProductError::StockTooLarge,
+            ),
         ] {
             framework()
                 .given_no_previous_events()
@@ -407,10 +447,30 @@ mod tests {
     // ---- Restock ----
 
     #[test]
+    fn a_merchant_restocks_only_its_own_products() {
+        let restock = |merchant: &str| ProductCommand::Restock {
+            quantity: 5,
+            merchant: Some(merchant.into()),
+        };
+        framework()
+            .given(vec![created(10)])
+            .when(restock("merchant-1"))
+            .then_expect_events(vec![ProductEvent::ProductRestocked { quantity: 5 }]);
+        // another merchant's product is answered as missing
+        framework()
+            .given(vec![created(10)])
+            .when(restock("merchant-2"))
+            .then_expect_error(ProductError::NotFound);
+    }
+
+    #[test]
     fn restock_a_product() {
         framework()
             .given(vec![created(10)])
-            .when(ProductCommand::Restock { quantity: MAX_RESTOCK })
+            .when(ProductCommand::Restock {
+                quantity: MAX_RESTOCK,
+                merchant: None,
+            })
             .then_expect_events(vec![ProductEvent::ProductRestocked { quantity: MAX_RESTOCK }]);
     }
 
@@ -419,7 +479,10 @@ mod tests {
         for quantity in [0, MAX_RESTOCK + 1] {
             framework()
                 .given(vec![created(10)])
-                .when(ProductCommand::Restock { quantity })
+                .when(ProductCommand::Restock {
+                    quantity,
+                    merchant: None,
+                })
                 .then_expect_error(ProductError::InvalidQuantity { quantity });
         }
     }
@@ -428,7 +491,10 @@ mod tests {
     fn restock_past_the_maximum_is_refused() {
         framework()
             .given(vec![created(u32::MAX - 5)])
-            .when(ProductCommand::Restock { quantity: 6 })
+            .when(ProductCommand::Restock {
+                quantity: 6,
+                merchant: None,
+            })
             .then_expect_error(ProductError::StockOverflow);
     }
 
@@ -436,7 +502,10 @@ mod tests {
     fn restock_a_missing_product_is_not_found() {
         framework()
             .given_no_previous_events()
-            .when(ProductCommand::Restock { quantity: 1 })
+            .when(ProductCommand::Restock {
+                quantity: 1,
+                merchant: None,
+            })
             .then_expect_error(ProductError::NotFound);
     }
 

@@ -29,8 +29,8 @@ use uuid::Uuid;
 use super::clock::{SharedClock, SystemClock};
 use super::{DomainError, ErrorKind};
 
-pub const MAX_TITLE_CHARS: usize = 200;
-pub const MAX_SECKILL_STOCK: u32 = 10_000_000;
+pub const MAX_TITLE_CHARS: usize = super::limits::MAX_TEXT_CHARS;
+pub const MAX_SECKILL_STOCK: u32 = super::limits::MAX_QUANTITY;
 
 #[derive(Debug, Clone)]
 pub struct VoucherServices {
@@ -103,8 +103,12 @@ pub enum VoucherError {
     EmptyTitle,
     #[error("title must be at most {MAX_TITLE_CHARS} characters")]
     TitleTooLong,
+    #[error("title must not contain control characters")]
+    TitleNotText,
     #[error("price_cents must not be negative")]
     NegativePrice,
+    #[error("amounts must be at most {} cents", super::limits::MAX_CENTS)]
+    AmountTooHigh,
     #[error("min_spend_cents must not be negative")]
     NegativeMinSpend,
     #[error("value_cents must be positive")]
@@ -138,6 +142,8 @@ impl DomainError for VoucherError {
             Self::SaleNotStarted | Self::SaleEnded => ErrorKind::Forbidden,
             Self::EmptyTitle
             | Self::TitleTooLong
+            | Self::TitleNotText
+            | Self::AmountTooHigh
             | Self::NegativePrice
             | Self::NegativeMinSpend
             | Self::NonPositiveValue
@@ -154,6 +160,8 @@ impl DomainError for VoucherError {
             Self::AlreadyExists => "voucher_exists",
             Self::EmptyTitle => "title_empty",
             Self::TitleTooLong => "title_too_long",
+            Self::TitleNotText => "title_not_text",
+            Self::AmountTooHigh => "amount_too_high",
             Self::NegativePrice => "negative_price",
             Self::NegativeMinSpend => "negative_min_spend",
             Self::NonPositiveValue => "non_positive_value",
@@ -338,8 +346,17 @@ impl Voucher {
         if details.title.chars().count() > MAX_TITLE_CHARS {
             return Err(VoucherError::TitleTooLong);
         }
+        if !super::limits::is_clean_text(&details.title) {
+            return Err(VoucherError::TitleNotText);
+        }
         if details.price_cents < 0 {
             return Err(VoucherError::NegativePrice);
+        }
+        if [details.price_cents, details.value_cents, details.min_spend_cents]
+            .iter()
+            .any(|cents| *cents > super::limits::MAX_CENTS)
+        {
+            return Err(VoucherError::AmountTooHigh);
         }
         if details.min_spend_cents < 0 {
             return Err(VoucherError::NegativeMinSpend);
@@ -393,6 +410,16 @@ impl Voucher {
             return None;
         }
         let details = self.details.as_ref()?;
+        if !super::limits::is_valid_user_id(&claim.user_id) {
+            // Admitted at the edge but unstorable as it is: refused with a
+            // user id the store can hold, so it still ends as one order and
+            // the edge gives the unit back.
+            return Some(VoucherEvent::SeckillClaimRejected {
+                order_id: claim.order_id,
+                user_id: super::limits::storable_user_id(&claim.user_id),
+                reason: ClaimRejection::InvalidRequest,
+            });
+        }
         let rejection = if details.kind != VoucherKind::Seckill {
             Some(ClaimRejection::NotSeckill)
         } else if claim.requested_at < details.begins_at {
@@ -759,6 +786,62 @@ mod tests {
             None,
             VoucherError::TitleTooLong,
         );
+    }
+
+    #[test]
+    fn create_rejects_control_characters_in_the_title() {
+        for title in ["Hot\0pot", "Hot\npot", "\u{7f}"] {
+            create_fails(
+                edit_title(title),
+                VoucherKind::Regular,
+                None,
+                VoucherError::TitleNotText,
+            );
+        }
+    }
+
+    #[test]
+    fn create_rejects_amounts_over_the_limit() {
+        let over = crate::domain::limits::MAX_CENTS + 1;
+        for field in 0..3 {
+            let edit = move |c: &mut VoucherCommand| {
+                if let VoucherCommand::Create {
+                    price_cents,
+                    value_cents,
+                    min_spend_cents,
+                    ..
+                } = c
+                {
+                    *[price_cents, value_cents, min_spend_cents][field] = over;
+                }
+            };
+            create_fails(edit, VoucherKind::Regular, None, VoucherError::AmountTooHigh);
+        }
+    }
+
+    #[test]
+    fn an_unstorable_user_id_is_refused_with_a_storable_one() {
+        let mut voucher = replay::<Voucher>([seckill_created(2)]);
+        let events = execute(
+            &mut voucher,
+            batch(vec![
+                claim(1, "ann\0", during()),
+                claim(2, "", during()),
+                claim(3, "bob", during()),
+            ]),
+            &services_at(during()),
+        )
+        .unwrap();
+        assert_eq!(
+            events,
+            vec![
+                rejected(1, "ann\u{fffd}", ClaimRejection::InvalidRequest),
+                rejected(2, "\u{fffd}", ClaimRejection::InvalidRequest),
+                accepted(3, "bob", during()),
+            ]
+        );
+        // the refused claims took no unit
+        assert_eq!(voucher.remaining(), 1);
     }
 
     #[test]

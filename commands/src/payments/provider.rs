@@ -1,6 +1,9 @@
-//! The payment provider adapter, and the simulated provider of the local
-//! stack: its checkout page is a URL on the command API that, when POSTed to,
-//! calls `POST /webhooks/payments` with a signed body like a real provider.
+//! The payment provider adapter: a hosted checkout (the provider's page,
+//! which reports back through the signed webhook), and the simulated provider
+//! of the local stack and the tests: its checkout page is a URL on the
+//! command API that, when POSTed to by the order's customer, calls
+//! `POST /webhooks/payments` with a signed body like a real provider. The
+//! simulated one exists only when `PAYMENT_PROVIDER=simulated`.
 
 use uuid::Uuid;
 
@@ -10,6 +13,38 @@ pub trait PaymentProvider: std::fmt::Debug + Send + Sync {
     fn name(&self) -> &'static str;
     /// Where the customer completes the payment.
     fn checkout_url(&self, payment_id: Uuid) -> String;
+    /// Whether this is the local simulation, whose checkout route the
+    /// command API serves itself (and only then).
+    fn is_simulated(&self) -> bool {
+        false
+    }
+}
+
+/// Which provider the command API talks to (`PAYMENT_PROVIDER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProviderKind {
+    /// A provider hosting its own checkout page at `PAYMENT_CHECKOUT_URL`.
+    Hosted,
+    /// The local stack's fake provider: never for production.
+    Simulated,
+}
+
+/// A provider that hosts the checkout page: the URL is its template with
+/// `{payment_id}` filled in.
+#[derive(Debug, Clone)]
+pub struct HostedProvider {
+    pub checkout_url_template: String,
+}
+
+impl PaymentProvider for HostedProvider {
+    fn name(&self) -> &'static str {
+        "hosted"
+    }
+
+    fn checkout_url(&self, payment_id: Uuid) -> String {
+        self.checkout_url_template
+            .replace("{payment_id}", &payment_id.to_string())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +63,10 @@ impl PaymentProvider for SimulatedProvider {
             "{}/provider/checkout/{payment_id}",
             self.public_url.trim_end_matches('/')
         )
+    }
+
+    fn is_simulated(&self) -> bool {
+        true
     }
 }
 

@@ -26,6 +26,8 @@ struct Config {
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    // A token the services would refuse (401) helps nobody.
+    platform::http::validate_sub(&config.sub)?;
     let token =
         JwtKeys::new(&config.auth.jwt_secret).issue(&config.sub, config.role, Duration::from_secs(config.ttl_secs))?;
     writeln!(std::io::stdout(), "{token}")?;

@@ -52,6 +52,14 @@ pub enum CommonError {
     UnsupportedMediaType,
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A body sent to an endpoint that takes none (API.md: 413).
+    #[error("this endpoint takes no request body")]
+    UnexpectedBody,
+    #[error("request URI longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    /// A request the HTTP layer could not take as it is (not a JSON problem).
+    #[error("{0}")]
+    BadRequest(String),
     #[error("{0}")]
     InvalidPath(String),
     #[error("{0}")]
@@ -64,6 +72,9 @@ pub enum CommonError {
     RateLimited { retry_after_secs: u64 },
     #[error("a dependency is unavailable")]
     Unavailable,
+    /// The request took longer than the server's request timeout.
+    #[error("the request took too long; try again later")]
+    RequestTimeout { retry_after_secs: u64 },
     /// The cause is logged, never sent.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -83,13 +94,16 @@ impl CommonError {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             Self::InvalidBody(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
             Self::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::PayloadTooLarge { .. } | Self::UnexpectedBody => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             Self::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
             Self::RouteNotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::RequestTimeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "request_timeout"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -102,12 +116,38 @@ impl IntoResponse for CommonError {
             tracing::error!(error = ?cause, "internal error");
         }
         let mut response = error_response(status, code, self.to_string());
-        if let Self::RateLimited { retry_after_secs } = self {
+        if let Self::RateLimited { retry_after_secs } | Self::RequestTimeout { retry_after_secs } = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response
+    }
+}
+
+/// The code and message for an error status that something other than our
+/// handlers produced with no contract body: hyper's own parse errors and
+/// axum's plain-text rejections. Their text is not passed on: it may name
+/// internal types.
+pub(crate) fn generic_error(status: StatusCode) -> (&'static str, &'static str) {
+    match status.as_u16() {
+        400 => ("bad_request", "the request could not be understood"),
+        401 => ("unauthorized", "authentication required"),
+        403 => ("forbidden", "not allowed"),
+        404 => ("not_found", "no such route"),
+        405 => ("method_not_allowed", "method not allowed"),
+        408 => ("request_timeout", "the request took too long to arrive"),
+        409 => ("conflict", "the request conflicts with the current state"),
+        411 => ("length_required", "a Content-Length is required"),
+        413 => ("payload_too_large", "request body too large"),
+        414 => ("uri_too_long", "request URI too long"),
+        415 => ("unsupported_media_type", "unsupported Content-Type"),
+        422 => ("invalid_body", "the request body is not valid"),
+        429 => ("rate_limited", "too many requests"),
+        431 => ("headers_too_large", "request headers too large"),
+        503 => ("unavailable", "service unavailable"),
+        500..=599 => ("internal", "internal error"),
+        _ => ("bad_request", "the request could not be handled"),
     }
 }
 

@@ -1,6 +1,23 @@
 //! Wrapping a service's routes with what every service serves, and serving them.
+//!
+//! [`service_router`] adds `/health`, `/metrics`, JSON 404/405, the body
+//! limit, the URI limit, the request timeout, request tracing and metrics
+//! with bounded labels, and a catch-all that gives every error response
+//! without a JSON body (axum's plain-text rejections) the contract body.
+//!
+//! [`serve`] runs our own accept loop on hyper instead of `axum::serve`, which
+//! has no header-read timeout and no connection cap (API.md "Limits"): a
+//! connection that has not sent a request's headers within the header-read
+//! timeout is closed, at most `http_max_connections` are served at once, and
+//! hyper's own parse-error answers get the contract body ([`super::wire`]).
 
-use std::{future::Future, io, time::Instant};
+use std::{
+    future::Future,
+    io,
+    pin::pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Json, Router,
@@ -9,16 +26,36 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use http::StatusCode;
+use http::{Method, StatusCode, header};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use metrics::{Label, SharedString};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tower::ServiceExt as _;
 use tracing::Instrument as _;
 
-use super::{error::CommonError, health::Health};
-use crate::telemetry;
+use super::{
+    error::{CommonError, error_response, generic_error},
+    health::Health,
+    wire::ContractIo,
+};
+use crate::{config::HttpConfig, telemetry};
 
 /// API.md: request bodies above 64 KiB are refused with 413.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+
+/// The longest request URI (path and query) a handler sees; longer ones are
+/// 414 `uri_too_long`. hyper's own limit (65534 bytes) is far above anything
+/// our routes take.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// What `Retry-After` says on a request timeout: the overload that made the
+/// request slow is usually over within a second or two.
+const TIMEOUT_RETRY_AFTER_SECS: u64 = 1;
 
 /// What `/health` and `/metrics` need.
 #[derive(Debug, Clone)]
@@ -27,7 +64,8 @@ pub struct Ops {
     pub metrics: PrometheusHandle,
 }
 
-/// `app` plus `/health`, `/metrics`, JSON 404/405, the body limit and request
+/// `app` plus `/health`, `/metrics`, JSON 404/405, the body and URI limits,
+/// the request timeout, the contract body on every error, and request
 /// tracing/metrics.
 pub fn service_router(app: Router, ops: Ops) -> Router {
     let ops_routes = Router::new()
@@ -38,6 +76,7 @@ pub fn service_router(app: Router, ops: Ops) -> Router {
         .fallback(|| async { CommonError::RouteNotFound })
         .method_not_allowed_fallback(|| async { CommonError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(middleware::from_fn(contract_errors))
         .layer(middleware::from_fn(track))
 }
 
@@ -53,30 +92,91 @@ async fn health(State(ops): State<Ops>) -> Response {
 
 async fn render_metrics(State(ops): State<Ops>) -> Response {
     (
-        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::render_metrics(&ops.metrics),
     )
         .into_response()
 }
 
-/// One span per request, child of the caller's `traceparent`, and the RED metrics.
+/// Refuses over-long URIs before any handler runs, and gives every error
+/// response that lacks a JSON body the contract body: axum's own rejections
+/// (e.g. the raw `Bytes` extractor's 413) answer in plain text, and their
+/// text may name internal types, so it is replaced, not passed on.
+async fn contract_errors(request: Request, next: Next) -> Response {
+    let uri_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_bytes > MAX_URI_BYTES {
+        return CommonError::UriTooLong { limit: MAX_URI_BYTES }.into_response();
+    }
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || json {
+        return response;
+    }
+    let (code, message) = generic_error(status);
+    let (parts, _plain_text) = response.into_parts();
+    let mut rewritten = error_response(status, code, message);
+    // Keep what the status needs (Allow, Retry-After, WWW-Authenticate…);
+    // the body's own headers come from the new body.
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().append(name, value.clone());
+        }
+    }
+    rewritten
+}
+
+/// Per-request deadline, put on each request by [`serve`] from its config;
+/// requests that did not come through `serve` (in-process tests) get the
+/// default.
+#[derive(Debug, Clone, Copy)]
+struct RequestTimeout(Duration);
+
+/// One span per request, child of the caller's `traceparent`; the request
+/// timeout; and the RED metrics, labelled only with bounded sets: the method
+/// (the standard ones, else `other`), the route template (or `unmatched`)
+/// and the status code.
 async fn track(request: Request, next: Next) -> Response {
+    // Shared, not copied, between the span and both metrics.
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let method = request.method().clone();
+        .map_or(SharedString::const_str("unmatched"), |path| {
+            SharedString::from(Arc::<str>::from(path.as_str()))
+        });
+    let method = method_label(request.method());
+    let deadline = request.extensions().get::<RequestTimeout>().map_or_else(
+        || Duration::from_millis(HttpConfig::REQUEST_TIMEOUT_MS),
+        |timeout| timeout.0,
+    );
     let span = tracing::info_span!(
         "http_request",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
-        http.request.method = %method,
-        http.route = %route,
+        http.request.method = method,
+        http.route = &*route,
         http.response.status_code = tracing::field::Empty,
     );
     telemetry::set_parent(&span, telemetry::extract_http(request.headers()));
     let started = Instant::now();
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = match tokio::time::timeout(deadline, next.run(request))
+        .instrument(span.clone())
+        .await
+    {
+        Ok(response) => response,
+        Err(_) => {
+            // The handler's future is dropped, as when a client hangs up.
+            tracing::warn!(parent: &span, timeout_ms = deadline.as_millis() as u64, "request timed out");
+            CommonError::RequestTimeout {
+                retry_after_secs: TIMEOUT_RETRY_AFTER_SECS,
+            }
+            .into_response()
+        }
+    };
     let elapsed = started.elapsed();
     let status = response.status();
     span.record("http.response.status_code", status.as_u16());
@@ -85,23 +185,160 @@ async fn track(request: Request, next: Next) -> Response {
     } else {
         tracing::debug!(parent: &span, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request finished");
     }
-    let labels = [("method", method.to_string()), ("route", route)];
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
-    let mut labels = labels.to_vec();
-    labels.push(("status", status.as_u16().to_string()));
-    metrics::counter!("http_requests_total", &labels).increment(1);
+    let labels = [
+        Label::new("method", method),
+        Label::new("route", route),
+        Label::new("status", status_label(status)),
+    ];
+    metrics::histogram!("http_request_duration_seconds", labels[..2].iter()).record(elapsed.as_secs_f64());
+    metrics::counter!("http_requests_total", labels.iter()).increment(1);
     response
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains
-/// in-flight requests.
+/// The method as a metric label: invented methods would each add a series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// "100" to "999", so a status label needs no allocation.
+static STATUS_DIGITS: [u8; 2700] = {
+    let mut digits = [0u8; 2700];
+    let mut i = 0;
+    while i < 900 {
+        let code = i + 100;
+        digits[3 * i] = b'0' + (code / 100) as u8;
+        digits[3 * i + 1] = b'0' + (code / 10 % 10) as u8;
+        digits[3 * i + 2] = b'0' + (code % 10) as u8;
+        i += 1;
+    }
+    digits
+};
+
+fn status_label(status: StatusCode) -> &'static str {
+    // StatusCode is always 100..=999.
+    let start = usize::from(status.as_u16().saturating_sub(100)) * 3;
+    STATUS_DIGITS
+        .get(start..start + 3)
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .unwrap_or("other")
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops
+/// accepting and drains: open connections finish their in-flight request and
+/// close; the drain waits at most the request timeout plus the header-read
+/// timeout.
+///
+/// At `http_max_connections` open connections the loop stops accepting until
+/// one closes: new connections wait in the kernel's listen backlog (and are
+/// refused once it is full) rather than being accepted only to be dropped.
+/// Idle keep-alive connections count, but the header-read timeout closes them.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    config: &HttpConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, "listening");
+        tracing::info!(%address, max_connections = config.http_max_connections, "listening");
     }
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout())
+        .keep_alive(true);
+    let slots = Arc::new(Semaphore::new(
+        usize::try_from(config.http_max_connections)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let timeout = RequestTimeout(config.request_timeout());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_closed) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    accept_failed(error).await;
+                    continue;
+                }
+            },
+        };
+        let router = router.clone();
+        let service = service_fn(move |mut request: http::Request<Incoming>| {
+            request.extensions_mut().insert(timeout);
+            router.clone().oneshot(request)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(ContractIo::new(stream)), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                // Header timeouts, resets, parse errors: the client's doing.
+                tracing::debug!(%error, "connection closed with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracing::info!(connections = graceful.count(), "draining");
+    // In-flight requests end within the request timeout; what is still open
+    // after that plus a header-read timeout is a client that stopped reading,
+    // and is left to the process's exit.
+    let drain = config.request_timeout() + config.header_read_timeout();
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            drain_ms = drain.as_millis() as u64,
+            "connections still open after the drain"
+        );
+    }
+    Ok(())
+}
+
+/// Errors of one connection are not the listener's; anything else (e.g. out
+/// of file descriptors) is waited out rather than spun on.
+async fn accept_failed(error: io::Error) {
+    if matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accept failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_labels_are_the_codes() {
+        for code in [100, 200, 201, 404, 413, 503, 999] {
+            let status = StatusCode::from_u16(code).unwrap_or_default();
+            assert_eq!(status_label(status), code.to_string());
+        }
+    }
+
+    #[test]
+    fn methods_map_to_a_fixed_set() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::CONNECT), "other");
+        let invented = Method::from_bytes(b"BREW").unwrap_or_default();
+        assert_eq!(method_label(&invented), "other");
+    }
 }

@@ -98,6 +98,7 @@ impl Projector for CouponProjector {
     fn columns(view: &CouponView) -> Columns {
         Columns {
             user_id: Some(view.user_id.clone()),
+            merchant_id: None,
             status: Some(view.status.as_str().to_owned()),
             created_at: Some(view.created_at),
             updated_at: Some(view.updated_at),
@@ -330,6 +331,7 @@ mod tests {
             CouponProjector::columns(&view),
             Columns {
                 user_id: Some("alice".into()),
+                merchant_id: None,
                 status: Some("redeemed".into()),
                 created_at: Some(at(1)),
                 updated_at: Some(at(3)),

@@ -27,6 +27,9 @@ pub use voucher::{VoucherProjector, VoucherView};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Columns {
     pub user_id: Option<String>,
+    /// The merchant the document belongs to: every merchant-facing query
+    /// is scoped by it (API.md "Tenancy").
+    pub merchant_id: Option<String>,
     pub status: Option<String>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,

@@ -107,6 +107,9 @@ pub struct StatusChange {
 pub struct OrderView {
     pub order_id: Uuid,
     pub user_id: String,
+    /// The merchant the order belongs to; `null` only on orders recorded
+    /// before tenancy, or rejected for a voucher nobody owns.
+    pub merchant_id: Option<String>,
     pub kind: OrderKind,
     pub status: OrderStatus,
     pub items: Vec<OrderLine>,
@@ -130,9 +133,15 @@ impl OrderView {
     /// The document of an order's first event, or `None` when the event
     /// cannot be one.
     fn create(event: OrderEvent, envelope: &EventEnvelope) -> Option<Self> {
-        let blank = |order_id: Uuid, user_id: String, kind: OrderKind, status: OrderStatus, at: DateTime<Utc>| Self {
+        let blank = |order_id: Uuid,
+                     user_id: String,
+                     merchant_id: Option<String>,
+                     kind: OrderKind,
+                     status: OrderStatus,
+                     at: DateTime<Utc>| Self {
             order_id,
             user_id,
+            merchant_id,
             kind,
             status,
             items: Vec::new(),
@@ -153,6 +162,7 @@ impl OrderView {
             OrderEvent::OrderSubmitted {
                 order_id,
                 user_id,
+                merchant_id,
                 items,
                 coupon_id,
                 submitted_at,
@@ -160,6 +170,7 @@ impl OrderView {
                 let mut view = blank(
                     order_id,
                     user_id,
+                    merchant_id,
                     OrderKind::Goods,
                     OrderStatus::Submitted,
                     submitted_at,
@@ -173,6 +184,7 @@ impl OrderView {
             OrderEvent::OrderPlaced {
                 order_id,
                 user_id,
+                merchant_id,
                 kind: kind @ OrderKind::SeckillVoucher,
                 items,
                 voucher_id,
@@ -182,7 +194,14 @@ impl OrderView {
                 total_cents,
                 placed_at,
             } => {
-                let mut view = blank(order_id, user_id, kind, OrderStatus::PendingPayment, placed_at);
+                let mut view = blank(
+                    order_id,
+                    user_id,
+                    merchant_id,
+                    kind,
+                    OrderStatus::PendingPayment,
+                    placed_at,
+                );
                 view.place(
                     items,
                     voucher_id,
@@ -196,12 +215,13 @@ impl OrderView {
             OrderEvent::OrderRejected {
                 order_id,
                 user_id,
+                merchant_id,
                 kind: kind @ OrderKind::SeckillVoucher,
                 voucher_id,
                 reason,
                 rejected_at,
             } => {
-                let mut view = blank(order_id, user_id, kind, OrderStatus::Rejected, rejected_at);
+                let mut view = blank(order_id, user_id, merchant_id, kind, OrderStatus::Rejected, rejected_at);
                 view.voucher_id = voucher_id;
                 view.rejection = Some(reason);
                 Some(view)
@@ -215,6 +235,7 @@ impl OrderView {
         match event {
             OrderEvent::OrderSubmitted { .. } => return false,
             OrderEvent::OrderPlaced {
+                merchant_id,
                 kind,
                 items,
                 voucher_id,
@@ -227,6 +248,9 @@ impl OrderView {
             } => {
                 if kind != OrderKind::Goods || self.kind != OrderKind::Goods {
                     return false;
+                }
+                if merchant_id.is_some() {
+                    self.merchant_id = merchant_id;
                 }
                 self.place(
                     items,
@@ -374,6 +398,7 @@ impl Projector for OrderProjector {
     fn columns(view: &OrderView) -> Columns {
         Columns {
             user_id: Some(view.user_id.clone()),
+            merchant_id: view.merchant_id.clone(),
             status: Some(view.status.as_str().to_owned()),
             created_at: Some(view.created_at),
             updated_at: Some(view.updated_at),
@@ -452,6 +477,7 @@ mod tests {
         OrderEvent::OrderPlaced {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some("shop-1".into()),
             kind: OrderKind::SeckillVoucher,
             items: vec![OrderItem {
                 product_id: None,
@@ -473,6 +499,7 @@ mod tests {
         OrderEvent::OrderRejected {
             order_id: id(ORDER),
             user_id: "alice".into(),
+            merchant_id: Some("shop-1".into()),
             kind: OrderKind::SeckillVoucher,
             voucher_id: Some(id(VOUCHER)),
             reason: OrderRejectionReason::SoldOut,
@@ -484,6 +511,7 @@ mod tests {
         OrderEvent::OrderSubmitted {
             order_id: id(ORDER),
             user_id: "bob".into(),
+            merchant_id: Some("shop-2".into()),
             items: vec![
                 RequestedItem {
                     product_id: id(APPLE),
@@ -503,6 +531,7 @@ mod tests {
         OrderEvent::OrderPlaced {
             order_id: id(ORDER),
             user_id: "bob".into(),
+            merchant_id: Some("shop-2".into()),
             kind: OrderKind::Goods,
             items: vec![
                 OrderItem {
@@ -533,6 +562,7 @@ mod tests {
         OrderEvent::OrderRejected {
             order_id: id(ORDER),
             user_id: "bob".into(),
+            merchant_id: Some("shop-2".into()),
             kind: OrderKind::Goods,
             voucher_id: None,
             reason: OrderRejectionReason::OutOfStock { product_id: id(BREAD) },
@@ -914,6 +944,7 @@ mod tests {
                 "order_id",
                 "user_id",
                 "kind",
+                "merchant_id",
                 "status",
                 "items",
                 "voucher_id",
@@ -978,6 +1009,7 @@ mod tests {
             OrderProjector::columns(&view),
             Columns {
                 user_id: Some("bob".into()),
+                merchant_id: Some("shop-2".into()),
                 status: Some("pending_payment".into()),
                 created_at: Some(at(0)),
                 updated_at: Some(recorded(1)),

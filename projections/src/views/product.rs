@@ -93,6 +93,7 @@ impl Projector for ProductProjector {
     fn columns(view: &ProductView) -> Columns {
         Columns {
             user_id: None,
+            merchant_id: Some(view.merchant_id.clone()),
             status: None,
             created_at: Some(view.created_at),
             updated_at: Some(view.updated_at),
@@ -291,6 +292,7 @@ mod tests {
             ProductProjector::columns(&view),
             Columns {
                 user_id: None,
+                merchant_id: Some("m-1".into()),
                 status: None,
                 created_at: Some(at(1)),
                 updated_at: Some(at(2)),

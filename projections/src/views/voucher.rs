@@ -144,6 +144,7 @@ impl Projector for VoucherProjector {
         };
         Columns {
             user_id: None,
+            merchant_id: Some(view.merchant_id.clone()),
             status,
             created_at: Some(view.created_at),
             updated_at: Some(view.updated_at),
@@ -473,6 +474,7 @@ mod tests {
             VoucherProjector::columns(&open),
             Columns {
                 user_id: None,
+                merchant_id: Some("m-1".into()),
                 status: Some("available".into()),
                 created_at: Some(at(1)),
                 updated_at: Some(at(1)),
@@ -488,6 +490,7 @@ mod tests {
             VoucherProjector::columns(&regular),
             Columns {
                 user_id: None,
+                merchant_id: Some("m-1".into()),
                 status: None,
                 created_at: Some(at(1)),
                 updated_at: Some(at(2)),
