@@ -116,6 +116,60 @@ async fn the_role_is_checked_before_the_body_is_read() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Endpoints that take no body refuse one (413); bodies over 64 KiB are
+/// refused everywhere, the signed webhook included; every such answer, and
+/// every message about a bad body, is in the contract's format and in words.
+#[tokio::test]
+async fn bodies_are_bounded_and_every_refusal_speaks_the_contract() -> anyhow::Result<()> {
+    let api = api().await?;
+    let big = json!({ "padding": "x".repeat(70 * 1024) });
+    let order = uuid::Uuid::now_v7();
+    for (path, who) in [
+        (format!("/orders/{order}/cancel"), ALICE),
+        (format!("/orders/{order}/pay"), ALICE),
+        (format!("/vouchers/{order}/claim"), ALICE),
+        (format!("/orders/{order}/start-preparing"), MERCHANT),
+        (format!("/orders/{order}/complete"), MERCHANT),
+    ] {
+        for body in [json!({}), big.clone()] {
+            let (status, answer) = api.post(&path, who, Some(body)).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}: {answer}");
+            assert!(answer["error"]["code"].is_string(), "{path}: {answer}");
+        }
+    }
+    for (path, who) in [("/products", MERCHANT), ("/vouchers", MERCHANT), ("/orders", ALICE)] {
+        let (status, answer) = api.post(path, who, Some(big.clone())).await;
+        assert_eq!(
+            (status, code(&answer)),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            "{path}"
+        );
+    }
+    let (status, answer) = api.post("/webhooks/payments", None, Some(big)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(answer["error"]["code"].is_string(), "{answer}");
+    // messages name the field in words, never a Rust type
+    for (body, field) in [
+        (json!({"name": "Tea", "price_cents": "3", "stock": 1}), "price_cents"),
+        (json!({"name": "Tea", "price_cents": 3, "stock": -1}), "stock"),
+        (json!({"name": "Tea", "price_cents": 3}), "stock"),
+        (
+            json!({"name": "Tea", "price_cents": 3, "stock": 1, "colour": "red"}),
+            "colour",
+        ),
+        (json!([1]), ""),
+    ] {
+        let (status, answer) = api.post("/products", MERCHANT, Some(body.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} → {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "{body} → {message}");
+        for rust in ["struct", "CreateProduct", "u32", "i64", "Uuid", "DateTime"] {
+            assert!(!message.contains(rust), "{body} → {message}");
+        }
+    }
+    Ok(())
+}
+
 /// API.md "Tenancy": a merchant creates for itself, an admin for a named
 /// merchant; a merchant acts only on what it owns, anything else is a 404.
 #[tokio::test]

@@ -2,12 +2,16 @@
 //! aggregate's events stream (no filter), each batch applied and committed
 //! with the projection's checkpoint in one Postgres transaction.
 //!
-//! Redelivery changes nothing (the version rule of [`crate::writer`]). An
-//! event the projector refuses is retried with backoff; on its last delivery
-//! it is recorded in `projection_dead_letters`, skipped (its document's
-//! version moves past it, so the aggregate's later events still apply), and
-//! the consumer runner copies it to the dead-letter stream with a log line
-//! and a counter. The projection keeps going.
+//! Redelivery changes nothing (the version rule of [`crate::writer`]).
+//! Failures are sorted: a database that is away fails the whole batch, which
+//! is retried with backoff; an event its earlier events have not reached yet
+//! (a gap) is retried too. An event the projector refuses can never apply —
+//! the stored event is what it is — so it is dead-lettered at once: recorded
+//! in `projection_dead_letters`, skipped (its document's version moves past
+//! it, so the aggregate's later events still apply), and copied by the
+//! consumer runner to the dead-letter stream with its reason, a log line and
+//! a counter. A message that is not an event envelope at all goes to the
+//! dead-letter stream at once as well. The projection keeps going.
 
 use std::{collections::HashSet, marker::PhantomData, time::Instant};
 
@@ -29,25 +33,19 @@ pub fn consumer_name(projection: &str) -> String {
 
 pub struct ProjectionHandler<P> {
     pool: PgPool,
-    max_deliver: i64,
     _projector: PhantomData<fn() -> P>,
 }
 
 impl<P> std::fmt::Debug for ProjectionHandler<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProjectionHandler")
-            .field("max_deliver", &self.max_deliver)
-            .finish_non_exhaustive()
+        f.debug_struct("ProjectionHandler").finish_non_exhaustive()
     }
 }
 
 impl<P: Projector> ProjectionHandler<P> {
-    /// `max_deliver` must match the consumer's: the last delivery is when an
-    /// event is given up on.
-    pub fn new(pool: PgPool, max_deliver: i64) -> Self {
+    pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
-            max_deliver,
             _projector: PhantomData,
         }
     }
@@ -80,7 +78,7 @@ impl<P: Projector> ProjectionHandler<P> {
                     continue;
                 }
                 Err(error) => {
-                    outcomes.push(Err(error.clone().into()));
+                    outcomes.push(Err(cp_nats::permanent(error.clone())));
                     continue;
                 }
             };
@@ -103,19 +101,14 @@ impl<P: Projector> ProjectionHandler<P> {
                     .into()));
                 }
                 Step::Failed(error) => {
-                    let last_delivery = info.as_ref().is_some_and(|i| i.delivered >= self.max_deliver);
-                    if last_delivery {
-                        tracing::error!(
-                            projection = P::NAME, event_id = %envelope.event_id, aggregate_id = %envelope.aggregate_id,
-                            sequence = envelope.sequence, %error, "event dead-lettered; its document skips it"
-                        );
-                        metrics::counter!("projection_dead_letters_total", "projection" => P::NAME).increment(1);
-                        letters.push(dead_letter(envelope, &error));
-                        docs.skip(envelope);
-                    } else {
-                        blocked.insert(envelope.aggregate_id.clone());
-                    }
-                    outcomes.push(Err(Box::new(error)));
+                    tracing::error!(
+                        projection = P::NAME, event_id = %envelope.event_id, aggregate_id = %envelope.aggregate_id,
+                        sequence = envelope.sequence, %error, "event can never apply: dead-lettered, its document skips it"
+                    );
+                    metrics::counter!("projection_dead_letters_total", "projection" => P::NAME).increment(1);
+                    letters.push(dead_letter(envelope, &error));
+                    docs.skip(envelope);
+                    outcomes.push(Err(cp_nats::permanent(error)));
                 }
             }
             last = Some((stream_sequence, envelope.global_position, envelope.recorded_at));

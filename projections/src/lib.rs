@@ -114,7 +114,7 @@ impl Daemon {
         let consumer = cp_nats::ensure_consumer(&self.js, &spec).await?;
         let runner = ConsumerRunner::batched(
             consumer,
-            ProjectionHandler::<P>::new(self.pool.clone(), self.max_deliver),
+            ProjectionHandler::<P>::new(self.pool.clone()),
             Publisher::new(self.js.clone(), 256),
             self.namespace.clone(),
             RunnerConfig {

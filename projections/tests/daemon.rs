@@ -142,7 +142,9 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() -> anyho
     for envelope in [&a1, &a2, &a3, &b1] {
         setup.publish(envelope, false).await?;
     }
-    setup.start_daemon(2);
+    // many deliveries allowed: only sorting the failure as permanent explains
+    // a dead letter on the first one
+    setup.start_daemon(10);
 
     eventually(Duration::from_secs(20), || async {
         let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_dead_letters WHERE event_id = $1")
@@ -170,5 +172,15 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() -> anyho
     .await?;
     assert_eq!(event_type, "OrderPaid");
     assert!(!error.is_empty());
+    let dlq = setup.js.get_stream(setup.namespace.dead_letter_stream()).await?;
+    let copy = dlq.get_raw_message(1).await?;
+    assert_eq!(
+        copy.headers
+            .get(cp_nats::consumer::HDR_DLQ_DELIVERED)
+            .map(|v| v.as_str().to_owned())
+            .as_deref(),
+        Some("1"),
+        "dead-lettered on its first delivery"
+    );
     setup.finish().await
 }

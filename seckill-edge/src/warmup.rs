@@ -263,13 +263,15 @@ impl SaleEvents {
 }
 
 impl Handler for SaleEvents {
+    /// A message that is not a Voucher event it can read can never succeed:
+    /// it is dead-lettered at once. Redis or the store being away is retried.
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandlerError> {
-        let envelope: EventEnvelope = serde_json::from_slice(&message.payload)?;
+        let envelope: EventEnvelope = serde_json::from_slice(&message.payload).map_err(cp_nats::permanent)?;
         if envelope.aggregate_type != <VoucherEvent as events::AggregateEvents>::AGGREGATE_TYPE {
             return Ok(());
         }
-        let voucher_id: Uuid = envelope.aggregate_id.parse()?;
-        match envelope.decode::<VoucherEvent>()? {
+        let voucher_id: Uuid = envelope.aggregate_id.parse().map_err(cp_nats::permanent)?;
+        match envelope.decode::<VoucherEvent>().map_err(cp_nats::permanent)? {
             VoucherEvent::VoucherCreated {
                 kind: events::VoucherKind::Seckill,
                 ..

@@ -316,6 +316,41 @@ async fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `sub` the event store could never hold (a NUL), an empty or a 10 KB
+/// one, or a token not valid yet, is refused before Redis is asked: no
+/// unit is taken, nothing is queued (API.md "Auth").
+#[tokio::test]
+async fn identities_outside_the_rules_are_401_and_take_nothing() -> anyhow::Result<()> {
+    let harness = Harness::new(NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
+    let voucher_id = harness.open_sale(3).await?;
+    let voucher = voucher_id.to_string();
+    let router = harness.router();
+    let long = "x".repeat(10 * 1024);
+    for sub in ["ann\0", "", long.as_str(), " ann", "a\u{202e}nn"] {
+        let answer = attempt(&router, &voucher, Some(&harness.token(sub)), None).await;
+        assert_eq!(
+            (answer.status, answer.code()),
+            (StatusCode::UNAUTHORIZED, "invalid_token"),
+            "{sub:?}"
+        );
+    }
+    let in_an_hour = Utc::now().timestamp().unsigned_abs() + 3_600;
+    let not_yet = harness.jwt.issue_claims(&platform::http::auth::Claims {
+        sub: "ann".into(),
+        role: Role::Customer,
+        exp: in_an_hour + 600,
+        nbf: Some(in_an_hour),
+    })?;
+    let answer = attempt(&router, &voucher, Some(&not_yet), None).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(harness.gate.left(voucher_id).await?, Some(3));
+    assert_eq!(harness.stream_length(voucher_id).await?, 0);
+    // the same person with a valid token is admitted
+    let answer = attempt(&router, &voucher, Some(&harness.token("ann")), None).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_scripts_are_reloaded_after_redis_forgets_them() -> anyhow::Result<()> {
     let server = testkit::RedisServer::start().await?;
