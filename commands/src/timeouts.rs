@@ -8,6 +8,14 @@
 //! deletes the row in the same transaction as the claim. A crash between the
 //! command and the commit fires the deadline again: the second `TimeOut` is
 //! a no-op. After an outage, overdue rows fire at once.
+//!
+//! A `TimeOut` that fails is sorted like every consumer's failure: a passing
+//! one (the store away, a conflict) is retried with exponential backoff
+//! (`retry_at`, up to [`MAX_ATTEMPTS`] attempts); one that can never succeed
+//! (the aggregate refuses, a stored event does not decode) and one that
+//! failed too often are set aside at once (`dead_lettered_at`, with
+//! `last_error`, counted in `order_timeouts_dead_lettered_total`), so
+//! nothing is retried forever and a failing row never holds up the others.
 
 use std::{future::Future, pin::pin, sync::Arc, time::Duration};
 
@@ -19,6 +27,20 @@ use crate::{
     bus::{CommandError, Commands},
     domain::{Order, OrderCommand, SharedClock},
 };
+
+/// Attempts at a deadline failing for a passing reason before it is set aside.
+pub const MAX_ATTEMPTS: i32 = 20;
+/// The longest wait between two attempts at a failing deadline.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// Why one deadline did not fire.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct Failure {
+    message: String,
+    /// No retry can help.
+    permanent: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct TimeoutConfig {
@@ -90,8 +112,9 @@ impl TimeoutPoller {
         let mut fired = 0;
         loop {
             let mut tx = self.pool.begin().await?;
-            let due: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-                "SELECT order_id, due_at FROM order_deadlines WHERE due_at <= $1
+            let due: Vec<(String, DateTime<Utc>, i32)> = sqlx::query_as(
+                "SELECT order_id, due_at, attempts FROM order_deadlines
+                  WHERE due_at <= $1 AND dead_lettered_at IS NULL AND (retry_at IS NULL OR retry_at <= $1)
                   ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED",
             )
             .bind(self.clock.now())
@@ -105,14 +128,14 @@ impl TimeoutPoller {
             let outcomes =
                 futures::future::join_all(due.chunks(self.config.concurrency.max(1)).map(|chunk| async move {
                     let mut outcomes = Vec::with_capacity(chunk.len());
-                    for (order_id, due_at) in chunk {
-                        outcomes.push((order_id, *due_at, self.time_out(order_id, *due_at).await));
+                    for (order_id, due_at, attempts) in chunk {
+                        outcomes.push((order_id, *due_at, *attempts, self.time_out(order_id, *due_at).await));
                     }
                     outcomes
                 }))
                 .await;
             let now = self.clock.now();
-            for (order_id, due_at, outcome) in outcomes.into_iter().flatten() {
+            for (order_id, due_at, attempts, outcome) in outcomes.into_iter().flatten() {
                 let lateness = (now - due_at).num_milliseconds().max(0) as f64 / 1000.0;
                 match outcome {
                     Ok(()) => {
@@ -120,14 +143,36 @@ impl TimeoutPoller {
                         unschedule(&mut *tx, order_id).await?;
                         fired += 1;
                     }
-                    Err(error) => {
-                        // kept, retried on the next round; visible for people
-                        tracing::warn!(%order_id, %error, "order timeout failed; will retry");
+                    Err(failure) => {
+                        let attempts = attempts.saturating_add(1);
+                        let (retry_at, dead_lettered_at) = if failure.permanent || attempts >= MAX_ATTEMPTS {
+                            tracing::error!(
+                                %order_id, error = %failure, attempts, permanent = failure.permanent,
+                                "order timeout can not fire; set aside in order_deadlines"
+                            );
+                            metrics::counter!("order_timeouts_dead_lettered_total").increment(1);
+                            (None, Some(now))
+                        } else {
+                            let delay = retry_delay(attempts);
+                            tracing::warn!(
+                                %order_id, error = %failure, attempts, retry_in_ms = delay.as_millis() as u64,
+                                "order timeout failed; will retry"
+                            );
+                            (
+                                Some(now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)),
+                                None,
+                            )
+                        };
                         sqlx::query(
-                            "UPDATE order_deadlines SET attempts = attempts + 1, last_error = $2 WHERE order_id = $1",
+                            "UPDATE order_deadlines SET attempts = $2, last_error = $3, retry_at = $4,
+                                    dead_lettered_at = $5
+                              WHERE order_id = $1",
                         )
                         .bind(order_id)
-                        .bind(error)
+                        .bind(attempts)
+                        .bind(failure.message)
+                        .bind(retry_at)
+                        .bind(dead_lettered_at)
                         .execute(&mut *tx)
                         .await?;
                     }
@@ -138,7 +183,7 @@ impl TimeoutPoller {
         }
     }
 
-    async fn time_out(&self, order_id: &str, deadline: DateTime<Utc>) -> Result<(), String> {
+    async fn time_out(&self, order_id: &str, deadline: DateTime<Utc>) -> Result<(), Failure> {
         let at = self.clock.now();
         let result = self
             .orders
@@ -152,8 +197,28 @@ impl TimeoutPoller {
             Ok(_) => Ok(()),
             // an order that does not exist has nothing to time out
             Err(CommandError::Domain(crate::domain::order::OrderError::NotFound)) => Ok(()),
-            Err(error) => Err(error.to_string()),
+            Err(error) => {
+                let permanent = match &error {
+                    CommandError::Domain(_) => true,
+                    CommandError::Conflict { .. } => false,
+                    CommandError::Store(store) => store.is_permanent(),
+                };
+                Err(Failure {
+                    message: error.to_string(),
+                    permanent,
+                })
+            }
         }
+    }
+
+    /// Deadlines set aside because they can never fire (for people to look at).
+    pub async fn dead_lettered(&self) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT order_id, coalesce(last_error, '') FROM order_deadlines
+              WHERE dead_lettered_at IS NOT NULL ORDER BY dead_lettered_at",
+        )
+        .fetch_all(&self.pool)
+        .await
     }
 
     /// Polls until `shutdown`.
@@ -168,5 +233,27 @@ impl TimeoutPoller {
                 () = tokio::time::sleep(self.config.poll) => {}
             }
         }
+    }
+}
+
+/// Exponential backoff for the `attempts`-th failure: 1 s, 2 s, 4 s, … up to a minute.
+fn retry_delay(attempts: i32) -> Duration {
+    let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
+    Duration::from_secs(1)
+        .saturating_mul(2u32.saturating_pow(exponent))
+        .min(MAX_RETRY_DELAY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_up_to_a_minute() {
+        assert_eq!(retry_delay(1), Duration::from_secs(1));
+        assert_eq!(retry_delay(2), Duration::from_secs(2));
+        assert_eq!(retry_delay(4), Duration::from_secs(8));
+        assert_eq!(retry_delay(7), Duration::from_secs(60));
+        assert_eq!(retry_delay(MAX_ATTEMPTS), Duration::from_secs(60));
     }
 }

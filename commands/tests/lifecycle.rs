@@ -431,3 +431,61 @@ async fn failures_are_sorted_into_permanent_and_transient() -> anyhow::Result<()
     assert!(!error.is_permanent(), "{error:?}");
     db.drop_database().await
 }
+
+/// A deadline whose order can never be timed out (its stored history does
+/// not decode) is set aside with its reason after one attempt, and does not
+/// stop the deadlines beside it; nothing is retried forever.
+#[tokio::test]
+async fn a_deadline_that_can_never_fire_is_set_aside_not_retried_forever() -> anyhow::Result<()> {
+    use commands::store::{Append, PendingEvent};
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let reactor = lifecycle(&state, &db);
+    let (_, _, healthy) = submitted_order(&state).await?;
+    reactor
+        .react(&envelope(&db, "Order", &healthy.to_string(), 1).await?)
+        .await?;
+    let broken = Uuid::now_v7();
+    state
+        .api
+        .store
+        .append(&[Append {
+            aggregate_type: "Order",
+            aggregate_id: broken.to_string(),
+            base_version: 0,
+            events: vec![PendingEvent {
+                event_type: "OrderPlaced".into(),
+                event_version: "1.0".into(),
+                payload: serde_json::json!({"OrderPlaced": {"bogus": true}}),
+                metadata: serde_json::json!({}),
+            }],
+        }])
+        .await?;
+    let past = Utc::now() - Span::seconds(5);
+    for order in [healthy, broken] {
+        timeouts::unschedule(&db.pool, &order.to_string()).await?;
+        timeouts::schedule(&db.pool, &order.to_string(), past).await?;
+    }
+    let poller = TimeoutPoller::new(
+        db.pool.clone(),
+        state.api.orders.clone(),
+        state.api.clock.clone(),
+        TimeoutConfig::default(),
+    );
+    // returns (no tight loop over the failing row) having fired the healthy one
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), poller.fire_due()).await??,
+        1
+    );
+    assert_eq!(poller.fire_due().await?, 0);
+    let set_aside = poller.dead_lettered().await?;
+    assert_eq!(set_aside.len(), 1);
+    assert_eq!(set_aside[0].0, broken.to_string());
+    assert!(!set_aside[0].1.is_empty(), "the reason is kept");
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM order_deadlines WHERE order_id = $1")
+        .bind(broken.to_string())
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(attempts, 1, "a permanent failure is not retried");
+    db.drop_database().await
+}
