@@ -260,3 +260,37 @@ async fn the_same_release_delivered_twice_recredits_once_and_reopens_the_sale() 
     task.await?;
     db.drop_database().await
 }
+
+/// A request the store refused as unstorable (`invalid_request`) took a unit
+/// at the edge that must come back to the sale: the sale sells its whole
+/// stock. (Before, such a request was retried and dead-lettered, and its unit
+/// stayed held in Redis for good.)
+#[tokio::test]
+async fn a_request_refused_as_invalid_gives_its_unit_back_to_the_sale() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let harness = Harness::new(NO_RATE_LIMIT, db.pool.clone()).await?;
+    let voucher = harness.open_sale(1).await?;
+    let router = harness.router();
+    let voucher_path = voucher.to_string();
+    let ann = admit(&harness, voucher, "ann").await?;
+    assert_eq!(harness.gate.left(voucher).await?, Some(0));
+    let refused = VoucherEvent::SeckillClaimRejected {
+        order_id: ann,
+        user_id: "ann".into(),
+        reason: ClaimRejection::InvalidRequest,
+    };
+    deliver(&harness, voucher, 2, &refused).await?;
+    let stop = CancellationToken::new();
+    let task = sale_events(&harness, stop.clone()).await?;
+    eventually(Duration::from_secs(10), || consumed(&harness)).await?;
+    assert_eq!(harness.gate.left(voucher).await?, Some(1), "the unit is back");
+    assert_eq!(
+        attempt(&router, &voucher_path, Some(&harness.token("bob")), None)
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    stop.cancel();
+    task.await?;
+    db.drop_database().await
+}

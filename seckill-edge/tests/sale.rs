@@ -625,6 +625,39 @@ async fn a_success_after_a_failure_is_recorded_then_refunded_and_a_cancelled_ord
     system.stop().await
 }
 
+/// The money that came in after a timeout is recorded before it goes back:
+/// `PaymentSucceeded` then `PaymentRefunded`, sequences 1, 2, 3 (the store
+/// once accepted 1 and 3 with no 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_after_the_timeout_is_recorded_then_refunded_with_no_gap() -> anyhow::Result<()> {
+    let system = System::start_with_payment_timeout(1).await?;
+    let voucher = system.create_sale(5).await?;
+    let order = system.placed_order(voucher, "ann").await?;
+    let (payment, amount, _) = system.pay(order, "ann").await?;
+    eventually(Duration::from_secs(20), || async {
+        Ok(history(&system.db.pool, "Order", &order.to_string())
+            .await?
+            .contains(&"OrderTimedOut".to_owned()))
+    })
+    .await?;
+    let now = Utc::now().timestamp();
+    assert_eq!(
+        system
+            .webhook(&succeeded("evt_late", payment, order, amount), now, WEBHOOK_SECRET)
+            .await?,
+        200
+    );
+    assert_eq!(
+        history(&system.db.pool, "Payment", &payment.to_string()).await?,
+        ["PaymentCreated", "PaymentSucceeded", "PaymentRefunded"]
+    );
+    assert_eq!(
+        history(&system.db.pool, "Order", &order.to_string()).await?,
+        ["OrderPlaced", "OrderPaymentStarted", "OrderTimedOut", "OrderRefunded"]
+    );
+    system.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_webhook_delivered_twice_is_one_payment_and_forged_or_stale_ones_record_nothing() -> anyhow::Result<()> {
     let system = System::start().await?;
