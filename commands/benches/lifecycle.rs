@@ -142,6 +142,7 @@ async fn goods_bench() -> anyhow::Result<()> {
                     &coupon.to_string(),
                     || CouponCommand::Issue {
                         coupon_id: coupon,
+                        merchant_id: Some("shop-1".into()),
                         user_id: user.clone(),
                         voucher_id: Uuid::from_u128(1),
                         value_cents: 500,

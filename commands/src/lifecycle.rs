@@ -212,6 +212,7 @@ impl Lifecycle {
                 let issue = CouponCommand::Issue {
                     coupon_id,
                     user_id: user_id.to_owned(),
+                    merchant_id: voucher.merchant_id().map(str::to_owned),
                     voucher_id,
                     value_cents,
                     min_spend_cents,

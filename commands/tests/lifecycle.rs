@@ -82,6 +82,7 @@ async fn submitted_order(state: &AppState) -> anyhow::Result<(Uuid, Uuid, Uuid)>
             &coupon.to_string(),
             || CouponCommand::Issue {
                 coupon_id: coupon,
+                merchant_id: Some("shop-1".into()),
                 user_id: "ann".into(),
                 voucher_id: Uuid::now_v7(),
                 value_cents: 500,

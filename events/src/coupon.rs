@@ -43,6 +43,10 @@ pub enum CouponEvent {
     CouponIssued {
         coupon_id: Uuid,
         user_id: String,
+        /// The voucher's merchant (API.md "Tenancy"); absent on coupons
+        /// issued before tenancy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        merchant_id: Option<String>,
         voucher_id: Uuid,
         value_cents: i64,
         min_spend_cents: i64,

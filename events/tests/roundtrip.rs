@@ -192,6 +192,7 @@ fn coupon_events() -> Vec<CouponEvent> {
         CouponEvent::CouponIssued {
             coupon_id: id(30),
             user_id: "user-1".to_owned(),
+            merchant_id: Some("shop-1".to_owned()),
             voucher_id: id(1),
             value_cents: 500,
             min_spend_cents: 2_000,

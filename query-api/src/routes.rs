@@ -315,7 +315,7 @@ async fn list_orders(
         && let Some(other) = &query.user_id
         && *other != user.sub
     {
-        return Err(CommonError::Forbidden("customers see their own orders only".into()).into());
+        return Err(CommonError::NotAllowed("a customer sees only its own orders; leave out user_id".into()).into());
     }
     // the caller's tenancy first, then the narrowing it asked for
     let tenancy = Scope::orders(&user);

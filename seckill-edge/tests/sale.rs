@@ -563,6 +563,10 @@ async fn a_seckill_order_paid_through_the_simulated_provider_issues_its_coupon()
             .fetch_one(&system.db.pool)
             .await?;
     assert_eq!(payload["CouponIssued"]["user_id"], "ann");
+    assert_eq!(
+        payload["CouponIssued"]["merchant_id"], "shop-1",
+        "the voucher's merchant"
+    );
     assert_eq!(payload["CouponIssued"]["value_cents"], 5_000);
     system.stop().await
 }

@@ -132,7 +132,10 @@ fn owner_for(user: &AuthUser, merchant_id: Option<String>) -> Result<String, Api
     match (user.role, merchant_id) {
         (Role::Merchant, None) => Ok(user.sub.clone()),
         (Role::Merchant, Some(merchant_id)) if merchant_id == user.sub => Ok(merchant_id),
-        (Role::Merchant, Some(_)) => Err(CommonError::Forbidden("merchants create for themselves only".into()).into()),
+        (Role::Merchant, Some(_)) => Err(CommonError::NotAllowed(
+            "a merchant creates products and vouchers for itself only; leave out merchant_id".into(),
+        )
+        .into()),
         (Role::Admin, Some(merchant_id)) => Ok(merchant_id),
         (Role::Admin, None) => {
             Err(CommonError::InvalidBody("merchant_id: required when an admin creates for a merchant".into()).into())
@@ -254,6 +257,7 @@ async fn claim_voucher(
         let issue = CouponCommand::Issue {
             coupon_id,
             user_id: user.sub.clone(),
+            merchant_id: claimed.aggregate.merchant_id().map(str::to_owned),
             voucher_id,
             value_cents: claimed.aggregate.value_cents().unwrap_or(0),
             min_spend_cents: claimed.aggregate.min_spend_cents().unwrap_or(0),

@@ -30,6 +30,8 @@ pub enum CouponCommand {
     Issue {
         coupon_id: Uuid,
         user_id: String,
+        /// The voucher's merchant.
+        merchant_id: Option<String>,
         voucher_id: Uuid,
         value_cents: i64,
         min_spend_cents: i64,
@@ -117,6 +119,7 @@ impl DomainError for CouponError {
 pub struct CouponDetails {
     pub coupon_id: Uuid,
     pub user_id: String,
+    pub merchant_id: Option<String>,
     pub voucher_id: Uuid,
     pub value_cents: i64,
     pub min_spend_cents: i64,
@@ -129,6 +132,7 @@ impl From<CouponDetails> for CouponEvent {
         Self::CouponIssued {
             coupon_id: details.coupon_id,
             user_id: details.user_id,
+            merchant_id: details.merchant_id,
             voucher_id: details.voucher_id,
             value_cents: details.value_cents,
             min_spend_cents: details.min_spend_cents,
@@ -188,6 +192,7 @@ impl Coupon {
             CouponCommand::Issue {
                 coupon_id,
                 user_id,
+                merchant_id,
                 voucher_id,
                 value_cents,
                 min_spend_cents,
@@ -197,6 +202,7 @@ impl Coupon {
                 let details = CouponDetails {
                     coupon_id,
                     user_id,
+                    merchant_id,
                     voucher_id,
                     value_cents,
                     min_spend_cents,
@@ -307,6 +313,7 @@ impl Aggregate for Coupon {
             CouponEvent::CouponIssued {
                 coupon_id,
                 user_id,
+                merchant_id,
                 voucher_id,
                 value_cents,
                 min_spend_cents,
@@ -316,6 +323,7 @@ impl Aggregate for Coupon {
                 self.details = Some(CouponDetails {
                     coupon_id,
                     user_id,
+                    merchant_id,
                     voucher_id,
                     value_cents,
                     min_spend_cents,
@@ -365,6 +373,7 @@ mod tests {
         CouponCommand::Issue {
             coupon_id: id(COUPON),
             user_id: "alice".into(),
+            merchant_id: Some("shop-1".into()),
             voucher_id: id(0xF00D),
             value_cents,
             min_spend_cents,
@@ -377,6 +386,7 @@ mod tests {
         CouponEvent::CouponIssued {
             coupon_id: id(COUPON),
             user_id: "alice".into(),
+            merchant_id: Some("shop-1".into()),
             voucher_id: id(0xF00D),
             value_cents: 1500,
             min_spend_cents: 3000,

@@ -44,6 +44,9 @@ pub enum CommonError {
     TokenExpired,
     #[error("this action needs one of the roles: {0}")]
     Forbidden(String),
+    /// The role is right, but not for this: the message says why.
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
     #[error("{0}")]
@@ -90,7 +93,7 @@ impl CommonError {
             Self::MissingToken => (StatusCode::UNAUTHORIZED, "missing_token"),
             Self::InvalidToken => (StatusCode::UNAUTHORIZED, "invalid_token"),
             Self::TokenExpired => (StatusCode::UNAUTHORIZED, "token_expired"),
-            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Forbidden(_) | Self::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             Self::InvalidBody(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
             Self::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),

@@ -273,7 +273,13 @@ pub async fn serve(
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, _peer)) => {
+                    // responses are small and latency matters more than packet count
+                    if let Err(error) = stream.set_nodelay(true) {
+                        tracing::debug!(%error, "TCP_NODELAY not set");
+                    }
+                    stream
+                }
                 Err(error) => {
                     accept_failed(error).await;
                     continue;

@@ -12,6 +12,8 @@ use super::{ApplyError, Columns, Projector};
 pub struct CouponView {
     pub coupon_id: Uuid,
     pub user_id: String,
+    /// The voucher's merchant; `null` on coupons issued before tenancy.
+    pub merchant_id: Option<String>,
     pub voucher_id: Uuid,
     pub value_cents: i64,
     pub min_spend_cents: i64,
@@ -43,6 +45,7 @@ impl Projector for CouponProjector {
                 CouponEvent::CouponIssued {
                     coupon_id,
                     user_id,
+                    merchant_id,
                     voucher_id,
                     value_cents,
                     min_spend_cents,
@@ -52,6 +55,7 @@ impl Projector for CouponProjector {
             ) => CouponView {
                 coupon_id,
                 user_id,
+                merchant_id,
                 voucher_id,
                 value_cents,
                 min_spend_cents,
@@ -98,7 +102,7 @@ impl Projector for CouponProjector {
     fn columns(view: &CouponView) -> Columns {
         Columns {
             user_id: Some(view.user_id.clone()),
-            merchant_id: None,
+            merchant_id: view.merchant_id.clone(),
             status: Some(view.status.as_str().to_owned()),
             created_at: Some(view.created_at),
             updated_at: Some(view.updated_at),
@@ -167,6 +171,7 @@ mod tests {
         CouponEvent::CouponIssued {
             coupon_id: id(COUPON),
             user_id: "alice".into(),
+            merchant_id: Some("shop-1".into()),
             voucher_id: id(VOUCHER),
             value_cents: 500,
             min_spend_cents: 2000,
@@ -206,6 +211,7 @@ mod tests {
             CouponView {
                 coupon_id: id(COUPON),
                 user_id: "alice".into(),
+                merchant_id: Some("shop-1".into()),
                 voucher_id: id(VOUCHER),
                 value_cents: 500,
                 min_spend_cents: 2000,
@@ -293,6 +299,7 @@ mod tests {
             BTreeSet::from([
                 "coupon_id",
                 "user_id",
+                "merchant_id",
                 "voucher_id",
                 "value_cents",
                 "min_spend_cents",
@@ -331,7 +338,7 @@ mod tests {
             CouponProjector::columns(&view),
             Columns {
                 user_id: Some("alice".into()),
-                merchant_id: None,
+                merchant_id: Some("shop-1".into()),
                 status: Some("redeemed".into()),
                 created_at: Some(at(1)),
                 updated_at: Some(at(3)),
