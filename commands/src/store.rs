@@ -470,7 +470,13 @@ impl<A> AggregateCache<A> {
         }
     }
 
+    /// Caches `loaded`, unless it has no events: anyone can name ids nobody
+    /// wrote (a random product id, a restock of nothing), and those must not
+    /// push the hot aggregates out; loading one again is a single query.
     pub fn put(&self, aggregate_id: &str, loaded: Loaded<A>) {
+        if loaded.version == 0 {
+            return;
+        }
         if let Ok(mut entries) = self.entries.lock() {
             if entries.len() >= self.capacity && !entries.contains_key(aggregate_id) {
                 // Bounded memory beats hit rate: the hot set is a handful of

@@ -490,3 +490,36 @@ async fn a_deadline_that_can_never_fire_is_set_aside_not_retried_forever() -> an
     assert_eq!(attempts, 1, "a permanent failure is not retried");
     db.drop_database().await
 }
+
+/// Reading ids nobody wrote (a client can send any product id) must not fill
+/// the aggregate cache and push the hot products out.
+#[tokio::test]
+async fn reading_unknown_ids_leaves_the_cache_to_the_hot_aggregates() -> anyhow::Result<()> {
+    use commands::{
+        bus::Commands,
+        domain::Product,
+        store::{AggregateCache, EventStore},
+    };
+    let db = testkit::TestDb::new().await?;
+    let cache = AggregateCache::<Product>::new(100);
+    let products = Commands::new(EventStore::new(db.pool.clone()), ()).with_cache(cache.clone());
+    for _ in 0..50 {
+        let id = Uuid::now_v7().to_string();
+        let unknown = products.read(&id).await?;
+        assert_eq!(unknown.version, 0);
+        // a command on it fails, and leaves nothing behind either
+        let restock = products
+            .execute(
+                &id,
+                || ProductCommand::Restock {
+                    quantity: 1,
+                    merchant: None,
+                },
+                &meta(),
+            )
+            .await;
+        assert!(restock.is_err());
+    }
+    assert!(cache.is_empty(), "{} unknown ids cached", cache.len());
+    db.drop_database().await
+}

@@ -497,6 +497,16 @@ impl System {
             .fetch_one(&self.db.pool)
             .await?)
     }
+
+    /// Events of the aggregates a webhook writes (the reactors write others
+    /// meanwhile, e.g. the coupon of a paid order).
+    async fn count_payment_events(&self) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type IN ('Payment', 'Order')")
+                .fetch_one(&self.db.pool)
+                .await?,
+        )
+    }
 }
 
 fn succeeded(id: &str, payment: Uuid, order: Uuid, amount: i64) -> serde_json::Value {
@@ -618,14 +628,14 @@ async fn a_success_after_a_failure_is_recorded_then_refunded_and_a_cancelled_ord
         ["OrderPlaced", "OrderPaymentStarted", "OrderCancelled", "OrderRefunded"]
     );
     // delivered again: nothing more
-    let before = system.count_events().await?;
+    let before = system.count_payment_events().await?;
     assert_eq!(
         system
             .webhook(&succeeded("evt_s", payment, order, amount), now, WEBHOOK_SECRET)
             .await?,
         200
     );
-    assert_eq!(system.count_events().await?, before);
+    assert_eq!(system.count_payment_events().await?, before);
     system.stop().await
 }
 
@@ -695,10 +705,10 @@ async fn a_webhook_delivered_twice_is_one_payment_and_forged_or_stale_ones_recor
     assert_eq!(system.count_events().await?, before, "nothing recorded");
 
     assert_eq!(system.webhook(&body, now, WEBHOOK_SECRET).await?, 200);
-    let after_first = system.count_events().await?;
+    let after_first = system.count_payment_events().await?;
     assert_eq!(system.webhook(&body, now, WEBHOOK_SECRET).await?, 200);
     assert_eq!(
-        system.count_events().await?,
+        system.count_payment_events().await?,
         after_first,
         "the same webhook again changes nothing"
     );
