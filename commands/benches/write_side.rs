@@ -27,11 +27,13 @@ use commands::{
     domain::{
         Product, ProductCommand, SeckillClaim, SharedClock, SystemClock, Voucher, VoucherCommand, VoucherServices,
     },
-    relay::{Relay, RelayConfig},
-    store::{AggregateCache, EventStore},
 };
 use cp_nats::{Publisher, Topology};
 use cqrs_es::AggregateError;
+use event_store::{
+    AggregateCache, EventStore,
+    relay::{Relay, RelayConfig},
+};
 use events::{EventEnvelope, EventMetadata, Namespace, VoucherKind};
 use futures::StreamExt as _;
 use testkit::bench::median;

@@ -9,7 +9,7 @@ use cqrs_es::Aggregate;
 use events::EventMetadata;
 use rand::Rng as _;
 
-use crate::store::{AggregateCache, Decided, EventStore, Loaded, StoreError, decide, load_cached};
+use event_store::{AggregateCache, Decided, EventStore, Loaded, StoreError, decide, load_cached};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError<E: std::error::Error> {

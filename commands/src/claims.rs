@@ -43,8 +43,8 @@ use crate::{
         order::{Order, OrderCommand},
         voucher::{SeckillClaim, Voucher, VoucherCommand, VoucherError},
     },
-    store::{AggregateCache, Append, EventStore, Loaded, StoreError, decide, load_cached},
 };
+use event_store::{AggregateCache, Append, EventStore, Loaded, StoreError, decide, load_cached};
 
 /// Advisory lock key of the claim writer ("cpclaim1").
 pub const CLAIM_WRITER_LOCK_KEY: i64 = 0x6370_636c_6169_6d31;
@@ -187,7 +187,7 @@ impl ClaimWriter {
                 newly_decided += 1;
                 // each decision carries its request's correlation (the order id) and trace
                 let metadata = request_metadata(order_id, &user_id, traces.get(&order_id));
-                pending.metadata = crate::store::metadata_json(&metadata)?;
+                pending.metadata = event_store::metadata_json(&metadata)?;
                 let order = new_order(&order_id.to_string(), command, &self.order_services)
                     .await
                     .map_err(|e| ClaimError::Order(order_id, e))?;
@@ -248,7 +248,7 @@ async fn new_order(
     order_id: &str,
     command: OrderCommand,
     services: &<Order as cqrs_es::Aggregate>::Services,
-) -> Result<crate::store::Decided<Order>, crate::domain::order::OrderError> {
+) -> Result<event_store::Decided<Order>, crate::domain::order::OrderError> {
     decide(
         order_id,
         Loaded {

@@ -3,12 +3,12 @@
 //!
 //! Layout:
 //! - [`domain`]: the pure aggregates (Voucher, Order, Payment, Coupon, Product).
-//! - [`store`]: the event store as the write side uses it (multi-aggregate
-//!   appends, aggregate cache); [`bus`]: one command with bounded retries.
+//! - [`bus`]: one command with bounded retries, over the `event-store`
+//!   crate (appends, loads, the aggregate cache).
 //! - [`api`]: the HTTP handlers and their error type.
-//! - [`relay`]: the outbox relay, Postgres → JetStream in commit order.
+//! - the outbox relay (`event_store::relay`) and the leader election
+//!   (`event_store::leader`) run in this process.
 //! - [`claims`]: the seckill claim writer, JetStream → voucher + orders.
-//! - [`leader`]: single-active-instance helper (Postgres advisory lock).
 //! - [`Config`], [`AppState`], [`router`] (for in-process tests) and [`run`].
 
 pub mod api;
@@ -16,17 +16,18 @@ pub mod bus;
 pub mod claims;
 pub mod domain;
 pub mod hot;
-pub mod leader;
 pub mod lifecycle;
 pub mod payments;
-pub mod relay;
-pub mod store;
 pub mod timeouts;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{Router, extract::FromRef};
 use clap::Parser;
+use event_store::{
+    AggregateCache, EventStore,
+    relay::{Relay, RelayConfig},
+};
 use events::Namespace;
 use platform::{
     config::{AuthConfig, NatsConfig, PostgresConfig, RedisConfig, StartupConfig, TelemetryConfig},
@@ -40,8 +41,6 @@ use crate::{
     bus::Commands,
     claims::ClaimWriter,
     domain::{SharedClock, SystemClock, VoucherServices},
-    relay::{Relay, RelayConfig},
-    store::{AggregateCache, EventStore},
 };
 
 pub const SERVICE: &str = "command-api";
@@ -271,7 +270,7 @@ pub async fn run(
             namespace.clone(),
         );
         background.spawn(async move {
-            leader::while_leader(
+            event_store::leader::while_leader(
                 &pool,
                 claims::CLAIM_WRITER_LOCK_KEY,
                 stop.clone().cancelled_owned(),

@@ -37,9 +37,9 @@ use crate::{
         Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, SharedClock, Voucher, VoucherCommand,
         coupon::CouponError, order::OrderError, product::ProductError, voucher::VoucherError,
     },
-    store::EventStore,
     timeouts,
 };
+use event_store::EventStore;
 
 /// Durable consumer of the reactor on the Order events stream.
 pub const LIFECYCLE_CONSUMER: &str = "order-lifecycle";
@@ -81,7 +81,7 @@ pub enum LifecycleError {
     #[error("database")]
     Database(#[from] sqlx::Error),
     #[error("event store")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] event_store::StoreError),
     #[error("{event_type} does not decode as an Order event")]
     Undecodable {
         event_type: String,

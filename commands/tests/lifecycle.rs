@@ -37,14 +37,14 @@ async fn envelope(
 ) -> anyhow::Result<EventEnvelope> {
     let row = sqlx::query(&format!(
         "SELECT {} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-        platform::pg::ENVELOPE_COLUMNS
+        event_store::ENVELOPE_COLUMNS
     ))
     .bind(aggregate_type)
     .bind(id)
     .bind(sequence)
     .fetch_one(&db.pool)
     .await?;
-    Ok(platform::pg::envelope_from_row(&row)?)
+    Ok(event_store::envelope_from_row(&row)?)
 }
 
 async fn history(db: &testkit::TestDb, aggregate_type: &str, id: &str) -> anyhow::Result<Vec<String>> {
@@ -336,7 +336,7 @@ async fn cached_product_reads_see_every_processs_writes() -> anyhow::Result<()> 
 /// nothing; the event is not retried forever.
 #[tokio::test]
 async fn an_order_whose_total_cannot_be_represented_is_rejected_not_retried() -> anyhow::Result<()> {
-    use commands::store::{Append, PendingEvent};
+    use event_store::{Append, PendingEvent};
     let db = testkit::TestDb::new().await?;
     let state = state(&db);
     let product = Uuid::now_v7();
@@ -438,7 +438,7 @@ async fn failures_are_sorted_into_permanent_and_transient() -> anyhow::Result<()
 /// stop the deadlines beside it; nothing is retried forever.
 #[tokio::test]
 async fn a_deadline_that_can_never_fire_is_set_aside_not_retried_forever() -> anyhow::Result<()> {
-    use commands::store::{Append, PendingEvent};
+    use event_store::{Append, PendingEvent};
     let db = testkit::TestDb::new().await?;
     let state = state(&db);
     let reactor = lifecycle(&state, &db);
@@ -495,11 +495,8 @@ async fn a_deadline_that_can_never_fire_is_set_aside_not_retried_forever() -> an
 /// the aggregate cache and push the hot products out.
 #[tokio::test]
 async fn reading_unknown_ids_leaves_the_cache_to_the_hot_aggregates() -> anyhow::Result<()> {
-    use commands::{
-        bus::Commands,
-        domain::Product,
-        store::{AggregateCache, EventStore},
-    };
+    use commands::{bus::Commands, domain::Product};
+    use event_store::{AggregateCache, EventStore};
     let db = testkit::TestDb::new().await?;
     let cache = AggregateCache::<Product>::new(100);
     let products = Commands::new(EventStore::new(db.pool.clone()), ()).with_cache(cache.clone());

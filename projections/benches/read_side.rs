@@ -209,7 +209,7 @@ async fn check_seed(pool: &PgPool) -> anyhow::Result<()> {
     let rows = sqlx::query(&format!(
         "SELECT {} FROM events WHERE aggregate_id = (SELECT aggregate_id FROM events ORDER BY global_position LIMIT 1)
           ORDER BY sequence",
-        platform::pg::ENVELOPE_COLUMNS
+        event_store::ENVELOPE_COLUMNS
     ))
     .fetch_all(pool)
     .await?;
@@ -217,7 +217,7 @@ async fn check_seed(pool: &PgPool) -> anyhow::Result<()> {
     let mut decoded = Vec::new();
     let mut view = None;
     for row in &rows {
-        let envelope = platform::pg::envelope_from_row(row)?;
+        let envelope = event_store::envelope_from_row(row)?;
         let event: OrderEvent =
             events::decode_payload(&envelope.event_type, &envelope.event_version, &envelope.payload)?;
         anyhow::ensure!(
@@ -488,7 +488,7 @@ async fn publish_store(
     let publisher = Publisher::new(js.clone(), 4_096);
     let query = format!(
         "SELECT {} FROM events WHERE global_position > $1 ORDER BY global_position LIMIT 10000",
-        platform::pg::ENVELOPE_COLUMNS
+        event_store::ENVELOPE_COLUMNS
     );
     let (mut cursor, mut published) = (0i64, 0u64);
     loop {
@@ -498,8 +498,8 @@ async fn publish_store(
         let messages = rows
             .iter()
             .map(|row| {
-                let envelope = platform::pg::envelope_from_row(row)?;
-                anyhow::Ok(commands::relay::event_message(namespace, &envelope)?)
+                let envelope = event_store::envelope_from_row(row)?;
+                anyhow::Ok(event_store::relay::event_message(namespace, &envelope)?)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         published += publisher.publish_all(messages).await?.len() as u64;

@@ -158,34 +158,20 @@ pub async fn replay<P: Projector>(
     .fetch_all(&mut conn)
     .await?;
     // Transactions open now may still commit events below the scan's position.
-    let xmin: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        .fetch_one(&mut conn)
-        .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = $1")
-        .bind(P::AGGREGATE_TYPE)
-        .fetch_one(&mut conn)
-        .await?;
-    progress.start(P::NAME, total.unsigned_abs());
+    let xmin = event_store::read::snapshot_xmin(&mut conn).await?;
+    let total = event_store::read::count(&mut conn, P::AGGREGATE_TYPE).await?;
+    progress.start(P::NAME, total);
 
     let mut docs = Documents::<P>::filling(shadow.clone());
     let mut letters = Vec::new();
     let mut cursor = 0i64;
     let mut events = 0u64;
     let page_size = i64::try_from(options.batch.max(1)).unwrap_or(10_000);
-    let page_query = format!(
-        "SELECT {} FROM events WHERE aggregate_type = $1 AND global_position > $2 ORDER BY global_position LIMIT $3",
-        platform::pg::ENVELOPE_COLUMNS
-    );
     loop {
-        let rows = sqlx::query(&page_query)
-            .bind(P::AGGREGATE_TYPE)
-            .bind(cursor)
-            .bind(page_size)
-            .fetch_all(&mut conn)
-            .await?;
-        let Some(last) = rows.last() else { break };
-        cursor = last.try_get("global_position")?;
-        events += apply_rows::<P>(&mut conn, &mut docs, &rows, &mut letters).await?;
+        let page = event_store::read::page(&mut conn, P::AGGREGATE_TYPE, cursor, page_size).await?;
+        let Some(last) = page.last() else { break };
+        cursor = last.global_position;
+        events += apply_envelopes::<P>(&mut conn, &mut docs, &page, &mut letters).await?;
         // documents stay in memory until the cache is full: each is written
         // about once instead of once per page it appears in
         if docs.len() > DOCUMENT_CACHE {
@@ -196,19 +182,9 @@ pub async fn replay<P: Projector>(
     }
     docs.flush(&mut conn).await?;
 
-    let catch_up = format!(
-        "SELECT {} FROM events WHERE aggregate_type = $1 AND (global_position > $2 OR tx_id >= $3::text::xid8)
-          ORDER BY global_position",
-        platform::pg::ENVELOPE_COLUMNS
-    );
     let differences = if options.dry_run {
-        let rows = sqlx::query(&catch_up)
-            .bind(P::AGGREGATE_TYPE)
-            .bind(cursor)
-            .bind(&xmin)
-            .fetch_all(&mut conn)
-            .await?;
-        events += apply_rows::<P>(&mut conn, &mut docs, &rows, &mut letters).await?;
+        let rest = event_store::read::since(&mut conn, P::AGGREGATE_TYPE, cursor, &xmin).await?;
+        events += apply_envelopes::<P>(&mut conn, &mut docs, &rest, &mut letters).await?;
         docs.flush(&mut conn).await?;
         let differences = compare(&mut conn, P::TABLE, &shadow).await?;
         sqlx::query(&format!("DROP TABLE {shadow}")).execute(&mut conn).await?;
@@ -222,13 +198,8 @@ pub async fn replay<P: Projector>(
                 .execute(&mut *tx)
                 .await?;
         }
-        let rows = sqlx::query(&catch_up)
-            .bind(P::AGGREGATE_TYPE)
-            .bind(cursor)
-            .bind(&xmin)
-            .fetch_all(&mut *tx)
-            .await?;
-        events += apply_rows::<P>(&mut tx, &mut docs, &rows, &mut letters).await?;
+        let rest = event_store::read::since(&mut *tx, P::AGGREGATE_TYPE, cursor, &xmin).await?;
+        events += apply_envelopes::<P>(&mut tx, &mut docs, &rest, &mut letters).await?;
         docs.flush(&mut tx).await?;
         letters.append(&mut docs.dead_letters);
         record_dead_letters(&mut tx, P::NAME, &letters).await?;
@@ -277,19 +248,15 @@ fn rebuilt_index(definition: &str, name: &str, live: &str, shadow: &str) -> Stri
 }
 
 /// Applies stored events; returns how many were read.
-async fn apply_rows<P: Projector>(
+async fn apply_envelopes<P: Projector>(
     conn: &mut PgConnection,
     docs: &mut Documents<P>,
-    rows: &[sqlx::postgres::PgRow],
+    envelopes: &[events::EventEnvelope],
     letters: &mut Vec<crate::writer::DeadLetter>,
 ) -> Result<u64, sqlx::Error> {
-    let envelopes = rows
-        .iter()
-        .map(platform::pg::envelope_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
     docs.load(conn, envelopes.iter().map(|e| e.aggregate_id.as_str()))
         .await?;
-    for envelope in &envelopes {
+    for envelope in envelopes {
         let error = match docs.apply(conn, envelope).await? {
             Step::Applied | Step::Duplicate => continue,
             Step::Failed(error) => error.to_string(),

@@ -228,21 +228,9 @@ impl<P: Projector> Documents<P> {
         after: u64,
         before: u64,
     ) -> Result<(), sqlx::Error> {
-        let query = format!(
-            "SELECT {} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
-               AND sequence > $3 AND sequence < $4 ORDER BY sequence",
-            platform::pg::ENVELOPE_COLUMNS
-        );
-        let rows = sqlx::query(&query)
-            .bind(P::AGGREGATE_TYPE)
-            .bind(id)
-            .bind(i64::try_from(after).unwrap_or(i64::MAX))
-            .bind(i64::try_from(before).unwrap_or(i64::MAX))
-            .fetch_all(&mut *conn)
-            .await?;
+        let missed = event_store::read::aggregate(&mut *conn, P::AGGREGATE_TYPE, id, after, Some(before)).await?;
         metrics::counter!("projection_gap_fills_total", "projection" => P::NAME).increment(1);
-        for row in rows {
-            let missing = platform::pg::envelope_from_row(&row)?;
+        for missing in missed {
             if missing.sequence != self.version(id) + 1 {
                 // not visible yet: the event waits for a later attempt
                 break;

@@ -21,7 +21,7 @@ use async_nats::jetstream;
 use cp_nats::{Handler, HandlerError};
 use events::{ClaimRejection, EnvelopeError, EventEnvelope, Namespace, VoucherEvent, subjects::CLAIM_WRITER_CONSUMER};
 use redis::Script;
-use sqlx::{PgPool, Row as _};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
@@ -47,6 +47,8 @@ pub enum WarmError {
     Store(#[from] sqlx::Error),
     #[error(transparent)]
     Decode(#[from] EnvelopeError),
+    #[error("the voucher's history")]
+    History(#[from] event_store::read::ReadError),
     #[error("jetstream: {0}")]
     Nats(String),
 }
@@ -223,23 +225,8 @@ impl Warmer {
 
 /// The voucher's events from the event store, folded for the gate.
 pub async fn read_ledger(pool: &PgPool, voucher_id: Uuid) -> Result<Ledger, WarmError> {
-    let rows = sqlx::query(
-        "SELECT sequence, event_type, event_version, payload FROM events
-         WHERE aggregate_type = 'Voucher' AND aggregate_id = $1 ORDER BY sequence",
-    )
-    .bind(voucher_id.to_string())
-    .fetch_all(pool)
-    .await?;
-    let mut decoded = Vec::with_capacity(rows.len());
-    for row in rows {
-        let sequence: i64 = row.try_get("sequence")?;
-        let event_type: String = row.try_get("event_type")?;
-        let event_version: String = row.try_get("event_version")?;
-        let payload: serde_json::Value = row.try_get("payload")?;
-        let event: VoucherEvent = events::decode_payload(&event_type, &event_version, &payload)?;
-        decoded.push((sequence.unsigned_abs(), event));
-    }
-    Ok(ledger::fold(voucher_id, decoded))
+    let history = event_store::read::aggregate_events::<VoucherEvent>(pool, &voucher_id.to_string()).await?;
+    Ok(ledger::fold(voucher_id, history))
 }
 
 /// The edge's consumer of Voucher events.

@@ -8,8 +8,8 @@ use platform::http::{CommonError, error_response};
 use crate::{
     bus::CommandError,
     domain::{CouponError, DomainError, ErrorKind, OrderError, PaymentError, ProductError, VoucherError},
-    store::StoreError,
 };
+use event_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -38,8 +38,8 @@ use crate::{
         CancellerRole, Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, SharedClock, Voucher,
         VoucherCommand,
     },
-    store::{AggregateCache, EventStore, Loaded, StoreError, decide, load_cached},
 };
+use event_store::{AggregateCache, EventStore, Loaded, StoreError, decide, load_cached};
 
 /// How long a claimed regular-voucher coupon stays spendable.
 pub const COUPON_VALIDITY: chrono::Duration = chrono::Duration::days(30);

@@ -28,8 +28,8 @@ use crate::{
         provider::{WebhookEvent, WebhookKind},
         signature,
     },
-    store::{Append, Loaded, StoreError, decide},
 };
+use event_store::{Append, Loaded, StoreError, decide};
 
 fn settings(api: &Api) -> Result<&PaymentSettings, ApiError> {
     api.payments.as_deref().ok_or(ApiError::PaymentsDisabled)
@@ -177,8 +177,8 @@ pub async fn webhook(
 
 /// One aggregate's new events, either kind.
 enum Decision {
-    Payment(crate::store::Decided<Payment>),
-    Order(crate::store::Decided<Order>),
+    Payment(event_store::Decided<Payment>),
+    Order(event_store::Decided<Order>),
 }
 
 impl Decision {

@@ -117,7 +117,7 @@ impl Setup {
         let row = sqlx::query(&format!(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {}",
-            platform::pg::ENVELOPE_COLUMNS
+            event_store::ENVELOPE_COLUMNS
         ))
         .bind(aggregate_type)
         .bind(aggregate_id)
@@ -128,7 +128,7 @@ impl Setup {
         .bind(metadata)
         .fetch_one(&self.db.pool)
         .await?;
-        Ok(platform::pg::envelope_from_row(&row)?)
+        Ok(event_store::envelope_from_row(&row)?)
     }
 
     /// Publishes as the relay does; `redelivery` gives it a fresh message id

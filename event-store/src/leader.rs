@@ -6,6 +6,28 @@ use std::{future::Future, pin::pin, time::Duration};
 
 use sqlx::{Connection as _, PgConnection, PgPool};
 
+/// Takes the session-level advisory lock `lock_key` on `conn` if it is free.
+/// It is held until the session ends (or is unlocked), so the holder should
+/// do its leader's work through this same connection: if the session
+/// breaks, the lock is gone and so is the connection.
+pub async fn try_lock(conn: &mut PgConnection, lock_key: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(lock_key)
+        .fetch_one(conn)
+        .await
+}
+
+/// A dedicated connection holding the advisory lock `lock_key`, or `None`
+/// while another session holds it.
+pub async fn lead(pool: &PgPool, lock_key: i64) -> Result<Option<PgConnection>, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    Ok(if try_lock(&mut conn, lock_key).await? {
+        Some(conn)
+    } else {
+        None
+    })
+}
+
 /// Runs `work` only while this process holds the advisory lock `lock_key`;
 /// standbys retry and take over when the holder's session ends. `work` is
 /// started again if it returns while the lock is still held.
@@ -17,14 +39,9 @@ where
     let mut shutdown = pin!(shutdown);
     loop {
         let session = async {
-            let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(lock_key)
-                .fetch_one(&mut conn)
-                .await?;
-            if !locked {
+            let Some(mut conn) = lead(pool, lock_key).await? else {
                 return Ok::<bool, sqlx::Error>(false);
-            }
+            };
             tracing::info!(lock_key, "leader lock acquired");
             // Lead until the lock's session breaks: a broken session means a
             // standby may have taken over.

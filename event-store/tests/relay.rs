@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use commands::relay::{Relay, RelayConfig};
 use cp_nats::{Publisher, Topology, ensure_topology};
+use event_store::relay::{Relay, RelayConfig};
 use events::{EventEnvelope, Namespace};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::task::JoinHandle;

@@ -37,7 +37,7 @@ use events::{
     },
 };
 use platform::telemetry::TraceHeaders;
-use sqlx::{Connection as _, PgConnection, PgPool, Row as _, postgres::PgListener};
+use sqlx::{PgConnection, PgPool, Row as _, postgres::PgListener};
 use tokio::time::{Instant, sleep};
 
 /// Advisory lock key of the relay ("cprelay1" as bytes).
@@ -151,14 +151,9 @@ impl Relay {
 
     /// One database session: returns Ok(()) when another relay holds the lock.
     async fn session(&self) -> Result<(), RelayError> {
-        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(self.config.lock_key)
-            .fetch_one(&mut conn)
-            .await?;
-        if !locked {
+        let Some(mut conn) = crate::leader::lead(&self.pool, self.config.lock_key).await? else {
             return Ok(());
-        }
+        };
         tracing::info!(relay = %self.config.name, "relay is active");
         metrics::gauge!("relay_active").set(1.0);
         let mut listener = PgListener::connect_with(&self.pool).await?;
@@ -240,7 +235,7 @@ impl Relay {
     }
 
     fn to_message(&self, row: &sqlx::postgres::PgRow) -> Result<Row, RelayError> {
-        let envelope = platform::pg::envelope_from_row(row)?;
+        let envelope = crate::read::envelope_from_row(row)?;
         let (global_position, recorded_at) = (envelope.global_position, envelope.recorded_at);
         // an envelope that cannot be encoded stops the relay here (retried,
         // logged) rather than going out with an empty body
