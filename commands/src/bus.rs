@@ -1,15 +1,24 @@
-//! Executing one command against one aggregate: load (through the cache if
-//! the aggregate type has one), decide, append with the loaded version as the
-//! optimistic lock, and on a conflict retry a bounded number of times with
-//! jittered backoff before giving up with [`CommandError::Conflict`] (a 409).
+//! Running commands against the event store.
+//!
+//! - [`unit_of_work`]: decide on one or several aggregates, append every
+//!   decision in one transaction (one statement), and on an optimistic-lock
+//!   conflict decide again from fresh state, a bounded number of times with
+//!   jittered backoff, counting each conflict in `command_conflicts_total`.
+//!   Every write path runs through it: the command API's multi-aggregate
+//!   handlers (a claim and its coupon, a payment and its order), the claim
+//!   writer's batches, and [`Commands`].
+//! - [`Commands`]: one command against one aggregate: load (through the
+//!   cache if the aggregate type has one), decide, append with the loaded
+//!   version as the optimistic lock; [`CommandError::Conflict`] (a 409) once
+//!   the retries are spent.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use cqrs_es::Aggregate;
 use events::EventMetadata;
 use rand::Rng as _;
 
-use event_store::{AggregateCache, Decided, EventStore, Loaded, StoreError, decide, load_cached};
+use event_store::{AggregateCache, Append, Decided, EventStore, Loaded, StoreError, decide, load_cached};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError<E: std::error::Error> {
@@ -45,6 +54,55 @@ impl RetryPolicy {
         let cap = self.base_delay.saturating_mul(2u32.saturating_pow(attempt.min(10)));
         let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
         Duration::from_micros(rand::rng().random_range(0..cap_us))
+    }
+}
+
+/// Why a unit of work did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError<E> {
+    /// The decision itself refused (a business rule, a missing aggregate):
+    /// nothing was appended, nothing is retried.
+    #[error(transparent)]
+    Decide(E),
+    /// Other writers kept winning the optimistic lock.
+    #[error("the aggregates kept changing; gave up after {attempts} attempts")]
+    Conflict { attempts: u32 },
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// Decides with `decide` and appends what it returns, all in one
+/// transaction; on an optimistic-lock conflict calls `decide` again (it must
+/// load fresh state each time) after a jittered backoff, up to
+/// `retry.attempts` times. Each conflict is counted in
+/// `command_conflicts_total{aggregate = label}` (a bounded set: the caller's
+/// aggregate type or unit name). Returns what the successful decision
+/// returned beside its appends.
+pub async fn unit_of_work<T, E, F, Fut>(
+    store: &EventStore,
+    retry: RetryPolicy,
+    label: &'static str,
+    mut decide: F,
+) -> Result<T, UnitError<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(Vec<Append>, T), E>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (appends, decided) = decide().await.map_err(UnitError::Decide)?;
+        match store.append(&appends).await {
+            Ok(()) => return Ok(decided),
+            Err(StoreError::Conflict) => {
+                metrics::counter!("command_conflicts_total", "aggregate" => label).increment(1);
+                if attempt >= retry.attempts {
+                    return Err(UnitError::Conflict { attempts: attempt });
+                }
+                tokio::time::sleep(retry.delay(attempt)).await;
+            }
+            Err(error) => return Err(UnitError::Store(error)),
+        }
     }
 }
 
@@ -104,10 +162,7 @@ impl<A: Aggregate> Commands<A> {
             .cache
             .as_ref()
             .and_then(|cache| cache.peek(aggregate_id))
-            .unwrap_or_else(|| Loaded {
-                aggregate: A::default(),
-                version: 0,
-            });
+            .unwrap_or_default();
         let loaded = self.store.catch_up(aggregate_id, start).await?;
         if let Some(cache) = &self.cache {
             cache.put_if_newer(aggregate_id, loaded.clone());
@@ -126,10 +181,7 @@ impl<A: Aggregate> Commands<A> {
         make: impl Fn() -> A::Command,
         metadata: &EventMetadata,
     ) -> Result<Executed<A>, CommandError<A::Error>> {
-        let fresh = Loaded {
-            aggregate: A::default(),
-            version: 0,
-        };
+        let fresh = Loaded::default();
         let decided = match decide(aggregate_id, fresh, make(), &self.services).await {
             Ok(decided) => decided,
             Err((error, _)) => return Err(CommandError::Domain(error)),
@@ -154,9 +206,8 @@ impl<A: Aggregate> Commands<A> {
             Some(cache) => Some(cache.writer(aggregate_id).await),
             None => None,
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        // a conflict drops the taken cache entry: the next attempt reloads
+        let decided = unit_of_work(&self.store, self.retry, A::TYPE, || async {
             let loaded = load_cached(&self.store, self.cache.as_deref(), aggregate_id)
                 .await
                 .map_err(CommandError::Store)?;
@@ -168,20 +219,15 @@ impl<A: Aggregate> Commands<A> {
                 }
             };
             let append = decided.to_append(metadata).map_err(CommandError::Store)?;
-            match self.store.append(std::slice::from_ref(&append)).await {
-                Ok(()) => return Ok(self.stored(aggregate_id, decided)),
-                // the taken cache entry is dropped: the next attempt reloads
-                Err(StoreError::Conflict) if attempt < self.retry.attempts => {
-                    metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
-                    tokio::time::sleep(self.retry.delay(attempt)).await;
-                }
-                Err(StoreError::Conflict) => {
-                    metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
-                    return Err(CommandError::Conflict { attempts: attempt });
-                }
-                Err(error) => return Err(CommandError::Store(error)),
-            }
-        }
+            Ok((vec![append], decided))
+        })
+        .await
+        .map_err(|error| match error {
+            UnitError::Decide(error) => error,
+            UnitError::Conflict { attempts } => CommandError::Conflict { attempts },
+            UnitError::Store(error) => CommandError::Store(error),
+        })?;
+        Ok(self.stored(aggregate_id, decided))
     }
 
     /// After a successful append: the outcome, and the new state cached.

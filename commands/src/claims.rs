@@ -38,13 +38,13 @@ use platform::telemetry::TraceHeaders;
 use uuid::Uuid;
 
 use crate::{
-    bus::RetryPolicy,
+    bus::{RetryPolicy, UnitError, unit_of_work},
     domain::{
         order::{Order, OrderCommand},
         voucher::{SeckillClaim, Voucher, VoucherCommand, VoucherError},
     },
 };
-use event_store::{AggregateCache, Append, EventStore, Loaded, StoreError, decide, load_cached};
+use event_store::{AggregateCache, Append, Decided, EventStore, Loaded, StoreError, decide, load_cached};
 
 /// Advisory lock key of the claim writer ("cpclaim1").
 pub const CLAIM_WRITER_LOCK_KEY: i64 = 0x6370_636c_6169_6d31;
@@ -127,7 +127,7 @@ impl ClaimWriter {
             attempts: 8,
             ..RetryPolicy::default()
         };
-        for attempt in 1..=retry.attempts {
+        let outcome = unit_of_work(&self.store, retry, "Voucher", || async {
             let loaded = load_cached(&self.store, Some(&self.vouchers), &id).await?;
             let command = VoucherCommand::ProcessSeckillClaims {
                 claims: claims.to_vec(),
@@ -136,78 +136,93 @@ impl ClaimWriter {
                 Ok(decided) => decided,
                 Err((VoucherError::NotFound, unchanged)) => {
                     self.vouchers.put(&id, unchanged);
-                    return self.reject_unknown_voucher(voucher_id, claims, traces).await;
+                    return Ok((Vec::new(), None));
                 }
                 Err((error, unchanged)) => {
                     self.vouchers.put(&id, unchanged);
                     return Err(ClaimError::Voucher(voucher_id, error));
                 }
             };
-            let (title, price_cents, merchant_id) = (
-                decided.aggregate.title().unwrap_or_default().to_owned(),
-                decided.aggregate.price_cents().unwrap_or(0),
-                decided.aggregate.merchant_id().unwrap_or_default().to_owned(),
-            );
-            let mut appends: Vec<Append> = Vec::with_capacity(decided.events.len() + 1);
-            let mut voucher_append = decided.to_append(&EventMetadata::system("claim-writer"))?;
-            let mut newly_decided = 0;
-            for (event, pending) in decided.events.iter().zip(voucher_append.events.iter_mut()) {
-                let (order_id, user_id, command) = match event {
-                    VoucherEvent::SeckillClaimAccepted { order_id, user_id, .. } => (
-                        *order_id,
-                        user_id.clone(),
-                        OrderCommand::PlaceSeckillOrder {
-                            order_id: *order_id,
-                            user_id: user_id.clone(),
-                            merchant_id: merchant_id.clone(),
-                            voucher_id,
-                            title: title.clone(),
-                            price_cents,
-                            placed_at: Utc::now(),
-                        },
-                    ),
-                    VoucherEvent::SeckillClaimRejected {
-                        order_id,
-                        user_id,
-                        reason,
-                    } => (
-                        *order_id,
-                        user_id.clone(),
-                        OrderCommand::RejectSeckillOrder {
-                            order_id: *order_id,
-                            user_id: user_id.clone(),
-                            merchant_id: Some(merchant_id.clone()),
-                            voucher_id,
-                            reason: OrderRejectionReason::from(*reason),
-                            rejected_at: Utc::now(),
-                        },
-                    ),
-                    _ => continue,
-                };
-                newly_decided += 1;
-                // each decision carries its request's correlation (the order id) and trace
-                let metadata = request_metadata(order_id, &user_id, traces.get(&order_id));
-                pending.metadata = event_store::metadata_json(&metadata)?;
-                let order = new_order(&order_id.to_string(), command, &self.order_services)
-                    .await
-                    .map_err(|e| ClaimError::Order(order_id, e))?;
-                appends.push(order.to_append(&metadata)?);
+            let (appends, newly_decided) = self.orders_of(voucher_id, &decided, traces).await?;
+            Ok((appends, Some((decided, newly_decided))))
+        })
+        .await
+        .map_err(|error| match error {
+            UnitError::Decide(error) => error,
+            UnitError::Conflict { .. } => ClaimError::Conflict(voucher_id),
+            UnitError::Store(error) => ClaimError::Store(error),
+        })?;
+        match outcome {
+            Some((decided, newly_decided)) => {
+                self.vouchers.put(&id, decided.into_loaded());
+                metrics::counter!("seckill_claims_decided_total").increment(newly_decided as u64);
+                Ok(newly_decided)
             }
-            appends.insert(0, voucher_append);
-            match self.store.append(&appends).await {
-                Ok(()) => {
-                    self.vouchers.put(&id, decided.into_loaded());
-                    metrics::counter!("seckill_claims_decided_total").increment(newly_decided as u64);
-                    return Ok(newly_decided);
-                }
-                Err(StoreError::Conflict) => {
-                    metrics::counter!("command_conflicts_total", "aggregate" => "Voucher").increment(1);
-                    tokio::time::sleep(retry.delay(attempt)).await;
-                }
-                Err(error) => return Err(error.into()),
-            }
+            None => self.reject_unknown_voucher(voucher_id, claims, traces).await,
         }
-        Err(ClaimError::Conflict(voucher_id))
+    }
+
+    /// The voucher's decisions and the order each new one creates, as one
+    /// unit's appends (the voucher's first), and how many are new.
+    async fn orders_of(
+        &self,
+        voucher_id: Uuid,
+        decided: &Decided<Voucher>,
+        traces: &HashMap<Uuid, TraceHeaders>,
+    ) -> Result<(Vec<Append>, usize), ClaimError> {
+        let now = self.voucher_services.clock.now();
+        let (title, price_cents, merchant_id) = (
+            decided.aggregate.title().unwrap_or_default().to_owned(),
+            decided.aggregate.price_cents().unwrap_or(0),
+            decided.aggregate.merchant_id().unwrap_or_default().to_owned(),
+        );
+        let mut appends: Vec<Append> = Vec::with_capacity(decided.events.len() + 1);
+        let mut voucher_append = decided.to_append(&EventMetadata::system("claim-writer"))?;
+        let mut newly_decided = 0;
+        for (event, pending) in decided.events.iter().zip(voucher_append.events.iter_mut()) {
+            let (order_id, user_id, command) = match event {
+                VoucherEvent::SeckillClaimAccepted { order_id, user_id, .. } => (
+                    *order_id,
+                    user_id.clone(),
+                    OrderCommand::PlaceSeckillOrder {
+                        order_id: *order_id,
+                        user_id: user_id.clone(),
+                        merchant_id: merchant_id.clone(),
+                        voucher_id,
+                        title: title.clone(),
+                        price_cents,
+                        placed_at: now,
+                    },
+                ),
+                VoucherEvent::SeckillClaimRejected {
+                    order_id,
+                    user_id,
+                    reason,
+                } => (
+                    *order_id,
+                    user_id.clone(),
+                    OrderCommand::RejectSeckillOrder {
+                        order_id: *order_id,
+                        user_id: user_id.clone(),
+                        merchant_id: Some(merchant_id.clone()),
+                        voucher_id,
+                        reason: OrderRejectionReason::from(*reason),
+                        rejected_at: now,
+                    },
+                ),
+                _ => continue,
+            };
+            newly_decided += 1;
+            // each decision carries its request's correlation (the order id) and trace
+            let metadata = request_metadata(order_id, &user_id, traces.get(&order_id));
+            pending.metadata = event_store::metadata_json(&metadata)?;
+            let order = new_order(&order_id.to_string(), command, &self.order_services)
+                .await
+                .map_err(|e| ClaimError::Order(order_id, e))?;
+            appends.push(order.to_append(&metadata)?);
+        }
+        appends.insert(0, voucher_append);
+        Ok((appends, newly_decided))
     }
 
     /// A request for a voucher the store does not know still ends as an order.
@@ -227,7 +242,7 @@ impl ClaimWriter {
                 merchant_id: None,
                 voucher_id,
                 reason: OrderRejectionReason::VoucherNotFound,
-                rejected_at: Utc::now(),
+                rejected_at: self.voucher_services.clock.now(),
             };
             let decided = decide(&id, loaded, command, &self.order_services)
                 .await
@@ -248,18 +263,10 @@ async fn new_order(
     order_id: &str,
     command: OrderCommand,
     services: &<Order as cqrs_es::Aggregate>::Services,
-) -> Result<event_store::Decided<Order>, crate::domain::order::OrderError> {
-    decide(
-        order_id,
-        Loaded {
-            aggregate: Order::default(),
-            version: 0,
-        },
-        command,
-        services,
-    )
-    .await
-    .map_err(|(e, _)| e)
+) -> Result<Decided<Order>, crate::domain::order::OrderError> {
+    decide(order_id, Loaded::<Order>::default(), command, services)
+        .await
+        .map_err(|(e, _)| e)
 }
 
 fn request_metadata(order_id: Uuid, user_id: &str, trace: Option<&TraceHeaders>) -> EventMetadata {

@@ -364,3 +364,63 @@ async fn admitted_requests_the_store_cannot_hold_end_as_rejected_orders_and_unre
     );
     Ok(())
 }
+
+/// The unit of work retries a conflicting append with fresh decisions, a
+/// bounded number of times, and never retries a refused decision.
+#[tokio::test]
+async fn a_unit_of_work_retries_conflicts_a_bounded_number_of_times() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use commands::bus::{RetryPolicy, UnitError, unit_of_work};
+    use event_store::{Append, EventStore, PendingEvent};
+
+    let db = testkit::TestDb::new().await?;
+    let store = EventStore::new(db.pool.clone());
+    let first = |base_version: u64| Append {
+        aggregate_type: "Payment",
+        aggregate_id: "p-1".into(),
+        base_version,
+        events: vec![PendingEvent {
+            event_type: "PaymentCreated".into(),
+            event_version: "1.0".into(),
+            payload: serde_json::json!({"PaymentCreated": {}}),
+            metadata: serde_json::json!({}),
+        }],
+    };
+    store.append(&[first(0)]).await?;
+    let retry = RetryPolicy {
+        attempts: 4,
+        base_delay: Duration::from_millis(1),
+    };
+
+    // always deciding on a stale version: four tries, then a conflict
+    let tries = AtomicU32::new(0);
+    let stale = unit_of_work(&store, retry, "Payment", || async {
+        tries.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, std::convert::Infallible>((vec![first(0)], ()))
+    })
+    .await;
+    assert!(matches!(stale, Err(UnitError::Conflict { attempts: 4 })), "{stale:?}");
+    assert_eq!(tries.load(Ordering::SeqCst), 4);
+
+    // stale once, then fresh: committed on the second try
+    let tries = AtomicU32::new(0);
+    let version = unit_of_work(&store, retry, "Payment", || async {
+        let attempt = tries.fetch_add(1, Ordering::SeqCst);
+        let base = if attempt == 0 { 0 } else { 1 };
+        Ok::<_, std::convert::Infallible>((vec![first(base)], base + 1))
+    })
+    .await;
+    assert!(matches!(version, Ok(2)), "{version:?}");
+
+    // a refused decision is not retried
+    let tries = AtomicU32::new(0);
+    let refused = unit_of_work(&store, retry, "Payment", || async {
+        tries.fetch_add(1, Ordering::SeqCst);
+        Err::<(Vec<Append>, ()), _>("refused")
+    })
+    .await;
+    assert!(matches!(refused, Err(UnitError::Decide("refused"))));
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+    Ok(())
+}

@@ -96,6 +96,16 @@ pub struct Loaded<A> {
     pub version: u64,
 }
 
+/// An aggregate with no events yet: what a creation decides on.
+impl<A: Default> Default for Loaded<A> {
+    fn default() -> Self {
+        Self {
+            aggregate: A::default(),
+            version: 0,
+        }
+    }
+}
+
 /// The events one command produced, ready to append. `aggregate` already has
 /// them applied (cqrs-es' `EventSink` applies on write).
 #[derive(Debug)]
@@ -271,14 +281,7 @@ impl EventStore {
     }
 
     pub async fn load<A: Aggregate>(&self, aggregate_id: &str) -> Result<Loaded<A>, StoreError> {
-        self.catch_up(
-            aggregate_id,
-            Loaded {
-                aggregate: A::default(),
-                version: 0,
-            },
-        )
-        .await
+        self.catch_up(aggregate_id, Loaded::default()).await
     }
 
     /// Names the first predecessor that is not stored (the error path only).
@@ -505,9 +508,6 @@ pub async fn load_cached<A: Aggregate>(
     cache: Option<&AggregateCache<A>>,
     aggregate_id: &str,
 ) -> Result<Loaded<A>, StoreError> {
-    let start = cache.and_then(|c| c.take(aggregate_id)).unwrap_or_else(|| Loaded {
-        aggregate: A::default(),
-        version: 0,
-    });
+    let start = cache.and_then(|c| c.take(aggregate_id)).unwrap_or_default();
     store.catch_up(aggregate_id, start).await
 }

@@ -115,6 +115,16 @@ impl From<platform::limits::LimitError> for ApiError {
     }
 }
 
+impl From<crate::bus::UnitError<ApiError>> for ApiError {
+    fn from(error: crate::bus::UnitError<ApiError>) -> Self {
+        match error {
+            crate::bus::UnitError::Decide(error) => error,
+            crate::bus::UnitError::Conflict { .. } => Self::Contended,
+            crate::bus::UnitError::Store(error) => Self::Store(error),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {

@@ -33,13 +33,13 @@ use uuid::Uuid;
 
 use self::error::{ApiError, from_command};
 use crate::{
-    bus::{Commands, RetryPolicy},
+    bus::{Commands, RetryPolicy, unit_of_work},
     domain::{
         CancellerRole, Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, SharedClock, Voucher,
         VoucherCommand,
     },
 };
-use event_store::{AggregateCache, EventStore, Loaded, StoreError, decide, load_cached};
+use event_store::{AggregateCache, EventStore, Loaded, decide, load_cached};
 
 /// How long a claimed regular-voucher coupon stays spendable.
 pub const COUPON_VALIDITY: chrono::Duration = chrono::Duration::days(30);
@@ -239,8 +239,7 @@ async fn claim_voucher(
     let coupon_id = Uuid::now_v7();
     let metadata = metadata(&user);
     let _writer = api.voucher_cache.writer(&id).await;
-    let retry = RetryPolicy::default();
-    for attempt in 1..=retry.attempts {
+    let claimed = unit_of_work(&api.store, RetryPolicy::default(), "Voucher", || async {
         let loaded = load_cached(&api.store, Some(&api.voucher_cache), &id).await?;
         let command = VoucherCommand::ClaimRegular {
             user_id: user.sub.clone(),
@@ -253,7 +252,6 @@ async fn claim_voucher(
                 return Err(ApiError::Voucher(error));
             }
         };
-        let now = api.clock.now();
         let issue = CouponCommand::Issue {
             coupon_id,
             user_id: user.sub.clone(),
@@ -261,32 +259,19 @@ async fn claim_voucher(
             voucher_id,
             value_cents: claimed.aggregate.value_cents().unwrap_or(0),
             min_spend_cents: claimed.aggregate.min_spend_cents().unwrap_or(0),
-            expires_at: now + COUPON_VALIDITY,
+            expires_at: api.clock.now() + COUPON_VALIDITY,
             source: CouponSource::RegularClaim,
         };
-        let coupon = decide(
-            &coupon_id.to_string(),
-            Loaded {
-                aggregate: Coupon::default(),
-                version: 0,
-            },
-            issue,
-            &(),
-        )
-        .await
-        .map_err(|(error, _)| ApiError::Coupon(error))?;
-        let appends = [claimed.to_append(&metadata)?, coupon.to_append(&metadata)?];
-        match api.store.append(&appends).await {
-            Ok(()) => {
-                let version = claimed.version();
-                api.voucher_cache.put(&id, claimed.into_loaded());
-                return Ok((StatusCode::CREATED, Json(Claimed { coupon_id, version })));
-            }
-            Err(StoreError::Conflict) if attempt < retry.attempts => tokio::time::sleep(retry.delay(attempt)).await,
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Err(ApiError::Contended)
+        let coupon = decide(&coupon_id.to_string(), Loaded::<Coupon>::default(), issue, &())
+            .await
+            .map_err(|(error, _)| ApiError::Coupon(error))?;
+        let appends = vec![claimed.to_append(&metadata)?, coupon.to_append(&metadata)?];
+        Ok((appends, claimed))
+    })
+    .await?;
+    let version = claimed.version();
+    api.voucher_cache.put(&id, claimed.into_loaded());
+    Ok((StatusCode::CREATED, Json(Claimed { coupon_id, version })))
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::{Api, ApiError, metadata};
 use crate::{
-    bus::RetryPolicy,
+    bus::{RetryPolicy, unit_of_work},
     domain::{CancellerRole, Order, OrderCommand, Payment, PaymentCommand, order::OrderError},
     payments::{
         PaymentSettings,
@@ -51,8 +51,7 @@ pub async fn pay(
     let settings = settings(&api)?;
     let id = order_id.to_string();
     let metadata = metadata(&user);
-    let retry = RetryPolicy::default();
-    for attempt in 1..=retry.attempts {
+    let checkout = unit_of_work(&api.store, RetryPolicy::default(), "Order", || async {
         let order = api.store.load::<Order>(&id).await?;
         if order.aggregate.user_id() != Some(user.sub.as_str()) {
             // someone else's order is answered like a missing one
@@ -66,11 +65,12 @@ pub async fn pay(
         {
             let payment = api.store.load::<Payment>(&payment_id.to_string()).await?.aggregate;
             if let Some(checkout_url) = payment.checkout_url() {
-                return Ok(Json(Checkout {
+                let checkout = Checkout {
                     payment_id,
                     amount_cents: payment.amount_cents(),
                     checkout_url: checkout_url.to_owned(),
-                }));
+                };
+                return Ok((Vec::new(), checkout));
             }
         }
         let payment_id = Uuid::now_v7();
@@ -96,33 +96,19 @@ pub async fn pay(
             checkout_url: checkout_url.clone(),
             at: api.clock.now(),
         };
-        let created = decide(&payment_id.to_string(), fresh::<Payment>(), create, &())
+        let created = decide(&payment_id.to_string(), Loaded::<Payment>::default(), create, &())
             .await
             .map_err(|(error, _)| ApiError::Payment(error))?;
-        match api
-            .store
-            .append(&[started.to_append(&metadata)?, created.to_append(&metadata)?])
-            .await
-        {
-            Ok(()) => {
-                return Ok(Json(Checkout {
-                    payment_id,
-                    amount_cents,
-                    checkout_url,
-                }));
-            }
-            Err(StoreError::Conflict) if attempt < retry.attempts => tokio::time::sleep(retry.delay(attempt)).await,
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Err(ApiError::Contended)
-}
-
-fn fresh<A: Default>() -> Loaded<A> {
-    Loaded {
-        aggregate: A::default(),
-        version: 0,
-    }
+        let appends = vec![started.to_append(&metadata)?, created.to_append(&metadata)?];
+        let checkout = Checkout {
+            payment_id,
+            amount_cents,
+            checkout_url,
+        };
+        Ok((appends, checkout))
+    })
+    .await?;
+    Ok(Json(checkout))
 }
 
 pub async fn webhook(
@@ -147,8 +133,7 @@ pub async fn webhook(
     let metadata = EventMetadata::system("payment-webhook");
     let payment_key = event.payment_id.to_string();
     let order_key = event.order_id.to_string();
-    let retry = RetryPolicy::default();
-    for attempt in 1..=retry.attempts {
+    unit_of_work(&api.store, RetryPolicy::default(), "Payment", || async {
         let payment = api.store.load::<Payment>(&payment_key).await?;
         if payment.aggregate.order_id() != Some(event.order_id)
             || payment.aggregate.amount_cents() != event.amount_cents
@@ -158,21 +143,18 @@ pub async fn webhook(
             ));
         }
         let order = api.store.load::<Order>(&order_key).await?;
-        let appends = match event.kind {
+        let decisions = match event.kind {
             WebhookKind::Succeeded => succeeded(&api, &event, payment, order).await?,
             WebhookKind::Failed => failed(&api, &event, payment, order).await?,
         };
-        let appends: Vec<Append> = appends
+        let appends: Vec<Append> = decisions
             .into_iter()
-            .map(|append| append.to_append(&metadata))
+            .map(|decision| decision.to_append(&metadata))
             .collect::<Result<_, _>>()?;
-        match api.store.append(&appends).await {
-            Ok(()) => return Ok(StatusCode::OK),
-            Err(StoreError::Conflict) if attempt < retry.attempts => tokio::time::sleep(retry.delay(attempt)).await,
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Err(ApiError::Contended)
+        Ok((appends, ()))
+    })
+    .await?;
+    Ok(StatusCode::OK)
 }
 
 /// One aggregate's new events, either kind.
