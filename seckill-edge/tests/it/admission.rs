@@ -2,16 +2,14 @@
 //! unknown vouchers, the rate limit, idempotency keys, the in-process
 //! sold-out flag and bad input.
 
-mod support;
-
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use crate::support::{Harness, NO_RATE_LIMIT, attempt, occurrences, snapshot};
 use chrono::{Duration as Span, Utc};
 use events::{VoucherEvent, VoucherKind};
 use http::StatusCode;
 use platform::http::Role;
 use seckill_edge::gate::RateLimit;
-use support::{Harness, NO_RATE_LIMIT, attempt, occurrences, snapshot};
 use testkit::eventually;
 use uuid::Uuid;
 
@@ -118,7 +116,7 @@ async fn unknown_and_regular_vouchers_are_not_found() -> anyhow::Result<()> {
     let token = harness.token("ann");
     let regular = Uuid::now_v7();
     let now = Utc::now();
-    support::record_voucher_events(
+    crate::support::record_voucher_events(
         &db.pool,
         regular,
         &[VoucherEvent::VoucherCreated {

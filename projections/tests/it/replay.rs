@@ -3,16 +3,14 @@
 //! two replays of one projection never run at once, and the CLI exits
 //! non-zero on failure.
 
-mod support;
-
 use std::process::Command;
 
+use crate::support::{Setup, at};
 use events::{OrderEvent, OrderItem, OrderKind, ProductEvent};
 use projections::{
     Projection,
     replay::{ReplayError, ReplayOptions, Silent},
 };
-use support::{Setup, at};
 use uuid::Uuid;
 
 /// Orders and products, stored and published; the daemon projects them.

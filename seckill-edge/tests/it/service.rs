@@ -1,8 +1,6 @@
 //! The seckill edge process: starts against real Redis and NATS, reports
 //! them on /health, serves /metrics, and stops on request.
 
-mod support;
-
 use clap::Parser as _;
 use platform::http::{Health, Ops};
 use seckill_edge::{AppState, Config, Edge};
@@ -26,7 +24,7 @@ async fn starts_reports_health_and_metrics_and_shuts_down_gracefully() -> anyhow
 
 #[tokio::test]
 async fn health_is_503_while_nats_is_down() -> anyhow::Result<()> {
-    let harness = support::Harness::new(support::NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
+    let harness = crate::support::Harness::new(crate::support::NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
     let state = AppState {
         edge: Edge {
             gate: harness.gate.clone(),
@@ -47,7 +45,7 @@ async fn health_is_503_while_nats_is_down() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_openapi_document_describes_every_route() -> anyhow::Result<()> {
-    let harness = support::Harness::new(support::NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
+    let harness = crate::support::Harness::new(crate::support::NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
     let response = tower::ServiceExt::oneshot(
         harness.router(),
         http::Request::get("/openapi.json").body(axum::body::Body::empty())?,

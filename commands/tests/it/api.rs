@@ -487,7 +487,7 @@ async fn order_transitions_follow_the_lifecycle_and_illegal_ones_are_409() -> an
 async fn the_openapi_document_describes_every_route() -> anyhow::Result<()> {
     let doc: Value = serde_json::from_str(commands::api::OPENAPI)?;
     assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
-    let source = include_str!("../src/api/mod.rs");
+    let source = include_str!("../../src/api/mod.rs");
     for part in source.split(".route(\"").skip(1) {
         let path = part.split('"').next().unwrap_or_default();
         assert!(doc["paths"].get(path).is_some(), "{path} is served but not documented");

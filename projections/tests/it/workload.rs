@@ -2,10 +2,9 @@
 //! and projection daemon all running), every live view equals a replay from
 //! scratch, document by document.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::Setup;
 use chrono::{Duration as Span, Utc};
 use clap::Parser as _;
 use cp_nats::{Outgoing, Publisher};
@@ -17,7 +16,6 @@ use projections::{
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 use serde_json::{Value, json};
-use support::Setup;
 use testkit::eventually;
 use testkit::reqwest;
 use uuid::Uuid;

@@ -1,8 +1,6 @@
 //! A replay swaps its tables in while the query API serves reads: not one
 //! read fails, and the answers never go backwards.
 
-mod support;
-
 use std::{
     sync::{
         Arc,
@@ -11,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use crate::support::{Setup, at};
 use clap::Parser as _;
 use events::{OrderEvent, OrderItem, OrderKind};
 use platform::http::{JwtKeys, Role};
@@ -18,7 +17,6 @@ use projections::{
     Projection,
     replay::{ReplayOptions, Silent},
 };
-use support::{Setup, at};
 use testkit::reqwest;
 use uuid::Uuid;
 

@@ -2,12 +2,10 @@
 //! nothing, events arriving out of order are applied in aggregate order, and
 //! a poison event is dead-lettered while everything after it still applies.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Setup, at};
 use events::{CancellationReason, OrderEvent, OrderItem, OrderKind};
-use support::{Setup, at};
 use testkit::eventually;
 use uuid::Uuid;
 

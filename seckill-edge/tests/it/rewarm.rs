@@ -2,10 +2,9 @@
 //! gate is rebuilt from the event store's decisions, never from a bare stock
 //! number, and each order's unit comes back at most once.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Harness, NO_RATE_LIMIT, attempt, record_voucher_events, snapshot};
 use chrono::{Duration as Span, Utc};
 use cp_nats::{ConsumerRunner, ConsumerSpec, Outgoing, Publisher, RunnerConfig};
 use events::{
@@ -17,7 +16,6 @@ use seckill_edge::{
     gate::{Admission, Settlement},
     warmup::SaleEvents,
 };
-use support::{Harness, NO_RATE_LIMIT, attempt, record_voucher_events, snapshot};
 use testkit::eventually;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

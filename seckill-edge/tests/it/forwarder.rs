@@ -2,13 +2,11 @@
 //! the XACK, forwarders killed at random moments, and several instances on
 //! one stream. Every admitted request must be on JetStream exactly once.
 
-mod support;
-
 use std::{collections::HashSet, time::Duration};
 
+use crate::support::{Harness, NO_RATE_LIMIT, occurrences};
 use platform::telemetry::TraceHeaders;
 use seckill_edge::gate::Admission;
-use support::{Harness, NO_RATE_LIMIT, occurrences};
 use testkit::eventually;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -4,21 +4,19 @@
 //! Exactly `stock` orders are placed, each admitted request ends as exactly
 //! one order, and Redis losing its data mid-sale changes none of that.
 
-mod support;
-
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
 
+use crate::support::SECRET;
 use anyhow::Context as _;
 use chrono::{Duration as Span, Utc};
 use clap::Parser as _;
 use platform::http::{JwtKeys, Role};
 use seckill_edge::keys::VoucherKeys;
 use serde_json::json;
-use support::SECRET;
 use testkit::eventually;
 use testkit::{RedisServer, Server, TestDb, reqwest};
 use uuid::Uuid;

@@ -1,0 +1,7 @@
+//! The integration tests of `commands`, one binary (modules instead of one
+//! binary per file: each links the whole workspace once, not 4 times).
+
+mod api;
+mod claims;
+mod lifecycle;
+mod service;

@@ -1,0 +1,9 @@
+//! The integration tests of `seckill-edge`, one binary (modules instead of one
+//! binary per file: each links the whole workspace once, not 5 times).
+
+mod admission;
+mod forwarder;
+mod rewarm;
+mod sale;
+mod service;
+mod support;
