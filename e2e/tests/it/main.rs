@@ -9,6 +9,8 @@
 //! that the ids in paths exist.
 
 mod contract;
+mod hostile_input;
+mod sale;
 
 use std::time::{Duration, Instant};
 

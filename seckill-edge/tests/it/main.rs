@@ -4,6 +4,5 @@
 mod admission;
 mod forwarder;
 mod rewarm;
-mod sale;
 mod service;
 mod support;

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use crate::support::SECRET;
 use anyhow::Context as _;
 use chrono::{Duration as Span, Utc};
 use clap::Parser as _;
@@ -21,6 +20,8 @@ use testkit::eventually;
 use testkit::{RedisServer, Server, TestDb, reqwest};
 use uuid::Uuid;
 
+/// Shared by the services this module starts and the tokens it signs.
+const SECRET: &str = "sale-jwt-secret";
 const WEBHOOK_SECRET: &str = "whsec_sale_test";
 
 struct System {
