@@ -150,6 +150,11 @@ impl<A: Aggregate> Commands<A> {
         &self.services
     }
 
+    /// The aggregate cache of this type, if it has one (hot types).
+    pub fn cache(&self) -> Option<&Arc<AggregateCache<A>>> {
+        self.cache.as_ref()
+    }
+
     /// The aggregate as stored now, for a decision taken outside it (the goods
     /// saga prices its lines from products). Through the cache when there is
     /// one: a hot aggregate with thousands of events is caught up from its

@@ -9,6 +9,8 @@
 //! - the outbox relay (`event_store::relay`) and the leader election
 //!   (`event_store::leader`) run in this process.
 //! - [`claims`]: the seckill claim writer, JetStream → voucher + orders.
+//! - [`lifecycle`]: the order lifecycle reactor; [`saga`]: the goods
+//!   reservation saga's pure decision, which the reactor executes.
 //! - [`Config`], [`AppState`], [`router`] (for in-process tests) and [`run`].
 
 pub mod api;
@@ -18,6 +20,7 @@ pub mod domain;
 pub mod hot;
 pub mod lifecycle;
 pub mod payments;
+pub mod saga;
 pub mod timeouts;
 
 use std::{future::Future, sync::Arc, time::Duration};

@@ -3,7 +3,7 @@
 //!
 //! | event | what follows |
 //! |---|---|
-//! | `OrderSubmitted` | the goods reservation saga: reserve each product's stock, then the coupon (minimum spend checked against the priced subtotal), then place the order priced — or reject it with the reason, releasing every reservation already made |
+//! | `OrderSubmitted` | the goods reservation saga ([`crate::saga`]): price the lines, then reserve the coupon (minimum spend checked against the priced subtotal) and every line's stock and place the order priced, in one append — or reject it with the reason, holding nothing |
 //! | `OrderPlaced` | the payment deadline is scheduled ([`crate::timeouts`]) |
 //! | `OrderPaid` | deadline dropped; a seckill order issues its coupon, a goods order redeems the coupon it holds |
 //! | `OrderCancelled`, `OrderTimedOut` | deadline dropped; everything the order holds is released: the seckill unit (then the edge re-credits Redis), each product's stock, the coupon |
@@ -26,20 +26,21 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use cp_nats::{BatchHandler, HandlerError};
-use events::{CouponSource, EventEnvelope, EventMetadata, OrderEvent, OrderItem, OrderKind, OrderRejectionReason};
+use events::{CouponSource, EventEnvelope, EventMetadata, OrderEvent, OrderKind, OrderRejectionReason};
 use futures::StreamExt as _;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    bus::{CommandError, Commands},
+    bus::{CommandError, Commands, RetryPolicy, UnitError, unit_of_work},
     domain::{
         Coupon, CouponCommand, Order, OrderCommand, Product, ProductCommand, SharedClock, Voucher, VoucherCommand,
-        coupon::CouponError, order::OrderError, product::ProductError, voucher::VoucherError,
+        coupon::CouponError, product::ProductError, voucher::VoucherError,
     },
+    saga::{self, GoodsPlan},
     timeouts,
 };
-use event_store::EventStore;
+use event_store::{Append, Decided, EventStore, Loaded, decide};
 
 /// Durable consumer of the reactor on the Order events stream.
 pub const LIFECYCLE_CONSUMER: &str = "order-lifecycle";
@@ -127,28 +128,13 @@ where
     }
 }
 
-/// The merchant of an order's lines: one, or [`OrderRejectionReason::MixedMerchants`].
-fn single_merchant<'a>(mut merchants: impl Iterator<Item = &'a str>) -> Result<Option<&'a str>, OrderRejectionReason> {
-    let Some(first) = merchants.next() else {
-        return Ok(None);
-    };
-    if merchants.all(|other| other == first) {
-        Ok(Some(first))
-    } else {
-        Err(OrderRejectionReason::MixedMerchants)
-    }
-}
-
-/// The subtotal of priced lines, or [`OrderRejectionReason::TotalTooLarge`].
-fn subtotal_of(items: &[OrderItem]) -> Result<i64, OrderRejectionReason> {
-    items
-        .iter()
-        .try_fold(0_i64, |sum, item| {
-            item.unit_price_cents
-                .checked_mul(i64::from(item.quantity))
-                .and_then(|line| sum.checked_add(line))
-        })
-        .ok_or(OrderRejectionReason::TotalTooLarge)
+/// How one run of the goods saga ended.
+enum GoodsOutcome {
+    /// The order was decided already.
+    Done,
+    Rejected,
+    /// Placed; the products' new states, for the cache.
+    Placed(Vec<Decided<Product>>),
 }
 
 impl Lifecycle {
@@ -243,153 +229,183 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// The reservation saga of a submitted goods order. Every step is
-    /// idempotent per order, so a redelivery after a crash between steps
-    /// picks up where it stopped.
+    /// The reservation saga of a submitted goods order: [`saga::plan`]
+    /// decides from the order and its products; the coupon's and every
+    /// line's reservation and the placement are then decided by their
+    /// aggregates and appended together, in one unit of work, so an order is
+    /// placed holding everything or nothing. A refusal (a coupon that is not
+    /// available, a line out of stock) rejects the order with nothing held.
+    /// A redelivery finds the order decided and does nothing.
     async fn reserve_goods(&self, order_id: &str, metadata: &EventMetadata) -> Result<(), LifecycleError> {
-        let order = self.store.load::<Order>(order_id).await?.aggregate;
-        let (Some(id), Some(user_id)) = (order.order_id(), order.user_id().map(str::to_owned)) else {
-            return Ok(());
-        };
-        if order.status() != Some(events::OrderStatus::Submitted) {
-            // decided already (placed, rejected, or cancelled meanwhile)
+        let submitted = self.store.load::<Order>(order_id).await?.aggregate;
+        if submitted.status() != Some(events::OrderStatus::Submitted) {
             return Ok(());
         }
-        let requested = order.requested_items().to_vec();
-        // 1. price the lines (prices as bought are copied into the order)
-        let mut items = Vec::with_capacity(requested.len());
-        let mut merchants = Vec::with_capacity(requested.len());
-        let mut rejection = None;
-        for line in &requested {
-            let product = self.products.read(&line.product_id.to_string()).await?.aggregate;
-            match (product.name(), product.price_cents(), product.merchant_id()) {
-                (Some(name), Some(price), Some(merchant)) => {
-                    merchants.push(merchant.to_owned());
-                    items.push(OrderItem {
-                        product_id: Some(line.product_id),
-                        voucher_id: None,
-                        name: name.to_owned(),
-                        quantity: line.quantity,
-                        unit_price_cents: price,
-                    });
-                }
-                _ => {
-                    rejection = Some(OrderRejectionReason::ProductNotFound {
-                        product_id: line.product_id,
-                    });
-                    break;
-                }
+        let mut product_ids: Vec<Uuid> = submitted.requested_items().iter().map(|line| line.product_id).collect();
+        product_ids.sort_unstable();
+        product_ids.dedup();
+        // Hot products: queue behind this process's other writers of them,
+        // always in the same order, instead of colliding on the lock.
+        let mut writers = Vec::with_capacity(product_ids.len());
+        if let Some(cache) = self.products.cache() {
+            for product_id in &product_ids {
+                writers.push(cache.writer(&product_id.to_string()).await);
             }
         }
-        // One merchant per order, and a total that can be represented: both
-        // decided here, before anything is reserved.
-        let merchant_id = match single_merchant(merchants.iter().map(String::as_str)) {
-            Ok(merchant) => merchant.unwrap_or_default().to_owned(),
-            Err(reason) => {
-                rejection.get_or_insert(reason);
-                String::new()
+        let outcome = unit_of_work(&self.store, RetryPolicy::default(), "Order", || {
+            self.decide_goods(order_id, &product_ids, metadata)
+        })
+        .await
+        .map_err(|error| match error {
+            UnitError::Decide(error) => error,
+            UnitError::Conflict { .. } => LifecycleError::Contended { aggregate: "Order" },
+            UnitError::Store(error) => LifecycleError::Store(error),
+        })?;
+        drop(writers);
+        if let Some(gate) = &self.hot_products {
+            gate.release(&product_ids).await;
+        }
+        match outcome {
+            GoodsOutcome::Done | GoodsOutcome::Rejected => Ok(()),
+            GoodsOutcome::Placed(products) => {
+                // keep the hot products' cached state current
+                if let Some(cache) = self.products.cache() {
+                    for decided in products {
+                        cache.put(&decided.aggregate_id.clone(), decided.into_loaded());
+                    }
+                }
+                Ok(())
             }
+        }
+    }
+
+    /// One attempt of the saga: load, plan, decide every reservation and the
+    /// placement (or the rejection); the appends of one transaction.
+    async fn decide_goods(
+        &self,
+        order_id: &str,
+        product_ids: &[Uuid],
+        metadata: &EventMetadata,
+    ) -> Result<(Vec<Append>, GoodsOutcome), LifecycleError> {
+        let order = self.store.load::<Order>(order_id).await?;
+        let mut products = HashMap::with_capacity(product_ids.len());
+        let mut loaded = HashMap::with_capacity(product_ids.len());
+        for product_id in product_ids {
+            let product = self.products.read(&product_id.to_string()).await?;
+            products.insert(*product_id, product.aggregate.clone());
+            loaded.insert(*product_id, product);
+        }
+        let now = self.clock.now();
+        let priced = match saga::plan(&order.aggregate, &products) {
+            GoodsPlan::Done => return Ok((Vec::new(), GoodsOutcome::Done)),
+            GoodsPlan::Reject(reason) => return self.reject_goods(order, reason, now, metadata).await,
+            GoodsPlan::Reserve(priced) => priced,
         };
-        let subtotal = match subtotal_of(&items) {
-            Ok(subtotal) => subtotal,
-            Err(reason) => {
-                rejection.get_or_insert(reason);
-                0
-            }
+        let Some(id) = order.aggregate.order_id() else {
+            return Ok((Vec::new(), GoodsOutcome::Done));
         };
-        // 2. the coupon, its minimum spend checked against the priced subtotal
+        let user_id = order.aggregate.user_id().unwrap_or_default().to_owned();
+        let mut appends = Vec::with_capacity(product_ids.len() + 2);
+        // the coupon, its minimum spend checked against the priced subtotal
         let mut discount_cents = 0;
-        if let (None, Some(coupon_id)) = (rejection, order.coupon_id()) {
-            let at = self.clock.now();
-            let reserve = || CouponCommand::Reserve {
+        if let Some(coupon_id) = order.aggregate.coupon_id() {
+            let key = coupon_id.to_string();
+            let coupon = self.store.load::<Coupon>(&key).await?;
+            let reserve = CouponCommand::Reserve {
                 order_id: id,
                 user_id: user_id.clone(),
-                subtotal_cents: subtotal,
-                at,
+                subtotal_cents: priced.subtotal_cents,
+                at: now,
             };
-            match self.coupons.execute(&coupon_id.to_string(), reserve, metadata).await {
-                Ok(_) => {
-                    let coupon = self.store.load::<Coupon>(&coupon_id.to_string()).await?.aggregate;
-                    discount_cents = coupon.value_cents().unwrap_or(0).min(subtotal);
+            match decide(&key, coupon, reserve, &()).await {
+                Ok(reserved) => {
+                    discount_cents = reserved.aggregate.value_cents().unwrap_or(0).min(priced.subtotal_cents);
+                    appends.push(reserved.to_append(metadata)?);
                 }
-                Err(CommandError::Domain(CouponError::MinSpendNotMet { .. })) => {
-                    rejection = Some(OrderRejectionReason::CouponMinSpendNotMet);
+                Err((CouponError::MinSpendNotMet { .. }, _)) => {
+                    return self
+                        .reject_goods(order, OrderRejectionReason::CouponMinSpendNotMet, now, metadata)
+                        .await;
                 }
-                Err(CommandError::Domain(_)) => rejection = Some(OrderRejectionReason::CouponUnavailable),
-                Err(error) => return Err(command_error::<Coupon>(error)),
-            }
-        }
-        // 3. each product's stock, the sequence as optimistic lock
-        if rejection.is_none() {
-            for line in &requested {
-                let reserve = || ProductCommand::Reserve {
-                    order_id: id,
-                    quantity: line.quantity,
-                };
-                match self
-                    .products
-                    .execute(&line.product_id.to_string(), reserve, metadata)
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(CommandError::Domain(ProductError::NotFound)) => {
-                        rejection = Some(OrderRejectionReason::ProductNotFound {
-                            product_id: line.product_id,
-                        });
-                        break;
-                    }
-                    Err(CommandError::Domain(
-                        ProductError::OutOfStock { .. } | ProductError::InvalidQuantity { .. },
-                    )) => {
-                        rejection = Some(OrderRejectionReason::OutOfStock {
-                            product_id: line.product_id,
-                        });
-                        break;
-                    }
-                    Err(error) => return Err(command_error::<Product>(error)),
+                Err(_) => {
+                    return self
+                        .reject_goods(order, OrderRejectionReason::CouponUnavailable, now, metadata)
+                        .await;
                 }
             }
         }
-        if let Some(gate) = &self.hot_products {
-            let products: Vec<Uuid> = requested.iter().map(|line| line.product_id).collect();
-            gate.release(&products).await;
+        // each line's stock, the product's sequence as optimistic lock
+        let mut reserved_products = Vec::with_capacity(product_ids.len());
+        for line in order.aggregate.requested_items() {
+            let Some(product) = loaded.remove(&line.product_id) else {
+                continue;
+            };
+            let reserve = ProductCommand::Reserve {
+                order_id: id,
+                quantity: line.quantity,
+            };
+            match decide(&line.product_id.to_string(), product, reserve, &()).await {
+                Ok(reserved) => {
+                    appends.push(reserved.to_append(metadata)?);
+                    reserved_products.push(reserved);
+                }
+                Err((ProductError::NotFound, _)) => {
+                    let reason = OrderRejectionReason::ProductNotFound {
+                        product_id: line.product_id,
+                    };
+                    return self.reject_goods(order, reason, now, metadata).await;
+                }
+                Err((ProductError::OutOfStock { .. } | ProductError::InvalidQuantity { .. }, _)) => {
+                    let reason = OrderRejectionReason::OutOfStock {
+                        product_id: line.product_id,
+                    };
+                    return self.reject_goods(order, reason, now, metadata).await;
+                }
+                Err((error, _)) => {
+                    return Err(LifecycleError::Refused {
+                        aggregate: "Product",
+                        source: Box::new(error),
+                    });
+                }
+            }
         }
-        let decision = match rejection {
-            None => {
-                let placed_at = self.clock.now();
-                let coupon_id = order.coupon_id();
-                let place = || OrderCommand::PlaceGoodsOrder {
-                    merchant_id: merchant_id.clone(),
-                    items: items.clone(),
-                    coupon_id,
-                    discount_cents,
-                    placed_at,
-                };
-                self.orders.execute(order_id, place, metadata).await
-            }
-            Some(reason) => {
-                // every partial reservation goes back before the order is refused
-                self.release_products(id, requested.iter().map(|line| line.product_id), metadata)
-                    .await?;
-                self.release_coupon(&order, metadata).await?;
-                let rejected_at = self.clock.now();
-                self.orders
-                    .execute(
-                        order_id,
-                        || OrderCommand::RejectGoodsOrder { reason, rejected_at },
-                        metadata,
-                    )
-                    .await
-            }
+        let place = OrderCommand::PlaceGoodsOrder {
+            merchant_id: priced.merchant_id,
+            items: priced.items,
+            coupon_id: order.aggregate.coupon_id(),
+            discount_cents,
+            placed_at: now,
         };
-        match decision {
-            Ok(_) => Ok(()),
-            // cancelled by the customer meanwhile: give back what the saga took
-            Err(CommandError::Domain(OrderError::InvalidTransition { .. })) => {
-                self.release_holds(order_id, metadata).await
-            }
-            Err(error) => Err(command_error::<Order>(error)),
-        }
+        let placed = decide(order_id, order, place, &())
+            .await
+            .map_err(|(error, _)| LifecycleError::Refused {
+                aggregate: "Order",
+                source: Box::new(error),
+            })?;
+        appends.push(placed.to_append(metadata)?);
+        Ok((appends, GoodsOutcome::Placed(reserved_products)))
+    }
+
+    /// The order refused with `reason`, holding nothing: the only append.
+    async fn reject_goods(
+        &self,
+        order: Loaded<Order>,
+        reason: OrderRejectionReason,
+        now: DateTime<Utc>,
+        metadata: &EventMetadata,
+    ) -> Result<(Vec<Append>, GoodsOutcome), LifecycleError> {
+        let order_id = order.aggregate.order_id().map(|id| id.to_string()).unwrap_or_default();
+        let reject = OrderCommand::RejectGoodsOrder {
+            reason,
+            rejected_at: now,
+        };
+        let rejected = decide(&order_id, order, reject, &())
+            .await
+            .map_err(|(error, _)| LifecycleError::Refused {
+                aggregate: "Order",
+                source: Box::new(error),
+            })?;
+        Ok((vec![rejected.to_append(metadata)?], GoodsOutcome::Rejected))
     }
 
     async fn release_coupon(&self, order: &Order, metadata: &EventMetadata) -> Result<(), LifecycleError> {

@@ -33,19 +33,27 @@ fn command(sub: &str, role: Role, path: &str, body: Value) -> Result<(u16, Value
         .map_err(|e| TestCaseError::fail(e.to_string()))
 }
 
-/// The query API's document once it reached version 1.
+/// The query API's document once the projection wrote it (an id the view
+/// does not have yet is a 404 at once, so this polls).
 fn projected(path: &str) -> Result<(u16, Value), TestCaseError> {
     let (runtime, stack) = shared();
     runtime
         .block_on(async {
-            let response = stack
-                .http
-                .get(stack.query.url(&format!("{path}?min_version=1&wait_ms=10000")))
-                .bearer_auth(stack.token("reader", Role::Customer)?)
-                .send()
-                .await?;
-            let status = response.status().as_u16();
-            anyhow::Ok((status, response.json().await.unwrap_or(Value::Null)))
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            loop {
+                let response = stack
+                    .http
+                    .get(stack.query.url(path))
+                    .bearer_auth(stack.token("reader", Role::Customer)?)
+                    .send()
+                    .await?;
+                let status = response.status().as_u16();
+                let body = response.json().await.unwrap_or(Value::Null);
+                if status != 404 || std::time::Instant::now() >= deadline {
+                    return anyhow::Ok((status, body));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
         })
         .map_err(|e| TestCaseError::fail(e.to_string()))
 }
