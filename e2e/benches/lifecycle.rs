@@ -119,7 +119,7 @@ async fn goods_bench() -> anyhow::Result<()> {
                     merchant_id: "shop-1".into(),
                     name: format!("Dish {i}"),
                     price_cents,
-                    stock: 100_000_000,
+                    stock: 1_000_000,
                 },
                 &meta,
             )
@@ -196,6 +196,10 @@ async fn goods_bench() -> anyhow::Result<()> {
                     .bearer_auth(&token)
                     .send()
                     .await?;
+                // not projected yet: an id the view lacks is a 404 at once (API.md)
+                if read.status() == 404 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 let doc: Value = read.json().await?;
                 match doc["status"].as_str() {
                     Some("pending_payment") => return Ok((sent.elapsed().as_secs_f64(), true)),
