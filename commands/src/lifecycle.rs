@@ -101,13 +101,16 @@ pub enum LifecycleError {
     Contended { aggregate: &'static str },
     #[error("voucher {voucher_id} of order {order_id} is unknown")]
     UnknownVoucher { voucher_id: Uuid, order_id: String },
+    /// The batch this order was decided in failed for a passing reason.
+    #[error("the order's batch failed")]
+    Batch(#[source] Arc<LifecycleError>),
 }
 
 impl LifecycleError {
     /// Whether the event can never succeed, so it is dead-lettered at once.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Database(_) | Self::Contended { .. } => false,
+            Self::Database(_) | Self::Contended { .. } | Self::Batch(_) => false,
             Self::Store(error) => error.is_permanent(),
             Self::Undecodable { .. } | Self::Refused { .. } | Self::UnknownVoucher { .. } => true,
         }
@@ -128,6 +131,25 @@ where
     }
 }
 
+/// What the reactor records in reaction to `envelope`: its correlation and
+/// trace, caused by it.
+fn reaction_metadata(envelope: &EventEnvelope) -> EventMetadata {
+    EventMetadata {
+        correlation_id: envelope.metadata.correlation_id,
+        traceparent: envelope.metadata.traceparent.clone(),
+        tracestate: envelope.metadata.tracestate.clone(),
+        ..EventMetadata::system("order-lifecycle")
+    }
+    .caused_by(envelope.event_id)
+}
+
+/// A product's decision within a batch, with each event's metadata (the
+/// order it reserves for).
+struct ProductDecision {
+    decided: Decided<Product>,
+    metadata: Vec<EventMetadata>,
+}
+
 /// How one run of the goods saga ended.
 enum GoodsOutcome {
     /// The order was decided already.
@@ -141,13 +163,7 @@ impl Lifecycle {
     /// Reacts to one Order event.
     pub async fn react(&self, envelope: &EventEnvelope) -> Result<(), LifecycleError> {
         let order_id = envelope.aggregate_id.as_str();
-        let metadata = EventMetadata {
-            correlation_id: envelope.metadata.correlation_id,
-            traceparent: envelope.metadata.traceparent.clone(),
-            tracestate: envelope.metadata.tracestate.clone(),
-            ..EventMetadata::system("order-lifecycle")
-        }
-        .caused_by(envelope.event_id);
+        let metadata = reaction_metadata(envelope);
         let event = envelope
             .decode::<OrderEvent>()
             .map_err(|source| LifecycleError::Undecodable {
@@ -408,6 +424,233 @@ impl Lifecycle {
         Ok((vec![rejected.to_append(metadata)?], GoodsOutcome::Rejected))
     }
 
+    /// The saga of several submitted orders at once: loaded together,
+    /// decided one after another on the products' evolving state (each
+    /// order's lines checked against what the earlier ones took), and
+    /// appended in ONE unit of work: one append per product, coupon and order
+    /// for the whole batch. Invariants as for one order: a product never
+    /// below zero, a coupon in at most one order, each order placed holding
+    /// everything or rejected holding nothing. Should the batch fail for
+    /// good (an aggregate refusing what the plan allowed), each order runs
+    /// on its own, so one order cannot hold up the others.
+    pub async fn reserve_goods_batch(&self, submitted: &[EventEnvelope]) -> Vec<Result<(), LifecycleError>> {
+        let orders: Vec<(String, EventMetadata)> = submitted
+            .iter()
+            .map(|envelope| (envelope.aggregate_id.clone(), reaction_metadata(envelope)))
+            .collect();
+        match self.batch_unit(&orders).await {
+            Ok(()) => orders.iter().map(|_| Ok(())).collect(),
+            Err(error) if error.is_permanent() => {
+                tracing::warn!(%error, orders = orders.len(), "goods batch refused; deciding its orders one by one");
+                let mut outcomes = Vec::with_capacity(orders.len());
+                for (order_id, metadata) in &orders {
+                    outcomes.push(self.reserve_goods(order_id, metadata).await);
+                }
+                outcomes
+            }
+            Err(error) => {
+                tracing::warn!(%error, "goods batch failed; every order is retried");
+                let error = Arc::new(error);
+                orders
+                    .iter()
+                    .map(|_| Err(LifecycleError::Batch(error.clone())))
+                    .collect()
+            }
+        }
+    }
+
+    async fn batch_unit(&self, orders: &[(String, EventMetadata)]) -> Result<(), LifecycleError> {
+        let ids: Vec<String> = orders.iter().map(|(id, _)| id.clone()).collect();
+        let first_look = self.store.load_many::<Order>(&ids).await?;
+        let mut product_ids: Vec<Uuid> = first_look
+            .values()
+            .flat_map(|order| order.aggregate.requested_items().iter().map(|line| line.product_id))
+            .collect();
+        product_ids.sort_unstable();
+        product_ids.dedup();
+        let mut writers = Vec::with_capacity(product_ids.len());
+        if let Some(cache) = self.products.cache() {
+            for product_id in &product_ids {
+                writers.push(cache.writer(&product_id.to_string()).await);
+            }
+        }
+        let products = unit_of_work(&self.store, RetryPolicy::default(), "Order", || {
+            self.decide_goods_batch(orders, &product_ids)
+        })
+        .await
+        .map_err(|error| match error {
+            UnitError::Decide(error) => error,
+            UnitError::Conflict { .. } => LifecycleError::Contended { aggregate: "Order" },
+            UnitError::Store(error) => LifecycleError::Store(error),
+        })?;
+        drop(writers);
+        if let Some(cache) = self.products.cache() {
+            for decided in products {
+                cache.put(&decided.aggregate_id.clone(), decided.into_loaded());
+            }
+        }
+        if let Some(gate) = &self.hot_products {
+            for order in first_look.values() {
+                let lines: Vec<Uuid> = order.aggregate.requested_items().iter().map(|l| l.product_id).collect();
+                gate.release(&lines).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt at a batch: the appends of one transaction, and the
+    /// products' new states for the cache.
+    async fn decide_goods_batch(
+        &self,
+        orders: &[(String, EventMetadata)],
+        product_ids: &[Uuid],
+    ) -> Result<(Vec<Append>, Vec<Decided<Product>>), LifecycleError> {
+        let ids: Vec<String> = orders.iter().map(|(id, _)| id.clone()).collect();
+        let mut loaded_orders = self.store.load_many::<Order>(&ids).await?;
+        let mut products: HashMap<Uuid, ProductDecision> = HashMap::with_capacity(product_ids.len());
+        for product_id in product_ids {
+            let key = product_id.to_string();
+            let loaded = self.products.read(&key).await?;
+            let decided = Decided::unchanged(&key, loaded);
+            products.insert(
+                *product_id,
+                ProductDecision {
+                    decided,
+                    metadata: Vec::new(),
+                },
+            );
+        }
+        let coupon_ids: Vec<String> = loaded_orders
+            .values()
+            .filter_map(|order| order.aggregate.coupon_id().map(|id| id.to_string()))
+            .collect();
+        let mut coupons: HashMap<String, Decided<Coupon>> = self
+            .store
+            .load_many::<Coupon>(&coupon_ids)
+            .await?
+            .into_iter()
+            .map(|(id, loaded)| (id.clone(), Decided::unchanged(&id, loaded)))
+            .collect();
+        let now = self.clock.now();
+        let mut appends = Vec::with_capacity(orders.len() * 2 + products.len());
+        for (order_id, metadata) in orders {
+            let Some(order) = loaded_orders.remove(order_id) else {
+                continue;
+            };
+            let lookup = |id: &Uuid| products.get(id).map(|p| &p.decided.aggregate);
+            let priced = match saga::plan_with(&order.aggregate, lookup) {
+                GoodsPlan::Done => continue,
+                GoodsPlan::Reject(reason) => {
+                    appends.extend(self.reject_goods(order, reason, now, metadata).await?.0);
+                    continue;
+                }
+                GoodsPlan::Reserve(priced) => priced,
+            };
+            if let Some(product_id) = saga::short_line(&order.aggregate, lookup) {
+                let reason = OrderRejectionReason::OutOfStock { product_id };
+                appends.extend(self.reject_goods(order, reason, now, metadata).await?.0);
+                continue;
+            }
+            let Some(id) = order.aggregate.order_id() else { continue };
+            // the coupon, its minimum spend checked against the priced subtotal
+            let mut discount_cents = 0;
+            if let Some(coupon_id) = order.aggregate.coupon_id() {
+                let key = coupon_id.to_string();
+                let coupon = coupons
+                    .remove(&key)
+                    .unwrap_or_else(|| Decided::unchanged(&key, Loaded::default()));
+                let reserve = CouponCommand::Reserve {
+                    order_id: id,
+                    user_id: order.aggregate.user_id().unwrap_or_default().to_owned(),
+                    subtotal_cents: priced.subtotal_cents,
+                    at: now,
+                };
+                let refused = match coupon.then(reserve, &()).await {
+                    Ok(reserved) => {
+                        discount_cents = reserved.aggregate.value_cents().unwrap_or(0).min(priced.subtotal_cents);
+                        // this order's coupon events carry its metadata
+                        if !reserved.events.is_empty() {
+                            appends.push(reserved.to_append(metadata)?);
+                        }
+                        let settled = Decided::unchanged(&key, reserved.into_loaded());
+                        coupons.insert(key, settled);
+                        None
+                    }
+                    Err((error, unchanged)) => {
+                        coupons.insert(key, unchanged);
+                        Some(match error {
+                            CouponError::MinSpendNotMet { .. } => OrderRejectionReason::CouponMinSpendNotMet,
+                            _ => OrderRejectionReason::CouponUnavailable,
+                        })
+                    }
+                };
+                if let Some(reason) = refused {
+                    appends.extend(self.reject_goods(order, reason, now, metadata).await?.0);
+                    continue;
+                }
+            }
+            // every line fits (checked above): reserve each on the batch's state
+            for line in order.aggregate.requested_items() {
+                let Some(product) = products.remove(&line.product_id) else {
+                    continue;
+                };
+                let ProductDecision {
+                    decided,
+                    metadata: mut metas,
+                } = product;
+                let before = decided.events.len();
+                let reserve = ProductCommand::Reserve {
+                    order_id: id,
+                    quantity: line.quantity,
+                };
+                let decided = decided
+                    .then(reserve, &())
+                    .await
+                    .map_err(|(error, _)| LifecycleError::Refused {
+                        aggregate: "Product",
+                        source: Box::new(error),
+                    })?;
+                metas.extend((before..decided.events.len()).map(|_| metadata.clone()));
+                products.insert(
+                    line.product_id,
+                    ProductDecision {
+                        decided,
+                        metadata: metas,
+                    },
+                );
+            }
+            let place = OrderCommand::PlaceGoodsOrder {
+                merchant_id: priced.merchant_id,
+                items: priced.items,
+                coupon_id: order.aggregate.coupon_id(),
+                discount_cents,
+                placed_at: now,
+            };
+            let placed = decide(order_id, order, place, &())
+                .await
+                .map_err(|(error, _)| LifecycleError::Refused {
+                    aggregate: "Order",
+                    source: Box::new(error),
+                })?;
+            appends.push(placed.to_append(metadata)?);
+        }
+        // one append per product for the whole batch, each event with the
+        // metadata of the order it reserves for
+        let mut decided_products = Vec::with_capacity(products.len());
+        for (_, product) in products {
+            if product.decided.events.is_empty() {
+                continue;
+            }
+            let mut append = product.decided.to_append(&EventMetadata::system("order-lifecycle"))?;
+            for (pending, metadata) in append.events.iter_mut().zip(&product.metadata) {
+                pending.metadata = event_store::metadata_json(metadata)?;
+            }
+            appends.push(append);
+            decided_products.push(product.decided);
+        }
+        Ok((appends, decided_products))
+    }
+
     async fn release_coupon(&self, order: &Order, metadata: &EventMetadata) -> Result<(), LifecycleError> {
         let Some(id) = order.order_id() else { return Ok(()) };
         if let Some(coupon_id) = order.coupon_id() {
@@ -500,6 +743,22 @@ impl BatchHandler for Lifecycle {
                 }
                 Ok(_) => outcomes[index] = Some(Ok(())),
                 Err(error) => outcomes[index] = Some(Err(cp_nats::permanent(error))),
+            }
+        }
+        // Orders whose only event here is their submission are decided
+        // together (one append for the batch); the rest one order at a time.
+        let (lone, by_order): (Vec<_>, Vec<_>) = by_order.into_iter().partition(
+            |(_, events)| matches!(events.as_slice(), [(_, envelope)] if envelope.event_type == "OrderSubmitted"),
+        );
+        if !lone.is_empty() {
+            let submitted: Vec<EventEnvelope> = lone.iter().map(|(_, events)| events[0].1.clone()).collect();
+            let results = self.reserve_goods_batch(&submitted).await;
+            for ((_, events), result) in lone.iter().zip(results) {
+                outcomes[events[0].0] = Some(result.map_err(|error| {
+                    let permanent = error.is_permanent();
+                    let error = Box::new(error) as HandlerError;
+                    if permanent { cp_nats::permanent(error) } else { error }
+                }));
             }
         }
         let results: Vec<Vec<(usize, Result<(), HandlerError>)>> = futures::stream::iter(by_order)

@@ -38,13 +38,18 @@ pub enum GoodsPlan {
 /// (`products` holds every requested product id; a product with no events is
 /// unknown).
 pub fn plan(order: &Order, products: &HashMap<Uuid, Product>) -> GoodsPlan {
+    plan_with(order, |product_id| products.get(product_id))
+}
+
+/// [`plan`] with the products looked up by `product`.
+pub fn plan_with<'a>(order: &Order, product: impl Fn(&Uuid) -> Option<&'a Product>) -> GoodsPlan {
     if order.status() != Some(OrderStatus::Submitted) {
         return GoodsPlan::Done;
     }
     let mut items = Vec::with_capacity(order.requested_items().len());
     let mut merchant_id: Option<&str> = None;
     for line in order.requested_items() {
-        let details = products.get(&line.product_id).and_then(Product::details);
+        let details = product(&line.product_id).and_then(Product::details);
         let Some(details) = details else {
             return GoodsPlan::Reject(OrderRejectionReason::ProductNotFound {
                 product_id: line.product_id,
@@ -75,6 +80,20 @@ pub fn plan(order: &Order, products: &HashMap<Uuid, Product>) -> GoodsPlan {
         merchant_id: merchant_id.unwrap_or_default().to_owned(),
         items,
         subtotal_cents,
+    })
+}
+
+/// The first line whose stock cannot cover it, given what the batch holds
+/// already: `product` is the product's state with this batch's earlier
+/// reservations applied. A line this order reserved before (a redelivery)
+/// needs nothing more.
+pub fn short_line<'a>(order: &Order, product: impl Fn(&Uuid) -> Option<&'a Product>) -> Option<Uuid> {
+    let order_id = order.order_id()?;
+    order.requested_items().iter().find_map(|line| {
+        let state = product(&line.product_id)?;
+        let held = state.reserved_by(order_id);
+        let short = held != line.quantity && (held > 0 || state.available() < line.quantity);
+        short.then_some(line.product_id)
     })
 }
 
@@ -149,6 +168,25 @@ mod tests {
             plan(&submitted(&[(14, 3)]), &gold),
             GoodsPlan::Reject(OrderRejectionReason::TotalTooLarge)
         );
+    }
+
+    #[test]
+    fn a_line_the_stock_cannot_cover_is_found_before_anything_is_reserved() {
+        let products = HashMap::from([product(10, "shop-1", 300), product(11, "shop-1", 450)]);
+        let lookup = |id: &Uuid| products.get(id);
+        assert_eq!(short_line(&submitted(&[(10, 10), (11, 1)]), lookup), None);
+        assert_eq!(short_line(&submitted(&[(10, 1), (11, 11)]), lookup), Some(id(11)));
+        // what this order holds already counts as covered
+        let mut held = products.clone();
+        if let Some(apple) = held.get_mut(&id(10)) {
+            apple.apply(ProductEvent::ProductStockReserved {
+                order_id: id(1),
+                quantity: 10,
+            });
+        }
+        assert_eq!(short_line(&submitted(&[(10, 10)]), |id| held.get(id)), None);
+        // but nobody else's units
+        assert_eq!(short_line(&submitted(&[(10, 11)]), |id| held.get(id)), Some(id(10)));
     }
 
     #[test]

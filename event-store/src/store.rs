@@ -145,6 +145,17 @@ impl<A: Aggregate> Decided<A> {
         })
     }
 
+    /// No events yet on `loaded`: the start of a decision that
+    /// [`Decided::then`] extends.
+    pub fn unchanged(aggregate_id: &str, loaded: Loaded<A>) -> Self {
+        Self {
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate: loaded.aggregate,
+            base_version: loaded.version,
+            events: Vec::new(),
+        }
+    }
+
     /// Decides `command` on top of these events, as one decision: the
     /// events of both are appended together, so nothing decided on the
     /// first can be stored without it. On `Err` the decision is handed back
@@ -282,6 +293,42 @@ impl EventStore {
 
     pub async fn load<A: Aggregate>(&self, aggregate_id: &str) -> Result<Loaded<A>, StoreError> {
         self.catch_up(aggregate_id, Loaded::default()).await
+    }
+
+    /// Loads several aggregates of one type in one query; an id with no
+    /// events comes back as `Loaded::default()`.
+    pub async fn load_many<A: Aggregate>(
+        &self,
+        aggregate_ids: &[String],
+    ) -> Result<HashMap<String, Loaded<A>>, StoreError> {
+        let mut loaded: HashMap<String, Loaded<A>> =
+            aggregate_ids.iter().map(|id| (id.clone(), Loaded::default())).collect();
+        let mut rows = sqlx::query(
+            "SELECT aggregate_id, sequence, event_type, event_version, payload FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
+              ORDER BY aggregate_id, sequence",
+        )
+        .bind(A::TYPE)
+        .bind(aggregate_ids)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let aggregate_id: String = row.try_get("aggregate_id")?;
+            let sequence: i64 = row.try_get("sequence")?;
+            let event_type: String = row.try_get("event_type")?;
+            let event_version: String = row.try_get("event_version")?;
+            let payload: Value = row.try_get("payload")?;
+            let (_, payload) = events::upcast::upcast(&event_type, &event_version, payload);
+            let event: A::Event = serde_json::from_value(payload).map_err(|source| StoreError::Corrupt {
+                aggregate_type: A::TYPE,
+                aggregate_id: aggregate_id.clone(),
+                sequence,
+                source,
+            })?;
+            let entry = loaded.entry(aggregate_id).or_default();
+            entry.aggregate.apply(event);
+            entry.version = sequence.unsigned_abs();
+        }
+        Ok(loaded)
     }
 
     /// Names the first predecessor that is not stored (the error path only).

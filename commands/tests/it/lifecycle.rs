@@ -520,3 +520,142 @@ async fn reading_unknown_ids_leaves_the_cache_to_the_hot_aggregates() -> anyhow:
     assert!(cache.is_empty(), "{} unknown ids cached", cache.len());
     db.drop_database().await
 }
+
+/// Many orders racing on few products and coupons, decided in batches by two
+/// reactors at once (two processes): no product below zero, a coupon in at
+/// most one order, every order placed or rejected exactly once, and a
+/// rejected order holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_racing_on_few_products_and_coupons_keep_every_invariant() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let (apple, bread) = (Uuid::now_v7(), Uuid::now_v7());
+    for (product, stock) in [(apple, 5), (bread, 8)] {
+        state
+            .api
+            .products
+            .create(
+                &product.to_string(),
+                || ProductCommand::Create {
+                    product_id: product,
+                    merchant_id: "shop-1".into(),
+                    name: "Dish".into(),
+                    price_cents: 1_000,
+                    stock,
+                },
+                &meta(),
+            )
+            .await?;
+    }
+    // three coupons, each wanted by several orders of its owner
+    let mut coupons = Vec::new();
+    for user in ["ann", "bob", "cat"] {
+        let coupon = Uuid::now_v7();
+        state
+            .api
+            .coupons
+            .create(
+                &coupon.to_string(),
+                || CouponCommand::Issue {
+                    coupon_id: coupon,
+                    user_id: user.into(),
+                    merchant_id: Some("shop-1".into()),
+                    voucher_id: Uuid::now_v7(),
+                    value_cents: 100,
+                    min_spend_cents: 0,
+                    expires_at: Utc::now() + Span::days(1),
+                    source: CouponSource::RegularClaim,
+                },
+                &meta(),
+            )
+            .await?;
+        coupons.push((user, coupon));
+    }
+    let mut submitted = Vec::new();
+    for i in 0..24 {
+        let order = Uuid::now_v7();
+        let (user, coupon) = coupons[i % 3];
+        let items = if i % 2 == 0 {
+            vec![
+                RequestedItem {
+                    product_id: apple,
+                    quantity: 1,
+                },
+                RequestedItem {
+                    product_id: bread,
+                    quantity: 1,
+                },
+            ]
+        } else {
+            vec![RequestedItem {
+                product_id: bread,
+                quantity: 1,
+            }]
+        };
+        state
+            .api
+            .orders
+            .create(
+                &order.to_string(),
+                || OrderCommand::SubmitGoodsOrder {
+                    order_id: order,
+                    user_id: user.into(),
+                    merchant_id: Some("shop-1".into()),
+                    items: items.clone(),
+                    coupon_id: (i % 4 == 0).then_some(coupon),
+                    submitted_at: Utc::now(),
+                },
+                &meta(),
+            )
+            .await?;
+        submitted.push(envelope(&db, "Order", &order.to_string(), 1).await?);
+    }
+    // two reactors (as two processes: separate caches) take overlapping batches
+    let (first, second) = (lifecycle(&state, &db), lifecycle(&self::state(&db), &db));
+    let (a, b) = tokio::join!(
+        first.reserve_goods_batch(&submitted[..16]),
+        second.reserve_goods_batch(&submitted[8..]),
+    );
+    for outcome in a.into_iter().chain(b) {
+        outcome?;
+    }
+    // and a redelivery of everything changes nothing
+    for outcome in first.reserve_goods_batch(&submitted).await {
+        outcome?;
+    }
+
+    let (mut placed, mut placed_with_apple) = (0, 0);
+    for (i, envelope) in submitted.iter().enumerate() {
+        let events = history(&db, "Order", &envelope.aggregate_id).await?;
+        assert_eq!(events.len(), 2, "decided exactly once: {events:?}");
+        let was_placed = events[1] == "OrderPlaced";
+        placed += usize::from(was_placed);
+        placed_with_apple += usize::from(was_placed && i % 2 == 0);
+    }
+    let held = |product: Uuid| {
+        let state = &state;
+        async move {
+            anyhow::Ok(
+                state
+                    .api
+                    .store
+                    .load::<commands::domain::Product>(&product.to_string())
+                    .await?
+                    .aggregate,
+            )
+        }
+    };
+    let (apple_state, bread_state) = (held(apple).await?, held(bread).await?);
+    // every order wants bread: its stock (8) bounds the placed orders, and
+    // exactly the placed orders hold units; rejected ones hold nothing
+    assert_eq!(placed, 8);
+    assert_eq!(bread_state.held(), 8, "every bread sold, none twice");
+    assert_eq!(usize::try_from(apple_state.held())?, placed_with_apple);
+    assert!(apple_state.held() <= 5, "no product below zero");
+    for (_, coupon) in &coupons {
+        let events = history(&db, "Coupon", &coupon.to_string()).await?;
+        let reserved = events.iter().filter(|e| *e == "CouponReserved").count();
+        assert!(reserved <= 1, "a coupon in at most one order: {events:?}");
+    }
+    db.drop_database().await
+}
