@@ -143,6 +143,31 @@ fn reaction_metadata(envelope: &EventEnvelope) -> EventMetadata {
     .caused_by(envelope.event_id)
 }
 
+/// The placement of a priced order holding its reservations, as its append.
+async fn place_goods(
+    order: Loaded<Order>,
+    priced: saga::Priced,
+    discount_cents: i64,
+    now: DateTime<Utc>,
+    metadata: &EventMetadata,
+) -> Result<Append, LifecycleError> {
+    let order_id = order.aggregate.order_id().map(|id| id.to_string()).unwrap_or_default();
+    let place = OrderCommand::PlaceGoodsOrder {
+        merchant_id: priced.merchant_id,
+        items: priced.items,
+        coupon_id: order.aggregate.coupon_id(),
+        discount_cents,
+        placed_at: now,
+    };
+    let placed = decide(&order_id, order, place, &())
+        .await
+        .map_err(|(error, _)| LifecycleError::Refused {
+            aggregate: "Order",
+            source: Box::new(error),
+        })?;
+    Ok(placed.to_append(metadata)?)
+}
+
 /// A product's decision within a batch, with each event's metadata (the
 /// order it reserves for).
 struct ProductDecision {
@@ -385,20 +410,7 @@ impl Lifecycle {
                 }
             }
         }
-        let place = OrderCommand::PlaceGoodsOrder {
-            merchant_id: priced.merchant_id,
-            items: priced.items,
-            coupon_id: order.aggregate.coupon_id(),
-            discount_cents,
-            placed_at: now,
-        };
-        let placed = decide(order_id, order, place, &())
-            .await
-            .map_err(|(error, _)| LifecycleError::Refused {
-                aggregate: "Order",
-                source: Box::new(error),
-            })?;
-        appends.push(placed.to_append(metadata)?);
+        appends.push(place_goods(order, priced, discount_cents, now, metadata).await?);
         Ok((appends, GoodsOutcome::Placed(reserved_products)))
     }
 
@@ -619,20 +631,7 @@ impl Lifecycle {
                     },
                 );
             }
-            let place = OrderCommand::PlaceGoodsOrder {
-                merchant_id: priced.merchant_id,
-                items: priced.items,
-                coupon_id: order.aggregate.coupon_id(),
-                discount_cents,
-                placed_at: now,
-            };
-            let placed = decide(order_id, order, place, &())
-                .await
-                .map_err(|(error, _)| LifecycleError::Refused {
-                    aggregate: "Order",
-                    source: Box::new(error),
-                })?;
-            appends.push(placed.to_append(metadata)?);
+            appends.push(place_goods(order, priced, discount_cents, now, metadata).await?);
         }
         // one append per product for the whole batch, each event with the
         // metadata of the order it reserves for

@@ -274,19 +274,9 @@ impl EventStore {
         .bind(i64::try_from(version).unwrap_or(i64::MAX))
         .fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
-            let sequence: i64 = row.try_get("sequence")?;
-            let event_type: String = row.try_get("event_type")?;
-            let event_version: String = row.try_get("event_version")?;
-            let payload: Value = row.try_get("payload")?;
-            let (_, payload) = events::upcast::upcast(&event_type, &event_version, payload);
-            let event: A::Event = serde_json::from_value(payload).map_err(|source| StoreError::Corrupt {
-                aggregate_type: A::TYPE,
-                aggregate_id: aggregate_id.to_owned(),
-                sequence,
-                source,
-            })?;
+            let (sequence, event) = decode_row::<A>(aggregate_id, &row)?;
             aggregate.apply(event);
-            version = sequence.unsigned_abs();
+            version = sequence;
         }
         Ok(Loaded { aggregate, version })
     }
@@ -313,20 +303,10 @@ impl EventStore {
         .fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             let aggregate_id: String = row.try_get("aggregate_id")?;
-            let sequence: i64 = row.try_get("sequence")?;
-            let event_type: String = row.try_get("event_type")?;
-            let event_version: String = row.try_get("event_version")?;
-            let payload: Value = row.try_get("payload")?;
-            let (_, payload) = events::upcast::upcast(&event_type, &event_version, payload);
-            let event: A::Event = serde_json::from_value(payload).map_err(|source| StoreError::Corrupt {
-                aggregate_type: A::TYPE,
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                source,
-            })?;
+            let (sequence, event) = decode_row::<A>(&aggregate_id, &row)?;
             let entry = loaded.entry(aggregate_id).or_default();
             entry.aggregate.apply(event);
-            entry.version = sequence.unsigned_abs();
+            entry.version = sequence;
         }
         Ok(loaded)
     }
@@ -430,6 +410,23 @@ impl EventStore {
             Err(error) => Err(error.into()),
         }
     }
+}
+
+/// One stored event of an aggregate (columns `sequence, event_type,
+/// event_version, payload`), upcast and decoded, with its sequence.
+fn decode_row<A: Aggregate>(aggregate_id: &str, row: &sqlx::postgres::PgRow) -> Result<(u64, A::Event), StoreError> {
+    let sequence: i64 = row.try_get("sequence")?;
+    let event_type: String = row.try_get("event_type")?;
+    let event_version: String = row.try_get("event_version")?;
+    let payload: Value = row.try_get("payload")?;
+    let (_, payload) = events::upcast::upcast(&event_type, &event_version, payload);
+    let event = serde_json::from_value(payload).map_err(|source| StoreError::Corrupt {
+        aggregate_type: A::TYPE,
+        aggregate_id: aggregate_id.to_owned(),
+        sequence,
+        source,
+    })?;
+    Ok((sequence.unsigned_abs(), event))
 }
 
 /// In-memory aggregates of one type for a hot path (vouchers).
