@@ -501,8 +501,13 @@ impl Lifecycle {
                 cache.put(&decided.aggregate_id.clone(), decided.into_loaded());
             }
         }
+        // each order that was awaiting its saga gives back the units it took
+        // at the gate (a redelivered, decided order gave them back already)
         if let Some(gate) = &self.hot_products {
-            for order in first_look.values() {
+            let waiting = first_look
+                .values()
+                .filter(|order| order.aggregate.status() == Some(events::OrderStatus::Submitted));
+            for order in waiting {
                 let lines: Vec<Uuid> = order.aggregate.requested_items().iter().map(|l| l.product_id).collect();
                 gate.release(&lines).await;
             }
