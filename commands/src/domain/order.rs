@@ -1169,6 +1169,21 @@ mod tests {
         OrderStatus::Rejected,
     ];
 
+    /// In every status but `allowed`, `command` is refused as an invalid
+    /// transition named `action`.
+    fn only_from(allowed: &[OrderStatus], action: &'static str, command: impl Fn() -> OrderCommand) {
+        for status in ALL_STATUSES {
+            if allowed.contains(&status) {
+                continue;
+            }
+            assert_eq!(
+                when_in(status, command()),
+                Err(OrderError::InvalidTransition { from: status, action }),
+                "{status:?}"
+            );
+        }
+    }
+
     fn when_in(status: OrderStatus, command: OrderCommand) -> Result<Vec<OrderEvent>, OrderError> {
         let mut order: Order = replay(history_to(status));
         assert_eq!(order.status(), Some(status));
@@ -1540,18 +1555,9 @@ mod tests {
                 from: OrderStatus::Rejected,
                 action: "reject",
             });
-        for status in ALL_STATUSES {
-            if matches!(status, OrderStatus::Submitted | OrderStatus::Rejected) {
-                continue;
-            }
-            assert_eq!(
-                when_in(status, reject_goods(OrderRejectionReason::CouponUnavailable)),
-                Err(OrderError::InvalidTransition {
-                    from: status,
-                    action: "reject"
-                })
-            );
-        }
+        only_from(&[OrderStatus::Submitted, OrderStatus::Rejected], "reject", || {
+            reject_goods(OrderRejectionReason::CouponUnavailable)
+        });
     }
 
     // ---- StartPayment ----
@@ -1904,24 +1910,12 @@ mod tests {
 
     #[test]
     fn start_preparing_only_from_paid() {
-        for status in ALL_STATUSES {
-            if status == OrderStatus::Paid {
-                continue;
+        only_from(&[OrderStatus::Paid], "start preparing", || {
+            OrderCommand::StartPreparing {
+                merchant: None,
+                at: at_secs(120),
             }
-            assert_eq!(
-                when_in(
-                    status,
-                    OrderCommand::StartPreparing {
-                        merchant: None,
-                        at: at_secs(120),
-                    }
-                ),
-                Err(OrderError::InvalidTransition {
-                    from: status,
-                    action: "start preparing"
-                })
-            );
-        }
+        });
         framework()
             .given_no_previous_events()
             .when(OrderCommand::StartPreparing {
@@ -1944,24 +1938,10 @@ mod tests {
 
     #[test]
     fn complete_only_from_preparing() {
-        for status in ALL_STATUSES {
-            if status == OrderStatus::Preparing {
-                continue;
-            }
-            assert_eq!(
-                when_in(
-                    status,
-                    OrderCommand::Complete {
-                        merchant: None,
-                        at: at_secs(180),
-                    }
-                ),
-                Err(OrderError::InvalidTransition {
-                    from: status,
-                    action: "complete"
-                })
-            );
-        }
+        only_from(&[OrderStatus::Preparing], "complete", || OrderCommand::Complete {
+            merchant: None,
+            at: at_secs(180),
+        });
         framework()
             .given_no_previous_events()
             .when(OrderCommand::Complete {
