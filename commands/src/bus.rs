@@ -18,7 +18,9 @@ use cqrs_es::Aggregate;
 use events::EventMetadata;
 use rand::Rng as _;
 
-use event_store::{AggregateCache, Append, Decided, EventStore, Loaded, StoreError, decide, load_cached};
+use event_store::{
+    AggregateCache, Append, Decided, EventStore, Loaded, StoreError, decide, group::GroupCommit, load_cached,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError<E: std::error::Error> {
@@ -120,6 +122,9 @@ pub struct Commands<A: Aggregate> {
     cache: Option<Arc<AggregateCache<A>>>,
     services: A::Services,
     retry: RetryPolicy,
+    /// Creations queue here and are appended with other callers' (see
+    /// [`event_store::group`]); `None` appends each on its own.
+    group: Option<GroupCommit>,
 }
 
 impl<A: Aggregate> std::fmt::Debug for Commands<A> {
@@ -127,6 +132,7 @@ impl<A: Aggregate> std::fmt::Debug for Commands<A> {
         f.debug_struct("Commands")
             .field("aggregate", &A::TYPE)
             .field("cached", &self.cache.is_some())
+            .field("group_commit", &self.group.is_some())
             .finish()
     }
 }
@@ -138,7 +144,15 @@ impl<A: Aggregate> Commands<A> {
             cache: None,
             services,
             retry: RetryPolicy::default(),
+            group: None,
         }
+    }
+
+    /// Creations through a group commit (many concurrent creators, such as
+    /// goods orders being submitted).
+    pub fn with_group_commit(mut self, group: GroupCommit) -> Self {
+        self.group = Some(group);
+        self
     }
 
     pub fn with_cache(mut self, cache: Arc<AggregateCache<A>>) -> Self {
@@ -192,7 +206,11 @@ impl<A: Aggregate> Commands<A> {
             Err((error, _)) => return Err(CommandError::Domain(error)),
         };
         let append = decided.to_append(metadata).map_err(CommandError::Store)?;
-        match self.store.append(std::slice::from_ref(&append)).await {
+        let stored = match &self.group {
+            Some(group) => group.append(vec![append]).await,
+            None => self.store.append(std::slice::from_ref(&append)).await,
+        };
+        match stored {
             Ok(()) => Ok(self.stored(aggregate_id, decided)),
             Err(StoreError::Conflict) => self.execute(aggregate_id, make, metadata).await,
             Err(error) => Err(CommandError::Store(error)),

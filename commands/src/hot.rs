@@ -100,7 +100,9 @@ impl ProductSemaphore {
         format!("{}hot:product:{product}", self.prefix)
     }
 
-    /// Takes one unit of each product (all or none).
+    /// Takes one unit of each product (all or none), in one round trip: a
+    /// pipeline of the script per product (each key may live on its own
+    /// node of a cluster, so no single script spans them).
     pub async fn acquire(&self, products: &[Uuid]) -> Result<(), Busy> {
         let Some(connection) = self.redis.get() else {
             return Ok(());
@@ -108,45 +110,55 @@ impl ProductSemaphore {
         let mut products = products.to_vec();
         products.sort_unstable();
         products.dedup();
-        let mut taken = Vec::with_capacity(products.len());
-        for product in products {
-            let outcome: Result<i64, _> = self
-                .acquire
-                .key(self.key(product))
-                .arg(self.limit)
-                .arg(u64::try_from(self.fuse.as_millis()).unwrap_or(u64::MAX))
-                .invoke_async(&mut connection.clone())
-                .await;
-            match outcome {
-                Ok(1) => taken.push(product),
-                Ok(_) => {
-                    self.release(&taken).await;
-                    metrics::counter!("hot_product_rejections_total").increment(1);
-                    return Err(Busy(product));
+        let fuse = u64::try_from(self.fuse.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.acquire).ignore();
+        for product in &products {
+            pipe.invoke_script(self.acquire.key(self.key(*product)).arg(self.limit).arg(fuse));
+        }
+        let outcome: Result<Vec<i64>, _> = pipe.query_async(&mut connection.clone()).await;
+        match outcome {
+            Ok(granted) => {
+                let taken: Vec<Uuid> = products
+                    .iter()
+                    .zip(&granted)
+                    .filter(|(_, granted)| **granted == 1)
+                    .map(|(product, _)| *product)
+                    .collect();
+                let busy = products.iter().zip(&granted).find(|(_, granted)| **granted != 1);
+                match busy {
+                    None => Ok(()),
+                    Some((product, _)) => {
+                        self.release(&taken).await;
+                        metrics::counter!("hot_product_rejections_total").increment(1);
+                        Err(Busy(*product))
+                    }
                 }
-                Err(error) => {
-                    metrics::counter!("hot_product_gate_errors_total").increment(1);
-                    tracing::warn!(%error, "hot-product gate unavailable; letting the order through");
-                    self.release(&taken).await;
-                    return Ok(());
-                }
+            }
+            Err(error) => {
+                // which units were taken is unknown: the fuse gives them back
+                metrics::counter!("hot_product_gate_errors_total").increment(1);
+                tracing::warn!(%error, "hot-product gate unavailable; letting the order through");
+                Ok(())
             }
         }
-        Ok(())
     }
 
-    /// Gives back one unit of each product.
+    /// Gives back one unit per listed product (a product listed twice gives
+    /// back two: a batch of orders releases together), in one round trip.
     pub async fn release(&self, products: &[Uuid]) {
         let Some(connection) = self.redis.get() else { return };
+        if products.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.release).ignore();
         for product in products {
-            let released: Result<i64, _> = self
-                .release
-                .key(self.key(*product))
-                .invoke_async(&mut connection.clone())
-                .await;
-            if let Err(error) = released {
-                tracing::warn!(%error, %product, "hot-product gate: release failed; the fuse will clear it");
-            }
+            pipe.invoke_script(&self.release.key(self.key(*product))).ignore();
+        }
+        let released: Result<(), _> = pipe.query_async(&mut connection.clone()).await;
+        if let Err(error) = released {
+            tracing::warn!(%error, products = products.len(), "hot-product gate: release failed; the fuse will clear it");
         }
     }
 }

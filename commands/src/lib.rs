@@ -69,6 +69,11 @@ pub struct Config {
     /// Run the order lifecycle reactor (deadlines, coupons, compensation) here.
     #[arg(long, env = "LIFECYCLE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub lifecycle_enabled: bool,
+    /// Goods orders in batches: submissions group-committed, and the saga
+    /// deciding the orders of a consumer batch together. `false` runs one
+    /// order at a time (the baseline of docs/BENCHMARKS.md).
+    #[arg(long, env = "ORDER_BATCHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub order_batching: bool,
     /// Run the payment-timeout poller here (any number of processes may).
     #[arg(long, env = "TIMEOUTS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub timeouts_enabled: bool,
@@ -126,7 +131,13 @@ pub struct Config {
 pub struct AppState {
     pub api: Api,
     pub ops: Ops,
+    /// The goods saga decides a consumer batch's submissions together
+    /// (default); `false` decides one order at a time (`ORDER_BATCHING`).
+    pub order_batching: bool,
 }
+
+/// At most this many submissions share one group-commit statement.
+pub const ORDER_GROUP_COMMIT: usize = 256;
 
 impl AppState {
     /// Wires the write side over `pool` with the system clock.
@@ -152,10 +163,22 @@ impl AppState {
             payments: None,
             hot_products: None,
         };
-        Self { api, ops }
+        Self {
+            api,
+            ops,
+            order_batching: true,
+        }
     }
 
     /// Puts the per-product in-flight limit in front of goods orders.
+    /// Submissions of goods orders group-committed (`ORDER_BATCHING`). Needs
+    /// a Tokio runtime: it starts the group-commit writer.
+    pub fn with_submit_group_commit(mut self) -> Self {
+        let group = event_store::group::GroupCommit::start(self.api.store.clone(), ORDER_GROUP_COMMIT);
+        self.api.orders = Arc::new(Commands::new(self.api.store.clone(), ()).with_group_commit(group));
+        self
+    }
+
     pub fn with_hot_products(mut self, gate: hot::ProductSemaphore) -> Self {
         self.api.hot_products = Some(gate);
         self
@@ -179,6 +202,7 @@ impl AppState {
             coupon_validity: api::COUPON_VALIDITY,
             hot_products: self.api.hot_products.clone(),
             clock: self.api.clock.clone(),
+            batching: self.order_batching,
         }
     }
 
@@ -212,6 +236,10 @@ pub async fn run(
         metrics: platform::telemetry::metrics_handle(),
     };
     let mut state = AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops);
+    state.order_batching = config.order_batching;
+    if config.order_batching {
+        state = state.with_submit_group_commit();
+    }
     match &config.payment_webhook_secret {
         Some(secret) => {
             let provider: Arc<dyn payments::provider::PaymentProvider> = match config.payment_provider {

@@ -67,6 +67,9 @@ pub struct Lifecycle {
     pub hot_products: Option<crate::hot::ProductSemaphore>,
     /// "Now" for every time the reactor records.
     pub clock: SharedClock,
+    /// Decide the submissions of a consumer batch together
+    /// ([`Lifecycle::reserve_goods_batch`]); `false`: one order at a time.
+    pub batching: bool,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -104,13 +107,16 @@ pub enum LifecycleError {
     /// The batch this order was decided in failed for a passing reason.
     #[error("the order's batch failed")]
     Batch(#[source] Arc<LifecycleError>),
+    /// Holding the payment deadlines of a batch of placements failed.
+    #[error("holding the batch's payment deadlines failed")]
+    Deadlines(#[source] Arc<sqlx::Error>),
 }
 
 impl LifecycleError {
     /// Whether the event can never succeed, so it is dead-lettered at once.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Database(_) | Self::Contended { .. } | Self::Batch(_) => false,
+            Self::Database(_) | Self::Contended { .. } | Self::Batch(_) | Self::Deadlines(_) => false,
             Self::Store(error) => error.is_permanent(),
             Self::Undecodable { .. } | Self::Refused { .. } | Self::UnknownVoucher { .. } => true,
         }
@@ -185,6 +191,11 @@ enum GoodsOutcome {
 }
 
 impl Lifecycle {
+    /// When an order placed at `placed_at` times out unpaid.
+    fn deadline(&self, placed_at: DateTime<Utc>) -> DateTime<Utc> {
+        placed_at + chrono::Duration::from_std(self.payment_timeout).unwrap_or(chrono::Duration::MAX)
+    }
+
     /// Reacts to one Order event.
     pub async fn react(&self, envelope: &EventEnvelope) -> Result<(), LifecycleError> {
         let order_id = envelope.aggregate_id.as_str();
@@ -198,8 +209,7 @@ impl Lifecycle {
         match event {
             OrderEvent::OrderSubmitted { .. } => self.reserve_goods(order_id, &metadata).await?,
             OrderEvent::OrderPlaced { placed_at, .. } => {
-                let due = placed_at + chrono::Duration::from_std(self.payment_timeout).unwrap_or(chrono::Duration::MAX);
-                timeouts::schedule(&self.pool, order_id, due).await?;
+                timeouts::schedule(&self.pool, order_id, self.deadline(placed_at)).await?;
             }
             OrderEvent::OrderPaid { paid_at, .. } => {
                 timeouts::unschedule(&self.pool, order_id).await?;
@@ -507,10 +517,16 @@ impl Lifecycle {
             let waiting = first_look
                 .values()
                 .filter(|order| order.aggregate.status() == Some(events::OrderStatus::Submitted));
-            for order in waiting {
-                let lines: Vec<Uuid> = order.aggregate.requested_items().iter().map(|l| l.product_id).collect();
-                gate.release(&lines).await;
-            }
+            let lines: Vec<Uuid> = waiting
+                .flat_map(|order| {
+                    // one unit per distinct product of an order, as it took them
+                    let mut lines: Vec<Uuid> = order.aggregate.requested_items().iter().map(|l| l.product_id).collect();
+                    lines.sort_unstable();
+                    lines.dedup();
+                    lines
+                })
+                .collect();
+            gate.release(&lines).await;
         }
         Ok(())
     }
@@ -751,9 +767,9 @@ impl BatchHandler for Lifecycle {
         }
         // Orders whose only event here is their submission are decided
         // together (one append for the batch); the rest one order at a time.
-        let (lone, by_order): (Vec<_>, Vec<_>) = by_order.into_iter().partition(
-            |(_, events)| matches!(events.as_slice(), [(_, envelope)] if envelope.event_type == "OrderSubmitted"),
-        );
+        let (lone, by_order): (Vec<_>, Vec<_>) = by_order.into_iter().partition(|(_, events)| {
+            self.batching && matches!(events.as_slice(), [(_, envelope)] if envelope.event_type == "OrderSubmitted")
+        });
         if !lone.is_empty() {
             let submitted: Vec<EventEnvelope> = lone.iter().map(|(_, events)| events[0].1.clone()).collect();
             let results = self.reserve_goods_batch(&submitted).await;
@@ -763,6 +779,41 @@ impl BatchHandler for Lifecycle {
                     let error = Box::new(error) as HandlerError;
                     if permanent { cp_nats::permanent(error) } else { error }
                 }));
+            }
+        }
+        // Orders whose only event here is their placement: every deadline in
+        // one statement.
+        let (placed, by_order): (Vec<_>, Vec<_>) = by_order.into_iter().partition(|(_, events)| {
+            self.batching && matches!(events.as_slice(), [(_, envelope)] if envelope.event_type == "OrderPlaced")
+        });
+        if !placed.is_empty() {
+            let mut deadlines = Vec::with_capacity(placed.len());
+            for (order_id, events) in &placed {
+                let (index, envelope) = &events[0];
+                match envelope.decode::<OrderEvent>() {
+                    Ok(OrderEvent::OrderPlaced { placed_at, .. }) => {
+                        deadlines.push((order_id.clone(), self.deadline(placed_at)))
+                    }
+                    Ok(_) => outcomes[*index] = Some(Ok(())),
+                    Err(source) => {
+                        let error = LifecycleError::Undecodable {
+                            event_type: envelope.event_type.clone(),
+                            source,
+                        };
+                        outcomes[*index] = Some(Err(cp_nats::permanent(Box::new(error) as HandlerError)));
+                    }
+                }
+            }
+            let scheduled = timeouts::schedule_many(&self.pool, &deadlines).await.map_err(Arc::new);
+            for (_, events) in &placed {
+                let index = events[0].0;
+                if outcomes[index].is_none() {
+                    outcomes[index] = Some(
+                        scheduled
+                            .clone()
+                            .map_err(|error| Box::new(LifecycleError::Deadlines(error)) as HandlerError),
+                    );
+                }
             }
         }
         let results: Vec<Vec<(usize, Result<(), HandlerError>)>> = futures::stream::iter(by_order)

@@ -72,6 +72,25 @@ pub async fn schedule(db: impl PgExecutor<'_>, order_id: &str, due_at: DateTime<
     Ok(())
 }
 
+/// Holds the deadlines of many orders in one statement (the reactor's batch
+/// of placements); idempotent like [`schedule`].
+pub async fn schedule_many(db: impl PgExecutor<'_>, deadlines: &[(String, DateTime<Utc>)]) -> Result<(), sqlx::Error> {
+    if deadlines.is_empty() {
+        return Ok(());
+    }
+    let (ids, due): (Vec<&str>, Vec<DateTime<Utc>>) = deadlines.iter().map(|(id, at)| (id.as_str(), *at)).unzip();
+    sqlx::query(
+        "INSERT INTO order_deadlines (order_id, due_at)
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[])
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(ids)
+    .bind(due)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// Forgets the order's deadline (paid, cancelled or rejected); idempotent.
 pub async fn unschedule(db: impl PgExecutor<'_>, order_id: &str) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM order_deadlines WHERE order_id = $1")

@@ -12,8 +12,11 @@
 //!   aggregate type's after a global position (replay), decoded and upcast
 //!   into their enum ([`read::aggregate_events`]).
 //! - [`relay`]: the outbox relay, the store onto JetStream in commit order.
+//! - [`group`]: group commit, the appends of concurrent callers in one
+//!   statement (goods orders' submissions).
 //! - [`leader`]: one active instance among several (Postgres advisory lock).
 
+pub mod group;
 pub mod leader;
 pub mod read;
 pub mod relay;

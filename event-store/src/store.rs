@@ -51,6 +51,11 @@ pub enum StoreError {
     },
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// The group-commit writer went away before answering (its runtime is
+    /// shutting down): whether the append was stored is unknown to the
+    /// caller, as after a lost connection.
+    #[error("the group-commit writer stopped")]
+    WriterStopped,
     #[error("cannot serialize an event")]
     Serialize(#[source] serde_json::Error),
     #[error("stored event {aggregate_type}/{aggregate_id}#{sequence} does not decode")]
@@ -68,7 +73,7 @@ impl StoreError {
     /// database that is away).
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Conflict => false,
+            Self::Conflict | Self::WriterStopped => false,
             Self::Database(error) => database_error_is_permanent(error),
             Self::SequenceGap { .. } | Self::Serialize(_) | Self::Corrupt { .. } => true,
         }
@@ -499,6 +504,13 @@ impl<A> AggregateCache<A> {
         A: Clone,
     {
         self.entries.lock().ok()?.get(aggregate_id).cloned()
+    }
+
+    /// Looks at the entry in place, without copying it (a product with
+    /// thousands of reservations is expensive to clone): for facts that
+    /// never change once stored, such as who owns the aggregate.
+    pub fn inspect<R>(&self, aggregate_id: &str, look: impl FnOnce(&Loaded<A>) -> R) -> Option<R> {
+        self.entries.lock().ok()?.get(aggregate_id).map(look)
     }
 
     /// Stores `loaded` unless the entry already holds the same or a later version.

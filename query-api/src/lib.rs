@@ -3,12 +3,14 @@
 //! Layout: [`routes`] (the endpoints of API.md "Query API": documents by id
 //! with read-your-writes waits, order search, my coupons), [`filter`] (the
 //! MongoDB-style `filter`, `sort` and cursor of `GET /orders`, translated to
-//! parameterized SQL), [`error`] (the one error type), [`Config`] (env),
+//! parameterized SQL), [`watch`] (read-your-writes waits shared by every
+//! waiting request), [`error`] (the one error type), [`Config`] (env),
 //! [`AppState`], [`router`] (for in-process tests) and [`run`].
 
 pub mod error;
 pub mod filter;
 pub mod routes;
+pub mod watch;
 
 use std::future::Future;
 
@@ -44,6 +46,18 @@ pub struct AppState {
     pub pool: sqlx::PgPool,
     pub jwt: JwtKeys,
     pub ops: Ops,
+    pub watch: watch::VersionWatch,
+}
+
+impl AppState {
+    pub fn new(pool: sqlx::PgPool, jwt: JwtKeys, ops: Ops) -> Self {
+        Self {
+            watch: watch::VersionWatch::new(pool.clone()),
+            pool,
+            jwt,
+            ops,
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -61,11 +75,7 @@ pub async fn run(
         health: Health::new().postgres(pool.clone()),
         metrics: platform::telemetry::metrics_handle(),
     };
-    let state = AppState {
-        pool,
-        jwt: JwtKeys::new(&config.auth.jwt_secret),
-        ops,
-    };
+    let state = AppState::new(pool, JwtKeys::new(&config.auth.jwt_secret), ops);
     platform::http::serve(listener, router(state), &config.http, shutdown).await?;
     Ok(())
 }

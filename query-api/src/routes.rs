@@ -1,7 +1,7 @@
 //! The read endpoints of API.md "Query API": documents straight from the
 //! view tables, authorized per caller, with read-your-writes waits.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::{
     Json, Router,
@@ -23,6 +23,7 @@ use crate::{
     AppState,
     error::ApiError,
     filter::{ListParams, OrderQuery},
+    watch::Table,
 };
 
 pub const DEFAULT_WAIT_MS: u64 = 2_000;
@@ -142,6 +143,14 @@ impl View {
         }
     }
 
+    fn table(self) -> Table {
+        match self {
+            Self::Orders => Table::Orders,
+            Self::Vouchers => Table::Vouchers,
+            Self::Products => Table::Products,
+        }
+    }
+
     /// What the 404's code and message call it.
     fn noun(self) -> &'static str {
         match self {
@@ -172,31 +181,34 @@ async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Opt
 /// `min_version`: 200 with it, or 202 with the current one when the version
 /// was not reached in time. An unknown id and another's document are the
 /// same 404, at once (API.md "Read-your-writes").
+///
+/// The wait itself is the process's shared [`crate::watch::VersionWatch`]: one version
+/// lookup per tick for every waiting request, then one read of the document.
 async fn read_fresh(
-    pool: &PgPool,
+    state: &AppState,
     view: View,
     id: &str,
     scope: &Scope,
     freshness: &Freshness,
 ) -> Result<(Stored, bool), ApiError> {
-    let deadline = Instant::now() + freshness.wait()?;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let stored = fetch(pool, view, id, scope)
-            .await?
-            .ok_or(ApiError::NotFound(view.noun()))?;
-        let Some(min_version) = freshness.min_version else {
-            return Ok((stored, true));
-        };
-        if stored.version >= min_version {
-            return Ok((stored, true));
-        }
-        if Instant::now() >= deadline {
-            return Ok((stored, false));
-        }
-        tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
+    let wait = freshness.wait()?;
+    let stored = fetch(&state.pool, view, id, scope)
+        .await?
+        .ok_or(ApiError::NotFound(view.noun()))?;
+    let Some(min_version) = freshness.min_version else {
+        return Ok((stored, true));
+    };
+    if stored.version >= min_version || wait.is_zero() {
+        let fresh = stored.version >= min_version;
+        return Ok((stored, fresh));
     }
+    state.watch.wait(view.table(), id, min_version, wait).await;
+    // woken or out of time: the document as it is now, still in scope
+    let stored = fetch(&state.pool, view, id, scope)
+        .await?
+        .ok_or(ApiError::NotFound(view.noun()))?;
+    let fresh = stored.version >= min_version;
+    Ok((stored, fresh))
 }
 
 /// 200 with the document, or 202 with the current one (same schema) when
@@ -216,14 +228,7 @@ async fn get_order(
     ApiQuery(freshness): ApiQuery<Freshness>,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let read = read_fresh(
-        &state.pool,
-        View::Orders,
-        &id.to_string(),
-        &Scope::orders(&user),
-        &freshness,
-    )
-    .await?;
+    let read = read_fresh(&state, View::Orders, &id.to_string(), &Scope::orders(&user), &freshness).await?;
     Ok(answer(read))
 }
 
@@ -234,14 +239,8 @@ async fn get_voucher(
     ApiQuery(freshness): ApiQuery<Freshness>,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let (mut stored, fresh) = read_fresh(
-        &state.pool,
-        View::Vouchers,
-        &id.to_string(),
-        &Scope::everyone(),
-        &freshness,
-    )
-    .await?;
+    let (mut stored, fresh) =
+        read_fresh(&state, View::Vouchers, &id.to_string(), &Scope::everyone(), &freshness).await?;
     stored.doc["status"] = json!(voucher_status(&stored.doc, Utc::now()));
     Ok(answer((stored, fresh)))
 }
@@ -273,14 +272,7 @@ async fn get_product(
     ApiQuery(freshness): ApiQuery<Freshness>,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let read = read_fresh(
-        &state.pool,
-        View::Products,
-        &id.to_string(),
-        &Scope::everyone(),
-        &freshness,
-    )
-    .await?;
+    let read = read_fresh(&state, View::Products, &id.to_string(), &Scope::everyone(), &freshness).await?;
     Ok(answer(read))
 }
 

@@ -407,7 +407,10 @@ async fn submit_order(
     ApiJson(body): ApiJson<SubmitOrder>,
 ) -> Result<impl IntoResponse, ApiError> {
     body.check()?;
-    let products: Vec<Uuid> = body.items.iter().map(|item| item.product_id).collect();
+    // one unit of the gate per distinct product, given back the same way
+    let mut products: Vec<Uuid> = body.items.iter().map(|item| item.product_id).collect();
+    products.sort_unstable();
+    products.dedup();
     if let Some(gate) = &api.hot_products {
         gate.acquire(&products)
             .await
@@ -467,15 +470,31 @@ async fn submit_order(
 
 /// The one merchant whose products an order asks for (422 `mixed_merchants`
 /// for several). Products not known yet are left to the saga, which rejects
-/// the order for them.
+/// the order for them. A product's owner never changes once it is created,
+/// so a cached product answers without a round trip to the store.
 async fn merchant_of(api: &Api, products: &[Uuid]) -> Result<Option<String>, ApiError> {
     let mut merchant: Option<String> = None;
     for product_id in products {
-        let product = api.products.read(&product_id.to_string()).await?.aggregate;
-        match (product.merchant_id(), &merchant) {
+        let key = product_id.to_string();
+        let cached = api
+            .products
+            .cache()
+            .and_then(|cache| cache.inspect(&key, |p| p.aggregate.merchant_id().map(str::to_owned)))
+            .flatten();
+        let owner = match cached {
+            Some(owner) => Some(owner),
+            None => api
+                .products
+                .read(&key)
+                .await?
+                .aggregate
+                .merchant_id()
+                .map(str::to_owned),
+        };
+        match (owner, &merchant) {
             (None, _) => {}
-            (Some(owner), None) => merchant = Some(owner.to_owned()),
-            (Some(owner), Some(first)) if owner == first => {}
+            (Some(owner), None) => merchant = Some(owner),
+            (Some(owner), Some(first)) if &owner == first => {}
             (Some(_), Some(_)) => return Err(ApiError::MixedMerchants),
         }
     }

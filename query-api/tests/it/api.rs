@@ -25,14 +25,14 @@ impl Api {
     async fn new() -> anyhow::Result<Self> {
         let db = testkit::TestDb::new().await?;
         let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
-        let router = query_api::router(AppState {
-            pool: db.pool.clone(),
-            jwt: jwt.clone(),
-            ops: Ops {
+        let router = query_api::router(AppState::new(
+            db.pool.clone(),
+            jwt.clone(),
+            Ops {
                 health: Health::new(),
                 metrics: platform::telemetry::metrics_handle(),
             },
-        });
+        ));
         Ok(Self { db, router, jwt })
     }
 
@@ -322,6 +322,79 @@ async fn min_version_waits_for_the_view_or_answers_202_with_what_there_is() -> a
         assert!(started.elapsed() < Duration::from_secs(2), "{path} waited");
     }
     api.db.drop_database().await
+}
+
+#[tokio::test]
+async fn many_waiters_share_one_watch_and_each_sees_its_own_version() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
+    let state = AppState::new(
+        db.pool.clone(),
+        jwt.clone(),
+        Ops {
+            health: Health::new(),
+            metrics: platform::telemetry::metrics_handle(),
+        },
+    );
+    let watch = state.watch.clone();
+    let api = Api {
+        db,
+        router: query_api::router(state),
+        jwt,
+    };
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(api.order("ann", "pending_payment", 990).await?);
+    }
+    let api = std::sync::Arc::new(api);
+    let mut waiting = tokio::task::JoinSet::new();
+    for id in ids.clone() {
+        let api = api.clone();
+        waiting.spawn(async move {
+            let (status, body) = api.get(&format!("/orders/{id}?min_version=3&wait_ms=5000"), ANN).await;
+            (id, status, body["version"].as_i64())
+        });
+    }
+    // every request is parked in the one registry before anything changes
+    let parked = std::time::Instant::now();
+    while watch.waiting() < ids.len() {
+        anyhow::ensure!(
+            parked.elapsed() < Duration::from_secs(5),
+            "only {} waiting",
+            watch.waiting()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // version 2 is not enough for anyone; 3 is, for the first half only
+    sqlx::query("UPDATE order_view SET version = 2, doc = jsonb_set(doc, '{version}', '2')")
+        .execute(&api.db.pool)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(watch.waiting(), ids.len(), "a waiter left below its min_version");
+    let (woken, asleep) = ids.split_at(ids.len() / 2);
+    sqlx::query("UPDATE order_view SET version = 3, doc = jsonb_set(doc, '{version}', '3') WHERE id = ANY($1)")
+        .bind(woken)
+        .execute(&api.db.pool)
+        .await?;
+    let started = std::time::Instant::now();
+    for _ in 0..woken.len() {
+        let Some(done) = waiting.join_next().await else { break };
+        let (id, status, version) = done?;
+        assert!(woken.contains(&id), "{id} answered before its version or deadline");
+        assert_eq!((status, version), (StatusCode::OK, Some(3)), "{id}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "woken late");
+    // the rest time out with 202 and what there is
+    while let Some(done) = waiting.join_next().await {
+        let (id, status, version) = done?;
+        assert!(asleep.contains(&id));
+        assert_eq!((status, version), (StatusCode::ACCEPTED, Some(2)), "{id}");
+    }
+    assert_eq!(watch.waiting(), 0, "the registry forgets finished waits");
+    match std::sync::Arc::try_unwrap(api) {
+        Ok(api) => api.db.drop_database().await,
+        Err(_) => anyhow::bail!("api still shared"),
+    }
 }
 
 #[tokio::test]

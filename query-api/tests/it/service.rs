@@ -16,13 +16,13 @@ async fn starts_reports_health_and_metrics_and_shuts_down_gracefully() -> anyhow
 #[tokio::test]
 async fn health_is_503_while_postgres_is_down() {
     let pool = testkit::unreachable_pool();
-    let state = AppState {
-        pool: pool.clone(),
-        jwt: JwtKeys::new(&platform::Secret::new("s")),
-        ops: Ops {
+    let state = AppState::new(
+        pool.clone(),
+        JwtKeys::new(&platform::Secret::new("s")),
+        Ops {
             health: Health::new().postgres(pool),
             metrics: platform::telemetry::metrics_handle(),
         },
-    };
+    );
     assert_eq!(testkit::status_of(query_api::router(state), "/health").await, 503);
 }
