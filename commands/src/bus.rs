@@ -12,15 +12,13 @@
 //!   version as the optimistic lock; [`CommandError::Conflict`] (a 409) once
 //!   the retries are spent.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use cqrs_es::Aggregate;
 use events::EventMetadata;
 use rand::Rng as _;
 
-use event_store::{
-    AggregateCache, Append, Decided, EventStore, Loaded, StoreError, decide, group::GroupCommit, load_cached,
-};
+use event_store::{AggregateCache, Append, Decided, EventStore, Loaded, StoreError, decide, group::GroupCommit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError<E: std::error::Error> {
@@ -189,6 +187,31 @@ impl<A: Aggregate> Commands<A> {
         Ok(loaded)
     }
 
+    /// [`Commands::read`] for several aggregates in one query.
+    pub async fn read_many(&self, aggregate_ids: &[String]) -> Result<HashMap<String, Loaded<A>>, StoreError>
+    where
+        A: Clone,
+    {
+        let from: HashMap<String, Loaded<A>> = aggregate_ids
+            .iter()
+            .map(|id| {
+                let cached = self.cache.as_ref().and_then(|cache| cache.peek(id)).unwrap_or_default();
+                (id.clone(), cached)
+            })
+            .collect();
+        let before: HashMap<String, u64> = from.iter().map(|(id, l)| (id.clone(), l.version)).collect();
+        let loaded = self.store.catch_up_many(from).await?;
+        if let Some(cache) = &self.cache {
+            // only what moved on is copied back
+            for (id, loaded) in &loaded {
+                if before.get(id).is_none_or(|version| loaded.version > *version) {
+                    cache.put_if_newer(id, loaded.clone());
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
     /// Runs a command that creates the aggregate under a fresh id (a UUIDv7
     /// the caller just generated): nothing can be stored under it yet, so the
     /// load is skipped and the append's primary key is the existence check.
@@ -229,20 +252,51 @@ impl<A: Aggregate> Commands<A> {
             Some(cache) => Some(cache.writer(aggregate_id).await),
             None => None,
         };
-        // a conflict drops the taken cache entry: the next attempt reloads
+        // A cached entry is decided on as it is, without asking the store
+        // for newer events: when the decision has events, the append at the
+        // cached version is the check (a newer event in the store makes it a
+        // conflict, the entry is gone, and the retry loads from the store).
+        // A decision without events has no append to check it, so it is
+        // confirmed by catching up first, and decided again on what came.
         let decided = unit_of_work(&self.store, self.retry, A::TYPE, || async {
-            let loaded = load_cached(&self.store, self.cache.as_deref(), aggregate_id)
-                .await
-                .map_err(CommandError::Store)?;
-            let decided = match decide(aggregate_id, loaded, make(), &self.services).await {
-                Ok(decided) => decided,
-                Err((error, unchanged)) => {
-                    self.keep(aggregate_id, unchanged);
-                    return Err(CommandError::Domain(error));
-                }
+            let cached = self.cache.as_deref().and_then(|cache| cache.take(aggregate_id));
+            let mut confirmed = cached.is_none();
+            let mut loaded = match cached {
+                Some(loaded) => loaded,
+                None => self.store.load(aggregate_id).await.map_err(CommandError::Store)?,
             };
-            let append = decided.to_append(metadata).map_err(CommandError::Store)?;
-            Ok((vec![append], decided))
+            loop {
+                let (outcome, unchanged) = match decide(aggregate_id, loaded, make(), &self.services).await {
+                    Ok(decided) if confirmed || !decided.events.is_empty() => {
+                        let append = decided.to_append(metadata).map_err(CommandError::Store)?;
+                        return Ok((vec![append], decided));
+                    }
+                    Ok(decided) => (None, decided.into_loaded()),
+                    Err((error, unchanged)) => (Some(error), unchanged),
+                };
+                let version = unchanged.version;
+                let current = if confirmed {
+                    unchanged
+                } else {
+                    self.store
+                        .catch_up(aggregate_id, unchanged)
+                        .await
+                        .map_err(CommandError::Store)?
+                };
+                if current.version != version {
+                    // the cache was behind: decide again on the store's state
+                    loaded = current;
+                    confirmed = true;
+                    continue;
+                }
+                return match outcome {
+                    None => Ok((Vec::new(), Decided::unchanged(aggregate_id, current))),
+                    Some(error) => {
+                        self.keep(aggregate_id, current);
+                        Err(CommandError::Domain(error))
+                    }
+                };
+            }
         })
         .await
         .map_err(|error| match error {

@@ -136,6 +136,10 @@ pub struct AppState {
     pub order_batching: bool,
 }
 
+/// Aggregates each command type keeps in memory, to decide on without
+/// reading the store first (see [`bus::Commands::execute`]).
+pub const AGGREGATE_CACHE_CAPACITY: usize = 10_000;
+
 /// At most this many submissions share one group-commit statement.
 pub const ORDER_GROUP_COMMIT: usize = 256;
 
@@ -147,7 +151,7 @@ impl AppState {
 
     pub fn with_clock(pool: sqlx::PgPool, jwt: JwtKeys, ops: Ops, clock: SharedClock) -> Self {
         let store = EventStore::new(pool);
-        let voucher_cache = AggregateCache::new(10_000);
+        let voucher_cache = AggregateCache::new(AGGREGATE_CACHE_CAPACITY);
         let vouchers =
             Commands::new(store.clone(), VoucherServices::new(clock.clone())).with_cache(voucher_cache.clone());
         let api = Api {
@@ -175,7 +179,12 @@ impl AppState {
     /// a Tokio runtime: it starts the group-commit writer.
     pub fn with_submit_group_commit(mut self) -> Self {
         let group = event_store::group::GroupCommit::start(self.api.store.clone(), ORDER_GROUP_COMMIT);
-        self.api.orders = Arc::new(Commands::new(self.api.store.clone(), ()).with_group_commit(group));
+        let cache = AggregateCache::new(AGGREGATE_CACHE_CAPACITY);
+        self.api.orders = Arc::new(
+            Commands::new(self.api.store.clone(), ())
+                .with_cache(cache)
+                .with_group_commit(group),
+        );
         self
     }
 

@@ -541,10 +541,11 @@ impl Lifecycle {
         let ids: Vec<String> = orders.iter().map(|(id, _)| id.clone()).collect();
         let mut loaded_orders = self.store.load_many::<Order>(&ids).await?;
         let mut products: HashMap<Uuid, ProductDecision> = HashMap::with_capacity(product_ids.len());
-        for product_id in product_ids {
-            let key = product_id.to_string();
-            let loaded = self.products.read(&key).await?;
-            let decided = Decided::unchanged(&key, loaded);
+        let keys: Vec<String> = product_ids.iter().map(Uuid::to_string).collect();
+        let mut current = self.products.read_many(&keys).await?;
+        for (product_id, key) in product_ids.iter().zip(&keys) {
+            let loaded = current.remove(key).unwrap_or_default();
+            let decided = Decided::unchanged(key, loaded);
             products.insert(
                 *product_id,
                 ProductDecision {

@@ -29,7 +29,7 @@ use events::{CouponSource, EventMetadata, Namespace};
 use platform::http::{Health, JwtKeys, Ops, Role};
 use rand::seq::IndexedRandom as _;
 use serde_json::{Value, json};
-use testkit::bench::{loadavg, percentile};
+use testkit::bench::{CpuSample, loadavg, percentile};
 use testkit::reqwest;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -69,6 +69,14 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+}
+
 fn setup_state(pool: &sqlx::PgPool) -> AppState {
     let ops = Ops {
         health: Health::new(),
@@ -105,10 +113,17 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
         "--order-batching",
         if batching { "true" } else { "false" },
     ])?;
-    let commands = testkit::Server::start(|l, s| commands::run(commands_config, l, s)).await?;
+    // each service on a runtime of its own, as in its own process, with
+    // named threads so a profile tells their CPU apart
+    let (commands_rt, query_rt, daemon_rt) = (runtime("svc-commands")?, runtime("svc-query")?, runtime("svc-daemon")?);
+    let commands = commands_rt
+        .spawn(testkit::Server::start(|l, s| commands::run(commands_config, l, s)))
+        .await??;
     let query_config =
         query_api::Config::try_parse_from(["query-api", "--database-url", &db.url, "--jwt-secret", SECRET])?;
-    let query = testkit::Server::start(|l, s| query_api::run(query_config, l, s)).await?;
+    let query = query_rt
+        .spawn(testkit::Server::start(|l, s| query_api::run(query_config, l, s)))
+        .await??;
     let stop = CancellationToken::new();
     // the daemon's pool as the service builds it (platform::pg::connect)
     let daemon_pool = platform::pg::connect(
@@ -126,7 +141,7 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
         batch_size: 1_000,
         max_deliver: 5,
     };
-    let projecting = tokio::spawn(daemon.run(stop.clone()));
+    let projecting = daemon_rt.spawn(daemon.run(stop.clone()));
 
     // the catalogue and one coupon per order, straight through the command bus
     let state = setup_state(&db.pool);
@@ -193,11 +208,7 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
     let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
     // the clients on threads of their own ("bench-client"), so a profile
     // tells their CPU from the services'
-    let client_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()?;
+    let client_runtime = runtime("bench-client")?;
     let http = reqwest::Client::new();
     let clients = Arc::new(tokio::sync::Semaphore::new(CLIENTS));
     let products = Arc::new(products);
@@ -205,6 +216,7 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
         std::sync::atomic::AtomicUsize::new(0),
         std::sync::atomic::AtomicUsize::new(0),
     ]);
+    let cpu_before = CpuSample::now();
     let started = Instant::now();
     let mut orders = tokio::task::JoinSet::new();
     for (user, coupon) in coupons {
@@ -264,6 +276,7 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
         rejected += usize::from(!placed);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = CpuSample::now().since(&cpu_before);
     latencies.sort_by(f64::total_cmp);
     println!(
         "reads of the query API: {} ({} of them 404: not projected yet)",
@@ -280,11 +293,25 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
         percentile(&latencies, 1.0) * 1e3,
         loadavg()
     );
+    // the same-run limit: what an order costs in CPU, all parts together,
+    // and the most this machine's cores can place at that cost
+    let cores = std::thread::available_parallelism()?.get() as f64;
+    let per_order = cpu.machine_busy_ms / ORDERS as f64;
+    println!("cost: {}", cpu.per_unit(ORDERS as f64, "order"));
+    println!(
+        "ceiling at this cost: {:.0} orders/s ({cores} cores × 1,000 ms ÷ {per_order:.2} ms per order); measured {:.0}/s = {:.0} % of it",
+        cores * 1_000.0 / per_order,
+        ORDERS as f64 / elapsed,
+        100.0 * (ORDERS as f64 / elapsed) / (cores * 1_000.0 / per_order)
+    );
     client_runtime.shutdown_background();
     stop.cancel();
     let _ = projecting.await;
     commands.stop().await?;
     query.stop().await?;
+    for rt in [commands_rt, query_rt, daemon_rt] {
+        rt.shutdown_background();
+    }
     for stream in Topology::new(namespace.clone()).streams() {
         js.delete_stream(&stream.name).await?;
     }

@@ -296,19 +296,40 @@ impl EventStore {
         &self,
         aggregate_ids: &[String],
     ) -> Result<HashMap<String, Loaded<A>>, StoreError> {
-        let mut loaded: HashMap<String, Loaded<A>> =
-            aggregate_ids.iter().map(|id| (id.clone(), Loaded::default())).collect();
-        let mut rows = sqlx::query(
-            "SELECT aggregate_id, sequence, event_type, event_version, payload FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
-              ORDER BY aggregate_id, sequence",
-        )
-        .bind(A::TYPE)
-        .bind(aggregate_ids)
-        .fetch(&self.pool);
-        while let Some(row) = rows.try_next().await? {
-            let aggregate_id: String = row.try_get("aggregate_id")?;
-            let (sequence, event) = decode_row::<A>(&aggregate_id, &row)?;
+        self.catch_up_many(aggregate_ids.iter().map(|id| (id.clone(), Loaded::default())).collect())
+            .await
+    }
+
+    /// [`EventStore::catch_up`] for several aggregates of one type in one
+    /// query, each from its own version (cached copies of hot aggregates).
+    pub async fn catch_up_many<A: Aggregate>(
+        &self,
+        from: HashMap<String, Loaded<A>>,
+    ) -> Result<HashMap<String, Loaded<A>>, StoreError> {
+        let mut loaded = from;
+        let (ids, after): (Vec<&str>, Vec<i64>) = loaded
+            .iter()
+            .map(|(id, l)| (id.as_str(), i64::try_from(l.version).unwrap_or(i64::MAX)))
+            .unzip();
+        let mut newer: Vec<(String, u64, A::Event)> = Vec::new();
+        {
+            let mut rows = sqlx::query(
+                "SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload
+                   FROM UNNEST($2::text[], $3::bigint[]) AS c(aggregate_id, after)
+                   JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = c.aggregate_id AND e.sequence > c.after
+                  ORDER BY e.aggregate_id, e.sequence",
+            )
+            .bind(A::TYPE)
+            .bind(&ids)
+            .bind(&after)
+            .fetch(&self.pool);
+            while let Some(row) = rows.try_next().await? {
+                let aggregate_id: String = row.try_get("aggregate_id")?;
+                let (sequence, event) = decode_row::<A>(&aggregate_id, &row)?;
+                newer.push((aggregate_id, sequence, event));
+            }
+        }
+        for (aggregate_id, sequence, event) in newer {
             let entry = loaded.entry(aggregate_id).or_default();
             entry.aggregate.apply(event);
             entry.version = sequence;

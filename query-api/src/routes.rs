@@ -182,8 +182,9 @@ async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Opt
 /// was not reached in time. An unknown id and another's document are the
 /// same 404, at once (API.md "Read-your-writes").
 ///
-/// The wait itself is the process's shared [`crate::watch::VersionWatch`]: one version
-/// lookup per tick for every waiting request, then one read of the document.
+/// The wait itself is the process's shared [`crate::watch::VersionWatch`]:
+/// one lookup per tick for every waiting request, which hands over the
+/// document once it is there.
 async fn read_fresh(
     state: &AppState,
     view: View,
@@ -202,8 +203,10 @@ async fn read_fresh(
         let fresh = stored.version >= min_version;
         return Ok((stored, fresh));
     }
-    state.watch.wait(view.table(), id, min_version, wait).await;
-    // woken or out of time: the document as it is now, still in scope
+    if let Some((version, doc)) = state.watch.wait(view.table(), id, min_version, wait).await {
+        return Ok((Stored { version, doc }, true));
+    }
+    // out of time: the document as it is now, still in scope
     let stored = fetch(&state.pool, view, id, scope)
         .await?
         .ok_or(ApiError::NotFound(view.noun()))?;

@@ -2,10 +2,13 @@
 //!
 //! A request whose document is below its `min_version` registers here and
 //! sleeps; one background task looks up the versions of every waited-for
-//! document in one query per view and tick (`id = ANY($1)`), and wakes the
-//! requests whose document got there. Before, each waiting request polled
-//! its own row with a backoff: at a few hundred orders per second that was
-//! most of the query API's statements (measured in docs/BENCHMARKS.md).
+//! document in one query per view and tick, and hands each request whose
+//! document got there that document, read in the same query. Before, each
+//! waiting request polled its own row with a backoff: at a few hundred
+//! orders per second that was most of the query API's statements (measured
+//! in docs/BENCHMARKS.md). The waiter checked the caller's scope on its
+//! first read, and a document's owner never changes, so the document handed
+//! over needs no second check.
 //!
 //! The task runs only while someone waits, holds the registry weakly (it
 //! ends with the last [`VersionWatch`] handle), and a failed lookup only
@@ -18,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::{Notify, oneshot};
 
@@ -32,19 +36,34 @@ pub enum Table {
     Products,
 }
 
+/// The version of each waited-for document, and the document itself once it
+/// reached the lowest version anyone waits for (`$1` ids, `$2` versions).
+macro_rules! lookup {
+    ($table:literal) => {
+        concat!(
+            "SELECT v.id, v.version, CASE WHEN v.version >= w.min_version THEN v.doc END FROM ",
+            $table,
+            " v JOIN UNNEST($1::text[], $2::bigint[]) AS w(id, min_version) USING (id)"
+        )
+    };
+}
+
 impl Table {
-    fn versions(self) -> &'static str {
+    fn lookup(self) -> &'static str {
         match self {
-            Self::Orders => "SELECT id, version FROM order_view WHERE id = ANY($1)",
-            Self::Vouchers => "SELECT id, version FROM voucher_view WHERE id = ANY($1)",
-            Self::Products => "SELECT id, version FROM product_view WHERE id = ANY($1)",
+            Self::Orders => lookup!("order_view"),
+            Self::Vouchers => lookup!("voucher_view"),
+            Self::Products => lookup!("product_view"),
         }
     }
 }
 
+/// A document as stored: its version and its JSON.
+pub type Versioned = (u64, Value);
+
 struct Waiter {
     min_version: u64,
-    wake: oneshot::Sender<()>,
+    wake: oneshot::Sender<Versioned>,
 }
 
 type Waiting = HashMap<(Table, String), Vec<Waiter>>;
@@ -89,13 +108,13 @@ impl VersionWatch {
     }
 
     /// Waits until the document `id` of `table` is stored at `min_version` or
-    /// later, or until `timeout` passes. `true` when the version was seen;
-    /// the caller reads the document again either way.
-    pub async fn wait(&self, table: Table, id: &str, min_version: u64, timeout: Duration) -> bool {
+    /// later, or until `timeout` passes: the document then, or `None` (the
+    /// caller reads what there is).
+    pub async fn wait(&self, table: Table, id: &str, min_version: u64, timeout: Duration) -> Option<Versioned> {
         let (wake, woken) = oneshot::channel();
         {
             let Ok(mut waiting) = self.inner.waiting.lock() else {
-                return false;
+                return None;
             };
             waiting
                 .entry((table, id.to_owned()))
@@ -104,7 +123,7 @@ impl VersionWatch {
         }
         self.ensure_task();
         self.inner.added.notify_one();
-        matches!(tokio::time::timeout(timeout, woken).await, Ok(Ok(())))
+        tokio::time::timeout(timeout, woken).await.ok()?.ok()
     }
 
     /// How many requests wait now (tests, metrics).
@@ -146,13 +165,14 @@ async fn watch(inner: Weak<Inner>) {
             let _ = tokio::time::timeout(idle, added.notified()).await;
             continue;
         }
-        for (table, ids) in wanted {
-            match sqlx::query_as::<_, (String, i64)>(table.versions())
+        for (table, (ids, versions)) in wanted {
+            match sqlx::query_as::<_, (String, i64, Option<Value>)>(table.lookup())
                 .bind(&ids)
+                .bind(&versions)
                 .fetch_all(&strong.pool)
                 .await
             {
-                Ok(rows) => wake(&strong, table, &rows),
+                Ok(rows) => wake(&strong, table, rows),
                 Err(error) => {
                     tracing::warn!(%error, "read-your-writes: version lookup failed; waiters re-read on their deadline")
                 }
@@ -164,9 +184,10 @@ async fn watch(inner: Weak<Inner>) {
     }
 }
 
-/// The ids waited for per table, after forgetting requests that gave up.
-fn wanted(inner: &Inner) -> HashMap<Table, Vec<String>> {
-    let mut wanted: HashMap<Table, Vec<String>> = HashMap::new();
+/// The ids waited for per table with the lowest version waited for, after
+/// forgetting requests that gave up.
+fn wanted(inner: &Inner) -> HashMap<Table, (Vec<String>, Vec<i64>)> {
+    let mut wanted: HashMap<Table, (Vec<String>, Vec<i64>)> = HashMap::new();
     let Ok(mut waiting) = inner.waiting.lock() else {
         return wanted;
     };
@@ -175,21 +196,26 @@ fn wanted(inner: &Inner) -> HashMap<Table, Vec<String>> {
         if waiters.is_empty() {
             return false;
         }
-        wanted.entry(*table).or_default().push(id.clone());
+        let lowest = waiters.iter().map(|waiter| waiter.min_version).min().unwrap_or(0);
+        let (ids, versions) = wanted.entry(*table).or_default();
+        ids.push(id.clone());
+        versions.push(i64::try_from(lowest).unwrap_or(i64::MAX));
         true
     });
     wanted
 }
 
-fn wake(inner: &Inner, table: Table, rows: &[(String, i64)]) {
+fn wake(inner: &Inner, table: Table, rows: Vec<(String, i64, Option<Value>)>) {
     let Ok(mut waiting) = inner.waiting.lock() else { return };
-    for (id, version) in rows {
+    for (id, version, doc) in rows {
+        // no document: below every waiter's version
+        let Some(doc) = doc else { continue };
         let version = version.unsigned_abs();
-        let key = (table, id.clone());
+        let key = (table, id);
         let Some(waiters) = waiting.remove(&key) else { continue };
         let (ready, still): (Vec<Waiter>, Vec<Waiter>) = waiters.into_iter().partition(|w| w.min_version <= version);
         for waiter in ready {
-            let _ = waiter.wake.send(());
+            let _ = waiter.wake.send((version, doc.clone()));
         }
         if !still.is_empty() {
             waiting.insert(key, still);

@@ -2,6 +2,7 @@
 //! binary per file: each links the whole workspace once, not 4 times).
 
 mod api;
+mod bus;
 mod claims;
 mod lifecycle;
 mod service;
