@@ -11,6 +11,7 @@
 mod contract;
 mod hostile_input;
 mod sale;
+mod workload;
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,8 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// Every service of the system, running.
 pub struct Stack {
     pub db: TestDb,
+    pub namespace: events::Namespace,
+    pub js: async_nats::jetstream::Context,
     pub commands: Server,
     pub edge: Server,
     pub projections: Server,
@@ -139,6 +142,8 @@ impl Stack {
 
         Ok(Self {
             db,
+            namespace: events::Namespace::new(&namespace)?,
+            js: cp_nats::jetstream(testkit::nats().await?, 5_000),
             commands,
             edge,
             projections,
@@ -332,6 +337,46 @@ impl Stack {
             payment_id,
             seckill_order_id,
         })
+    }
+
+    /// Whether everything is quiet: every admitted request decided, every
+    /// reaction done, everything stored published and projected.
+    pub async fn quiet(&self) -> anyhow::Result<bool> {
+        let mut consumers = vec![
+            (
+                self.namespace.seckill_requests_stream(),
+                events::subjects::CLAIM_WRITER_CONSUMER.to_owned(),
+            ),
+            (
+                self.namespace.events_stream("Order"),
+                commands::lifecycle::LIFECYCLE_CONSUMER.to_owned(),
+            ),
+        ];
+        for projection in projections::Projection::ALL {
+            consumers.push((
+                self.namespace.events_stream(projection.aggregate_type()),
+                projections::daemon::consumer_name(projection.name()),
+            ));
+        }
+        for (stream, consumer) in consumers {
+            let stream = self.js.get_stream(stream).await?;
+            let last = stream.get_info().await?.state.last_sequence;
+            match stream.consumer_info(&consumer).await {
+                Ok(info) if info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= last => {}
+                Ok(_) => return Ok(false),
+                // a consumer not created yet has nothing to catch up on only
+                // while its stream is empty
+                Err(_) if last == 0 => {}
+                Err(_) => return Ok(false),
+            }
+        }
+        let unpublished: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events e, relay_cursor c
+                             WHERE (e.tx_id, e.global_position) > (c.last_tx_id, c.last_position))",
+        )
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok(!unpublished)
     }
 
     /// Stops every service gracefully, the readers first.

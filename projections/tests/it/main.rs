@@ -6,4 +6,3 @@ mod replay;
 mod service;
 mod support;
 mod swap;
-mod workload;

@@ -1,12 +1,11 @@
-//! After a randomized workload through the command API (relay, claim writer
-//! and projection daemon all running), every live view equals a replay from
-//! scratch, document by document.
+//! After a randomized workload through the command API (relay, claim writer,
+//! lifecycle reactor and projection daemon all running), every live view
+//! equals a replay from scratch, document by document.
 
 use std::time::Duration;
 
-use crate::support::Setup;
+use crate::Stack;
 use chrono::{Duration as Span, Utc};
-use clap::Parser as _;
 use cp_nats::{Outgoing, Publisher};
 use events::OrderRequested;
 use platform::http::{JwtKeys, Role};
@@ -19,8 +18,6 @@ use serde_json::{Value, json};
 use testkit::eventually;
 use testkit::reqwest;
 use uuid::Uuid;
-
-const SECRET: &str = "workload-secret";
 
 struct Api {
     http: reqwest::Client,
@@ -49,25 +46,11 @@ fn id_of(body: &Value, field: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_live_view_equals_a_replay_from_scratch_after_a_random_workload() -> anyhow::Result<()> {
-    let mut setup = Setup::new().await?;
-    let nats_url = testkit::nats_url();
-    let config = commands::Config::try_parse_from([
-        "command-api",
-        "--database-url",
-        &setup.db.url,
-        "--nats-url",
-        &nats_url,
-        "--nats-namespace",
-        setup.namespace.as_str(),
-        "--jwt-secret",
-        SECRET,
-    ])?;
-    let server = testkit::Server::start(|listener, shutdown| commands::run(config, listener, shutdown)).await?;
-    setup.start_daemon(5);
+    let stack = Stack::start().await?;
     let api = Api {
         http: reqwest::Client::new(),
-        base: server.url(""),
-        jwt: JwtKeys::new(&platform::Secret::new(SECRET)),
+        base: stack.commands.url(""),
+        jwt: JwtKeys::new(&platform::Secret::new(crate::SECRET)),
     };
     let seed: u64 = rand::random();
     eprintln!("workload seed {seed}");
@@ -104,7 +87,7 @@ async fn every_live_view_equals_a_replay_from_scratch_after_a_random_workload() 
         }
     }
 
-    let publisher = Publisher::new(setup.js.clone(), 64);
+    let publisher = Publisher::new(stack.js.clone(), 64);
     let mut orders: Vec<(String, String)> = Vec::new();
     for _ in 0..150 {
         let user = users.choose(&mut rng).expect("users").clone();
@@ -136,7 +119,7 @@ async fn every_live_view_equals_a_replay_from_scratch_after_a_random_workload() 
                 };
                 orders.push((request.order_id.to_string(), user.clone()));
                 let message = Outgoing::new(
-                    setup.namespace.seckill_requests_subject(),
+                    stack.namespace.seckill_requests_subject(),
                     request.order_id.to_string(),
                     serde_json::to_vec(&request)?,
                 );
@@ -170,42 +153,9 @@ async fn every_live_view_equals_a_replay_from_scratch_after_a_random_workload() 
 
     // quiet: every admitted request decided, every reaction done, everything
     // stored published and projected, all at once
-    eventually(Duration::from_secs(60), || async {
-        for (stream, consumer) in [
-            (
-                setup.namespace.seckill_requests_stream(),
-                events::subjects::CLAIM_WRITER_CONSUMER,
-            ),
-            (
-                setup.namespace.events_stream("Order"),
-                commands::lifecycle::LIFECYCLE_CONSUMER,
-            ),
-        ] {
-            let stream = setup.js.get_stream(stream).await?;
-            let last = stream.get_info().await?.state.last_sequence;
-            if stream.consumer_info(consumer).await?.ack_floor.stream_sequence < last {
-                return Ok(false);
-            }
-        }
-        let unpublished: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM events e, relay_cursor c
-                             WHERE (e.tx_id, e.global_position) > (c.last_tx_id, c.last_position))",
-        )
-        .fetch_one(&setup.db.pool)
-        .await?;
-        if unpublished {
-            return Ok(false);
-        }
-        for projection in Projection::ALL {
-            if !setup.caught_up(projection).await? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })
-    .await?;
+    eventually(Duration::from_secs(60), || stack.quiet()).await?;
     let placed: i64 = sqlx::query_scalar("SELECT count(*) FROM order_view")
-        .fetch_one(&setup.db.pool)
+        .fetch_one(&stack.db.pool)
         .await?;
     assert!(placed > 0, "the workload made orders");
 
@@ -214,11 +164,10 @@ async fn every_live_view_equals_a_replay_from_scratch_after_a_random_workload() 
             batch: 13,
             dry_run: true,
         };
-        let report = projection.replay(&setup.db.pool, &options, &mut Silent).await?;
+        let report = projection.replay(&stack.db.pool, &options, &mut Silent).await?;
         let differences = report.differences.expect("compared");
         assert!(differences.is_empty(), "{projection} (seed {seed}): {differences:?}");
         assert_eq!(report.dead_letters, 0, "{projection}");
     }
-    server.stop().await?;
-    setup.finish().await
+    stack.stop().await
 }
