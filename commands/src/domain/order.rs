@@ -348,6 +348,7 @@ impl Order {
         self.status.ok_or(OrderError::NotFound)
     }
 
+    /// Each command decided by its own method (as `voucher.rs` does).
     fn decide(&self, command: OrderCommand) -> Result<Option<OrderEvent>, OrderError> {
         match command {
             OrderCommand::PlaceSeckillOrder {
@@ -358,37 +359,15 @@ impl Order {
                 title,
                 price_cents,
                 placed_at,
-            } => {
-                if self.exists() {
-                    let same = self.kind == Some(OrderKind::SeckillVoucher)
-                        && self.was_placed()
-                        && self.user_id == user_id
-                        && self.voucher_id == Some(voucher_id);
-                    return if same { Ok(None) } else { Err(OrderError::AlreadyExists) };
-                }
-                if price_cents < 0 {
-                    return Err(OrderError::NegativePrice);
-                }
-                Ok(Some(OrderEvent::OrderPlaced {
-                    order_id,
-                    user_id,
-                    merchant_id: Some(merchant_id),
-                    kind: OrderKind::SeckillVoucher,
-                    items: vec![OrderItem {
-                        product_id: None,
-                        voucher_id: Some(voucher_id),
-                        name: title,
-                        quantity: 1,
-                        unit_price_cents: price_cents,
-                    }],
-                    voucher_id: Some(voucher_id),
-                    coupon_id: None,
-                    subtotal_cents: price_cents,
-                    discount_cents: 0,
-                    total_cents: price_cents,
-                    placed_at,
-                }))
-            }
+            } => self.decide_place_seckill(
+                order_id,
+                user_id,
+                merchant_id,
+                voucher_id,
+                title,
+                price_cents,
+                placed_at,
+            ),
             OrderCommand::RejectSeckillOrder {
                 order_id,
                 user_id,
@@ -396,24 +375,7 @@ impl Order {
                 voucher_id,
                 reason,
                 rejected_at,
-            } => {
-                if self.exists() {
-                    let same = self.kind == Some(OrderKind::SeckillVoucher)
-                        && self.status == Some(OrderStatus::Rejected)
-                        && self.user_id == user_id
-                        && self.voucher_id == Some(voucher_id);
-                    return if same { Ok(None) } else { Err(OrderError::AlreadyExists) };
-                }
-                Ok(Some(OrderEvent::OrderRejected {
-                    order_id,
-                    user_id,
-                    merchant_id,
-                    kind: OrderKind::SeckillVoucher,
-                    voucher_id: Some(voucher_id),
-                    reason,
-                    rejected_at,
-                }))
-            }
+            } => self.decide_reject_seckill(order_id, user_id, merchant_id, voucher_id, reason, rejected_at),
             OrderCommand::SubmitGoodsOrder {
                 order_id,
                 user_id,
@@ -421,24 +383,7 @@ impl Order {
                 items,
                 coupon_id,
                 submitted_at,
-            } => {
-                if self.exists() {
-                    let same = self.kind == Some(OrderKind::Goods)
-                        && self.user_id == user_id
-                        && self.requested_items == items
-                        && self.coupon_id == coupon_id;
-                    return if same { Ok(None) } else { Err(OrderError::AlreadyExists) };
-                }
-                validate_requested(&items)?;
-                Ok(Some(OrderEvent::OrderSubmitted {
-                    order_id,
-                    user_id,
-                    merchant_id,
-                    items,
-                    coupon_id,
-                    submitted_at,
-                }))
-            }
+            } => self.decide_submit_goods(order_id, user_id, merchant_id, items, coupon_id, submitted_at),
             OrderCommand::PlaceGoodsOrder {
                 merchant_id,
                 items,
@@ -446,196 +391,333 @@ impl Order {
                 discount_cents,
                 placed_at,
             } => self.decide_place_goods(merchant_id, items, coupon_id, discount_cents, placed_at),
-            OrderCommand::RejectGoodsOrder { reason, rejected_at } => {
-                let status = self.current()?;
-                if status == OrderStatus::Rejected && self.rejection == Some(reason) {
-                    return Ok(None);
-                }
-                if status != OrderStatus::Submitted {
-                    return Err(OrderError::InvalidTransition {
-                        from: status,
-                        action: "reject",
-                    });
-                }
-                Ok(Some(OrderEvent::OrderRejected {
-                    order_id: self.order_id.unwrap_or_default(),
-                    user_id: self.user_id.clone(),
-                    merchant_id: self.merchant_id.clone(),
-                    kind: OrderKind::Goods,
-                    voucher_id: None,
-                    reason,
-                    rejected_at,
-                }))
-            }
+            OrderCommand::RejectGoodsOrder { reason, rejected_at } => self.decide_reject_goods(reason, rejected_at),
             OrderCommand::StartPayment {
                 payment_id,
                 amount_cents,
-            } => {
-                let status = self.current()?;
-                if self.payment_id == Some(payment_id) {
-                    return Ok(None);
-                }
-                match status {
-                    OrderStatus::PendingPayment => {}
-                    OrderStatus::Cancelled => return Err(OrderError::Cancelled),
-                    OrderStatus::Paid | OrderStatus::Preparing | OrderStatus::Completed => {
-                        return Err(OrderError::AlreadyPaid);
-                    }
-                    OrderStatus::Submitted | OrderStatus::Rejected => {
-                        return Err(OrderError::InvalidTransition {
-                            from: status,
-                            action: "start payment for",
-                        });
-                    }
-                }
-                if let Some(existing) = self.payment_id {
-                    return Err(OrderError::PaymentAlreadyStarted { payment_id: existing });
-                }
-                self.check_amount(amount_cents)?;
-                Ok(Some(OrderEvent::OrderPaymentStarted {
-                    payment_id,
-                    amount_cents,
-                }))
-            }
+            } => self.decide_start_payment(payment_id, amount_cents),
             OrderCommand::MarkPaid {
                 payment_id,
                 amount_cents,
                 paid_at,
-            } => {
-                let status = self.current()?;
-                match status {
-                    OrderStatus::PendingPayment => {}
-                    OrderStatus::Paid | OrderStatus::Preparing | OrderStatus::Completed => {
-                        return if self.payment_id == Some(payment_id) {
-                            Ok(None)
-                        } else {
-                            Err(OrderError::AlreadyPaid)
-                        };
-                    }
-                    // The saga refunds a payment that arrives now.
-                    OrderStatus::Cancelled => return Err(OrderError::Cancelled),
-                    OrderStatus::Submitted | OrderStatus::Rejected => {
-                        return Err(OrderError::InvalidTransition {
-                            from: status,
-                            action: "pay",
-                        });
-                    }
-                }
-                // Accepted without a recorded start: the payment may have been
-                // created by a request that failed before `StartPayment`, and
-                // the money has arrived anyway.
-                if let Some(expected) = self.payment_id
-                    && expected != payment_id
-                {
-                    return Err(OrderError::PaymentMismatch {
-                        expected,
-                        actual: payment_id,
-                    });
-                }
-                self.check_amount(amount_cents)?;
-                Ok(Some(OrderEvent::OrderPaid {
-                    payment_id,
-                    amount_cents,
-                    paid_at,
-                }))
-            }
+            } => self.decide_mark_paid(payment_id, amount_cents, paid_at),
             OrderCommand::Cancel {
                 by,
                 by_role,
                 reason,
                 at,
-            } => {
-                let status = self.current()?;
-                // Ownership before state, so a stranger learns nothing about
-                // it: another customer's order is answered as missing.
-                if by_role == CancellerRole::Customer && by != self.user_id {
-                    return Err(OrderError::NotFound);
-                }
-                match status {
-                    OrderStatus::Submitted | OrderStatus::PendingPayment => Ok(Some(OrderEvent::OrderCancelled {
-                        reason,
-                        cancelled_by: by,
-                        cancelled_at: at,
-                    })),
-                    OrderStatus::Cancelled => Err(OrderError::AlreadyCancelled),
-                    OrderStatus::Paid | OrderStatus::Preparing | OrderStatus::Completed => Err(OrderError::AlreadyPaid),
-                    OrderStatus::Rejected => Err(OrderError::InvalidTransition {
-                        from: status,
-                        action: "cancel",
-                    }),
-                }
-            }
-            OrderCommand::TimeOut { deadline, at } => {
-                if self.current()? != OrderStatus::PendingPayment {
-                    return Ok(None);
-                }
-                if at < deadline {
-                    return Err(OrderError::DeadlineNotReached);
-                }
-                Ok(Some(OrderEvent::OrderTimedOut {
-                    deadline,
-                    timed_out_at: at,
-                }))
-            }
-            OrderCommand::StartPreparing { merchant, at } => {
-                let status = self.current()?;
-                if !self.visible_to_merchant(merchant.as_deref()) {
-                    return Err(OrderError::NotFound);
-                }
-                if status != OrderStatus::Paid {
-                    return Err(OrderError::InvalidTransition {
-                        from: status,
-                        action: "start preparing",
-                    });
-                }
-                Ok(Some(OrderEvent::OrderPreparationStarted { at }))
-            }
-            OrderCommand::Complete { merchant, at } => {
-                let status = self.current()?;
-                if !self.visible_to_merchant(merchant.as_deref()) {
-                    return Err(OrderError::NotFound);
-                }
-                if status != OrderStatus::Preparing {
-                    return Err(OrderError::InvalidTransition {
-                        from: status,
-                        action: "complete",
-                    });
-                }
-                Ok(Some(OrderEvent::OrderCompleted { at }))
-            }
+            } => self.decide_cancel(by, by_role, reason, at),
+            OrderCommand::TimeOut { deadline, at } => self.decide_time_out(deadline, at),
+            OrderCommand::StartPreparing { merchant, at } => self.decide_start_preparing(merchant, at),
+            OrderCommand::Complete { merchant, at } => self.decide_complete(merchant, at),
             OrderCommand::Refund {
                 payment_id,
                 amount_cents,
                 reason,
                 at,
-            } => {
-                let status = self.current()?;
-                if self.refunded_payments.contains(&payment_id) {
-                    return Ok(None);
-                }
-                if status != OrderStatus::Cancelled {
-                    return Err(OrderError::InvalidTransition {
-                        from: status,
-                        action: "refund",
-                    });
-                }
-                if let Some(expected) = self.payment_id
-                    && expected != payment_id
-                {
-                    return Err(OrderError::PaymentMismatch {
-                        expected,
-                        actual: payment_id,
-                    });
-                }
-                self.check_amount(amount_cents)?;
-                Ok(Some(OrderEvent::OrderRefunded {
-                    payment_id,
-                    amount_cents,
-                    reason,
-                    at,
-                }))
+            } => self.decide_refund(payment_id, amount_cents, reason, at),
+        }
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "the command's fields, passed as they come")]
+    fn decide_place_seckill(
+        &self,
+        order_id: Uuid,
+        user_id: String,
+        merchant_id: String,
+        voucher_id: Uuid,
+        title: String,
+        price_cents: i64,
+        placed_at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        if self.exists() {
+            let same = self.kind == Some(OrderKind::SeckillVoucher)
+                && self.was_placed()
+                && self.user_id == user_id
+                && self.voucher_id == Some(voucher_id);
+            return if same { Ok(None) } else { Err(OrderError::AlreadyExists) };
+        }
+        if price_cents < 0 {
+            return Err(OrderError::NegativePrice);
+        }
+        Ok(Some(OrderEvent::OrderPlaced {
+            order_id,
+            user_id,
+            merchant_id: Some(merchant_id),
+            kind: OrderKind::SeckillVoucher,
+            items: vec![OrderItem {
+                product_id: None,
+                voucher_id: Some(voucher_id),
+                name: title,
+                quantity: 1,
+                unit_price_cents: price_cents,
+            }],
+            voucher_id: Some(voucher_id),
+            coupon_id: None,
+            subtotal_cents: price_cents,
+            discount_cents: 0,
+            total_cents: price_cents,
+            placed_at,
+        }))
+    }
+
+    fn decide_reject_seckill(
+        &self,
+        order_id: Uuid,
+        user_id: String,
+        merchant_id: Option<String>,
+        voucher_id: Uuid,
+        reason: OrderRejectionReason,
+        rejected_at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        if self.exists() {
+            let same = self.kind == Some(OrderKind::SeckillVoucher)
+                && self.status == Some(OrderStatus::Rejected)
+                && self.user_id == user_id
+                && self.voucher_id == Some(voucher_id);
+            return if same { Ok(None) } else { Err(OrderError::AlreadyExists) };
+        }
+        Ok(Some(OrderEvent::OrderRejected {
+            order_id,
+            user_id,
+            merchant_id,
+            kind: OrderKind::SeckillVoucher,
+            voucher_id: Some(voucher_id),
+            reason,
+            rejected_at,
+        }))
+    }
+
+    fn decide_submit_goods(
+        &self,
+        order_id: Uuid,
+        user_id: String,
+        merchant_id: Option<String>,
+        items: Vec<RequestedItem>,
+        coupon_id: Option<Uuid>,
+        submitted_at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        if self.exists() {
+            let same = self.kind == Some(OrderKind::Goods)
+                && self.user_id == user_id
+                && self.requested_items == items
+                && self.coupon_id == coupon_id;
+            return if same { Ok(None) } else { Err(OrderError::AlreadyExists) };
+        }
+        validate_requested(&items)?;
+        Ok(Some(OrderEvent::OrderSubmitted {
+            order_id,
+            user_id,
+            merchant_id,
+            items,
+            coupon_id,
+            submitted_at,
+        }))
+    }
+
+    fn decide_reject_goods(
+        &self,
+        reason: OrderRejectionReason,
+        rejected_at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        let status = self.current()?;
+        if status == OrderStatus::Rejected && self.rejection == Some(reason) {
+            return Ok(None);
+        }
+        if status != OrderStatus::Submitted {
+            return Err(OrderError::InvalidTransition {
+                from: status,
+                action: "reject",
+            });
+        }
+        Ok(Some(OrderEvent::OrderRejected {
+            order_id: self.order_id.unwrap_or_default(),
+            user_id: self.user_id.clone(),
+            merchant_id: self.merchant_id.clone(),
+            kind: OrderKind::Goods,
+            voucher_id: None,
+            reason,
+            rejected_at,
+        }))
+    }
+
+    fn decide_start_payment(&self, payment_id: Uuid, amount_cents: i64) -> Result<Option<OrderEvent>, OrderError> {
+        let status = self.current()?;
+        if self.payment_id == Some(payment_id) {
+            return Ok(None);
+        }
+        match status {
+            OrderStatus::PendingPayment => {}
+            OrderStatus::Cancelled => return Err(OrderError::Cancelled),
+            OrderStatus::Paid | OrderStatus::Preparing | OrderStatus::Completed => {
+                return Err(OrderError::AlreadyPaid);
+            }
+            OrderStatus::Submitted | OrderStatus::Rejected => {
+                return Err(OrderError::InvalidTransition {
+                    from: status,
+                    action: "start payment for",
+                });
             }
         }
+        if let Some(existing) = self.payment_id {
+            return Err(OrderError::PaymentAlreadyStarted { payment_id: existing });
+        }
+        self.check_amount(amount_cents)?;
+        Ok(Some(OrderEvent::OrderPaymentStarted {
+            payment_id,
+            amount_cents,
+        }))
+    }
+
+    fn decide_mark_paid(
+        &self,
+        payment_id: Uuid,
+        amount_cents: i64,
+        paid_at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        let status = self.current()?;
+        match status {
+            OrderStatus::PendingPayment => {}
+            OrderStatus::Paid | OrderStatus::Preparing | OrderStatus::Completed => {
+                return if self.payment_id == Some(payment_id) {
+                    Ok(None)
+                } else {
+                    Err(OrderError::AlreadyPaid)
+                };
+            }
+            // The saga refunds a payment that arrives now.
+            OrderStatus::Cancelled => return Err(OrderError::Cancelled),
+            OrderStatus::Submitted | OrderStatus::Rejected => {
+                return Err(OrderError::InvalidTransition {
+                    from: status,
+                    action: "pay",
+                });
+            }
+        }
+        // Accepted without a recorded start: the payment may have been
+        // created by a request that failed before `StartPayment`, and
+        // the money has arrived anyway.
+        if let Some(expected) = self.payment_id
+            && expected != payment_id
+        {
+            return Err(OrderError::PaymentMismatch {
+                expected,
+                actual: payment_id,
+            });
+        }
+        self.check_amount(amount_cents)?;
+        Ok(Some(OrderEvent::OrderPaid {
+            payment_id,
+            amount_cents,
+            paid_at,
+        }))
+    }
+
+    fn decide_cancel(
+        &self,
+        by: String,
+        by_role: CancellerRole,
+        reason: CancellationReason,
+        at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        let status = self.current()?;
+        // Ownership before state, so a stranger learns nothing about
+        // it: another customer's order is answered as missing.
+        if by_role == CancellerRole::Customer && by != self.user_id {
+            return Err(OrderError::NotFound);
+        }
+        match status {
+            OrderStatus::Submitted | OrderStatus::PendingPayment => Ok(Some(OrderEvent::OrderCancelled {
+                reason,
+                cancelled_by: by,
+                cancelled_at: at,
+            })),
+            OrderStatus::Cancelled => Err(OrderError::AlreadyCancelled),
+            OrderStatus::Paid | OrderStatus::Preparing | OrderStatus::Completed => Err(OrderError::AlreadyPaid),
+            OrderStatus::Rejected => Err(OrderError::InvalidTransition {
+                from: status,
+                action: "cancel",
+            }),
+        }
+    }
+
+    fn decide_time_out(&self, deadline: DateTime<Utc>, at: DateTime<Utc>) -> Result<Option<OrderEvent>, OrderError> {
+        if self.current()? != OrderStatus::PendingPayment {
+            return Ok(None);
+        }
+        if at < deadline {
+            return Err(OrderError::DeadlineNotReached);
+        }
+        Ok(Some(OrderEvent::OrderTimedOut {
+            deadline,
+            timed_out_at: at,
+        }))
+    }
+
+    fn decide_start_preparing(
+        &self,
+        merchant: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        let status = self.current()?;
+        if !self.visible_to_merchant(merchant.as_deref()) {
+            return Err(OrderError::NotFound);
+        }
+        if status != OrderStatus::Paid {
+            return Err(OrderError::InvalidTransition {
+                from: status,
+                action: "start preparing",
+            });
+        }
+        Ok(Some(OrderEvent::OrderPreparationStarted { at }))
+    }
+
+    fn decide_complete(&self, merchant: Option<String>, at: DateTime<Utc>) -> Result<Option<OrderEvent>, OrderError> {
+        let status = self.current()?;
+        if !self.visible_to_merchant(merchant.as_deref()) {
+            return Err(OrderError::NotFound);
+        }
+        if status != OrderStatus::Preparing {
+            return Err(OrderError::InvalidTransition {
+                from: status,
+                action: "complete",
+            });
+        }
+        Ok(Some(OrderEvent::OrderCompleted { at }))
+    }
+
+    fn decide_refund(
+        &self,
+        payment_id: Uuid,
+        amount_cents: i64,
+        reason: String,
+        at: DateTime<Utc>,
+    ) -> Result<Option<OrderEvent>, OrderError> {
+        let status = self.current()?;
+        if self.refunded_payments.contains(&payment_id) {
+            return Ok(None);
+        }
+        if status != OrderStatus::Cancelled {
+            return Err(OrderError::InvalidTransition {
+                from: status,
+                action: "refund",
+            });
+        }
+        if let Some(expected) = self.payment_id
+            && expected != payment_id
+        {
+            return Err(OrderError::PaymentMismatch {
+                expected,
+                actual: payment_id,
+            });
+        }
+        self.check_amount(amount_cents)?;
+        Ok(Some(OrderEvent::OrderRefunded {
+            payment_id,
+            amount_cents,
+            reason,
+            at,
+        }))
     }
 
     fn decide_place_goods(
