@@ -1,5 +1,6 @@
-//! The event store: the only code that touches the `events` table and the
-//! relay's cursor (ARCHITECTURE.md, "one owner per table"). Every other crate
+//! The event store: the only code that touches the `events` table, the
+//! relay's cursor and the projections' checkpoints (ARCHITECTURE.md, "one
+//! owner per table"). Every other crate
 //! reads and writes events through it.
 //!
 //! Layout:
@@ -12,10 +13,13 @@
 //!   aggregate type's after a global position (replay), decoded and upcast
 //!   into their enum ([`read::aggregate_events`]).
 //! - [`relay`]: the outbox relay, the store onto JetStream in commit order.
+//! - [`checkpoint`]: each projection's position in the store, and the lock
+//!   the replay and the daemon share.
 //! - [`group`]: group commit, the appends of concurrent callers in one
 //!   statement (goods orders' submissions).
 //! - [`leader`]: one active instance among several (Postgres advisory lock).
 
+pub mod checkpoint;
 pub mod group;
 pub mod leader;
 pub mod read;

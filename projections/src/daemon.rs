@@ -23,7 +23,7 @@ use sqlx::PgPool;
 
 use crate::{
     views::Projector,
-    writer::{Documents, Step, dead_letter, lock_checkpoint, record_dead_letters},
+    writer::{Documents, Step, dead_letter, record_dead_letters},
 };
 
 /// The durable consumer of a projection.
@@ -53,7 +53,7 @@ impl<P: Projector> ProjectionHandler<P> {
     async fn apply_batch(&self, messages: &[jetstream::Message]) -> Result<Vec<Result<(), HandlerError>>, sqlx::Error> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        lock_checkpoint(&mut tx, P::NAME).await?;
+        event_store::checkpoint::lock(&mut tx, P::NAME).await?;
 
         let decoded: Vec<Result<EventEnvelope, String>> = messages
             .iter()
@@ -117,18 +117,7 @@ impl<P: Projector> ProjectionHandler<P> {
         letters.append(&mut docs.dead_letters);
         record_dead_letters(&mut tx, P::NAME, &letters).await?;
         if let Some((stream_sequence, global_position, recorded_at)) = last {
-            sqlx::query(
-                "UPDATE projection_checkpoints
-                    SET stream_sequence = GREATEST(stream_sequence, $2), global_position = $3, recorded_at = $4,
-                        updated_at = now()
-                  WHERE projection = $1",
-            )
-            .bind(P::NAME)
-            .bind(i64::try_from(stream_sequence).unwrap_or(i64::MAX))
-            .bind(global_position)
-            .bind(recorded_at)
-            .execute(&mut *tx)
-            .await?;
+            event_store::checkpoint::advance(&mut tx, P::NAME, stream_sequence, global_position, recorded_at).await?;
         }
         tx.commit().await?;
         metrics::counter!("projection_events_applied_total", "projection" => P::NAME).increment(applied);
@@ -158,12 +147,7 @@ impl<P: Projector> BatchHandler for ProjectionHandler<P> {
 pub async fn report_lag(pool: &PgPool, stream: &jetstream::stream::Stream, projection: &str) -> anyhow::Result<()> {
     let info = stream.consumer_info(consumer_name(projection)).await?;
     let behind = info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0);
-    let recorded_at: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT recorded_at FROM projection_checkpoints WHERE projection = $1")
-            .bind(projection)
-            .fetch_optional(pool)
-            .await?
-            .flatten();
+    let recorded_at = event_store::checkpoint::recorded_at(pool, projection).await?;
     let seconds = match (behind, recorded_at) {
         (0, _) | (_, None) => 0.0,
         (_, Some(at)) => (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0,

@@ -25,7 +25,7 @@ use sqlx::{Connection as _, PgConnection, PgPool, Row as _};
 
 use crate::{
     views::Projector,
-    writer::{Documents, Step, dead_letter, lock_checkpoint, record_dead_letters},
+    writer::{Documents, Step, dead_letter, record_dead_letters},
 };
 
 /// Above this many held documents, stored ones are forgotten between pages.
@@ -192,7 +192,7 @@ pub async fn replay<P: Projector>(
     } else {
         let mut tx = conn.begin().await?;
         // pauses the daemon of this projection until the swap commits
-        lock_checkpoint(&mut tx, P::NAME).await?;
+        event_store::checkpoint::lock(&mut tx, P::NAME).await?;
         for (name, definition) in &indexes {
             sqlx::query(&rebuilt_index(definition, name, P::TABLE, &shadow))
                 .execute(&mut *tx)

@@ -325,21 +325,6 @@ impl<P: Projector> Documents<P> {
     }
 }
 
-/// Locks the projection's checkpoint row (creating it on first use) for the
-/// rest of the transaction: the daemon holds it per batch, the replay while it
-/// swaps tables, so the two never interleave.
-pub async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(projection)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
-        .bind(projection)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
 pub fn dead_letter(event: &EventEnvelope, error: &dyn std::fmt::Display) -> DeadLetter {
     DeadLetter {
         event_id: event.event_id,
