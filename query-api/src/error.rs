@@ -21,6 +21,10 @@ pub enum ApiError {
     /// The cause is logged, never sent.
     #[error("the views are unavailable")]
     Store(#[from] sqlx::Error),
+    /// A stored document that is not JSON (it cannot be: the column is
+    /// jsonb); logged, never sent.
+    #[error("a stored document does not decode")]
+    StoredDocument(#[source] serde_json::Error),
 }
 
 impl IntoResponse for ApiError {
@@ -36,6 +40,10 @@ impl IntoResponse for ApiError {
             Self::Store(ref cause) => {
                 tracing::error!(error = ?cause, "view store failure");
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
+            }
+            Self::StoredDocument(ref cause) => {
+                tracing::error!(error = ?cause, "stored document does not decode");
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", self.to_string())
             }
         }
     }

@@ -21,7 +21,6 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::{Notify, oneshot};
 
@@ -41,7 +40,7 @@ pub enum Table {
 macro_rules! lookup {
     ($table:literal) => {
         concat!(
-            "SELECT v.id, v.version, CASE WHEN v.version >= w.min_version THEN v.doc END FROM ",
+            "SELECT v.id, v.version, CASE WHEN v.version >= w.min_version THEN v.doc::text END FROM ",
             $table,
             " v JOIN UNNEST($1::text[], $2::bigint[]) AS w(id, min_version) USING (id)"
         )
@@ -58,8 +57,8 @@ impl Table {
     }
 }
 
-/// A document as stored: its version and its JSON.
-pub type Versioned = (u64, Value);
+/// A document as stored: its version and its JSON text.
+pub type Versioned = (u64, String);
 
 struct Waiter {
     min_version: u64,
@@ -166,7 +165,7 @@ async fn watch(inner: Weak<Inner>) {
             continue;
         }
         for (table, (ids, versions)) in wanted {
-            match sqlx::query_as::<_, (String, i64, Option<Value>)>(table.lookup())
+            match sqlx::query_as::<_, (String, i64, Option<String>)>(table.lookup())
                 .bind(&ids)
                 .bind(&versions)
                 .fetch_all(&strong.pool)
@@ -205,7 +204,7 @@ fn wanted(inner: &Inner) -> HashMap<Table, (Vec<String>, Vec<i64>)> {
     wanted
 }
 
-fn wake(inner: &Inner, table: Table, rows: Vec<(String, i64, Option<Value>)>) {
+fn wake(inner: &Inner, table: Table, rows: Vec<(String, i64, Option<String>)>) {
     let Ok(mut waiting) = inner.waiting.lock() else { return };
     for (id, version, doc) in rows {
         // no document: below every waiter's version

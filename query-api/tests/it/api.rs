@@ -553,3 +553,25 @@ async fn the_kitchen_sees_paid_orders_waiting_oldest_first() -> anyhow::Result<(
     );
     api.db.drop_database().await
 }
+
+#[tokio::test]
+async fn equality_filters_on_order_documents_are_served_by_the_gin_index() -> anyhow::Result<()> {
+    let api = Api::new().await?;
+    for n in 0..50 {
+        api.order(&format!("user-{n}"), "pending_payment", 990 + n).await?;
+    }
+    // the expression the filter emits for `{"kind": "goods"}` (filter.rs DOC_INDEXED)
+    let mut conn = api.db.pool.acquire().await?;
+    sqlx::query("SET enable_seqscan = off").execute(&mut *conn).await?;
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT id FROM order_view WHERE (doc - 'items' - 'history') @> '{\"kind\": \"goods\"}'::jsonb",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    assert!(plan.iter().any(|line| line.contains("order_view_doc_idx")), "{plan:#?}");
+    drop(conn);
+    let (status, body) = api.get("/orders?filter=%7B%22total_cents%22%3A1000%7D", ADMIN).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(1), "{body}");
+    api.db.drop_database().await
+}
