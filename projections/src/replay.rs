@@ -221,6 +221,12 @@ pub async fn replay<P: Projector>(
         for statement in statements {
             sqlx::query(&statement).execute(&mut *tx).await?;
         }
+        // every cached document of the view is now suspect (sent on commit)
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(platform::pg::VIEW_CHANGES_CHANNEL)
+            .bind(platform::pg::ViewChange::whole_table(P::TABLE))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         None
     };

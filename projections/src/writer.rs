@@ -308,6 +308,20 @@ impl<P: Projector> Documents<P> {
             .bind(&merchants)
             .execute(&mut *conn)
             .await?;
+        if self.written_only.is_none() {
+            // the live table: tell the query API's caches which documents
+            // moved on (delivered when this transaction commits)
+            let changed: Vec<(String, u64)> = ids
+                .iter()
+                .cloned()
+                .zip(versions.iter().map(|v| v.unsigned_abs()))
+                .collect();
+            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                .bind(platform::pg::VIEW_CHANGES_CHANNEL)
+                .bind(platform::pg::ViewChange::payloads(&self.table, &changed))
+                .execute(&mut *conn)
+                .await?;
+        }
         Ok(ids.len())
     }
 

@@ -4,9 +4,11 @@
 //! with read-your-writes waits, order search, my coupons), [`filter`] (the
 //! MongoDB-style `filter`, `sort` and cursor of `GET /orders`, translated to
 //! parameterized SQL), [`watch`] (read-your-writes waits shared by every
-//! waiting request), [`error`] (the one error type), [`Config`] (env),
+//! waiting request), [`cache`] (documents by id in memory, invalidated by the
+//! projections' writes), [`error`] (the one error type), [`Config`] (env),
 //! [`AppState`], [`router`] (for in-process tests) and [`run`].
 
+pub mod cache;
 pub mod error;
 pub mod filter;
 pub mod routes;
@@ -29,6 +31,13 @@ pub const SERVICE: &str = "query-api";
 pub struct Config {
     #[arg(long, env = "QUERY_API_ADDR", default_value = "127.0.0.1:8082")]
     pub addr: String,
+    /// Memory for documents read by id, in MiB (0: no cache).
+    #[arg(long, env = "QUERY_CACHE_MB", default_value_t = 64)]
+    pub cache_mb: u64,
+    /// The longest a cached document is served without being read again,
+    /// should an invalidation be lost.
+    #[arg(long, env = "QUERY_CACHE_TTL_MS", default_value_t = 5_000)]
+    pub cache_ttl_ms: u64,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -47,6 +56,8 @@ pub struct AppState {
     pub jwt: JwtKeys,
     pub ops: Ops,
     pub watch: watch::VersionWatch,
+    /// `None`: every read goes to Postgres.
+    pub cache: Option<cache::DocCache>,
 }
 
 impl AppState {
@@ -56,7 +67,15 @@ impl AppState {
             pool,
             jwt,
             ops,
+            cache: None,
         }
+    }
+
+    /// Reads by id through `cache`; the caller keeps it invalidated
+    /// ([`cache::DocCache::listen`]).
+    pub fn with_cache(mut self, cache: cache::DocCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 }
 
@@ -75,7 +94,20 @@ pub async fn run(
         health: Health::new().postgres(pool.clone()),
         metrics: platform::telemetry::metrics_handle(),
     };
-    let state = AppState::new(pool, JwtKeys::new(&config.auth.jwt_secret), ops);
-    platform::http::serve(listener, router(state), &config.http, shutdown).await?;
+    let mut state = AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops);
+    let mut listening = None;
+    if config.cache_mb > 0 {
+        let cache = cache::DocCache::new(
+            config.cache_mb.saturating_mul(1 << 20),
+            std::time::Duration::from_millis(config.cache_ttl_ms),
+        );
+        listening = Some(cache.listen(pool));
+        state = state.with_cache(cache);
+    }
+    let served = platform::http::serve(listener, router(state), &config.http, shutdown).await;
+    if let Some(listening) = listening {
+        listening.abort();
+    }
+    served?;
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::{
     Json, Router,
+    body::Bytes,
     extract::State,
     http::StatusCode,
     response::{IntoResponse, Response},
@@ -21,6 +22,7 @@ use uuid::Uuid;
 
 use crate::{
     AppState,
+    cache::CachedDoc,
     error::ApiError,
     filter::{ListParams, OrderQuery},
     watch::Table,
@@ -78,13 +80,10 @@ impl Freshness {
     }
 }
 
-/// A stored document the caller may see: its JSON text exactly as stored,
-/// answered without decoding it (only the voucher route, which adds a
-/// time-dependent field, parses it).
-struct Stored {
-    version: u64,
-    doc: String,
-}
+/// A stored document (its JSON text exactly as stored, answered without
+/// decoding it; only the voucher route, which adds a time-dependent field,
+/// parses it) with the owner columns a cached copy is checked against.
+type Stored = CachedDoc;
 
 /// What of a view the caller may see, as SQL predicates that are always
 /// ANDed into its queries (API.md "Tenancy"): a customer its own documents,
@@ -131,15 +130,15 @@ impl View {
     fn select(self) -> &'static str {
         match self {
             Self::Orders => {
-                "SELECT version, doc::text AS doc FROM order_view WHERE id = $1
+                "SELECT version, doc::text AS doc, user_id, merchant_id FROM order_view WHERE id = $1
                     AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
             }
             Self::Vouchers => {
-                "SELECT version, doc::text AS doc FROM voucher_view WHERE id = $1
+                "SELECT version, doc::text AS doc, user_id, merchant_id FROM voucher_view WHERE id = $1
                     AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
             }
             Self::Products => {
-                "SELECT version, doc::text AS doc FROM product_view WHERE id = $1
+                "SELECT version, doc::text AS doc, user_id, merchant_id FROM product_view WHERE id = $1
                     AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
             }
         }
@@ -163,6 +162,7 @@ impl View {
     }
 }
 
+/// The document from Postgres, within the caller's scope (in SQL).
 async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Option<Stored>, sqlx::Error> {
     let row = sqlx::query(view.select())
         .bind(id)
@@ -173,10 +173,32 @@ async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Opt
     row.map(|row| {
         Ok(Stored {
             version: row.try_get::<i64, _>("version")?.unsigned_abs(),
-            doc: row.try_get("doc")?,
+            doc: Bytes::from(row.try_get::<String, _>("doc")?),
+            user_id: row.try_get("user_id")?,
+            merchant_id: row.try_get("merchant_id")?,
         })
     })
     .transpose()
+}
+
+impl Scope {
+    /// The same predicate as the SQL's, on a cached document's owners.
+    fn allows(&self, doc: &Stored) -> bool {
+        let owns = |wanted: &Option<String>, owner: &Option<String>| wanted.is_none() || wanted == owner;
+        owns(&self.user_id, &doc.user_id) && owns(&self.merchant_id, &doc.merchant_id)
+    }
+}
+
+/// The document through the cache when there is one (loaded with the
+/// caller's scope in SQL on a miss, checked against it in memory on a hit).
+async fn read(state: &AppState, view: View, id: &str, scope: &Scope) -> Result<Option<Stored>, sqlx::Error> {
+    let Some(cache) = &state.cache else {
+        return fetch(&state.pool, view, id, scope).await;
+    };
+    let cached = cache
+        .get_or_load(view.table(), id, || fetch(&state.pool, view, id, scope))
+        .await?;
+    Ok(cached.filter(|doc| scope.allows(doc)).map(|doc| (*doc).clone()))
 }
 
 /// Reads a document the caller may see, waiting up to the asked time for
@@ -184,9 +206,11 @@ async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Opt
 /// was not reached in time. An unknown id and another's document are the
 /// same 404, at once (API.md "Read-your-writes").
 ///
-/// The wait itself is the process's shared [`crate::watch::VersionWatch`]:
-/// one lookup per tick for every waiting request, which hands over the
-/// document once it is there.
+/// A cached copy below `min_version` is not the answer: Postgres is asked,
+/// then the process's shared [`crate::watch::VersionWatch`] waits (one
+/// lookup per tick for every waiting request, which hands over the document
+/// once it is there). What is found goes into the cache, so no later read
+/// of this process answers an older version.
 async fn read_fresh(
     state: &AppState,
     view: View,
@@ -195,25 +219,46 @@ async fn read_fresh(
     freshness: &Freshness,
 ) -> Result<(Stored, bool), ApiError> {
     let wait = freshness.wait()?;
-    let stored = fetch(&state.pool, view, id, scope)
+    let mut stored = read(state, view, id, scope)
         .await?
         .ok_or(ApiError::NotFound(view.noun()))?;
     let Some(min_version) = freshness.min_version else {
         return Ok((stored, true));
     };
+    if stored.version < min_version && state.cache.is_some() {
+        // the cache may be behind the view
+        stored = fetch(&state.pool, view, id, scope)
+            .await?
+            .ok_or(ApiError::NotFound(view.noun()))?;
+        remember(state, view, id, &stored).await;
+    }
     if stored.version >= min_version || wait.is_zero() {
         let fresh = stored.version >= min_version;
         return Ok((stored, fresh));
     }
     if let Some((version, doc)) = state.watch.wait(view.table(), id, min_version, wait).await {
-        return Ok((Stored { version, doc }, true));
+        // the same document, later: its owners are the ones already checked
+        let stored = Stored {
+            version,
+            doc: Bytes::from(doc),
+            ..stored
+        };
+        remember(state, view, id, &stored).await;
+        return Ok((stored, true));
     }
     // out of time: the document as it is now, still in scope
     let stored = fetch(&state.pool, view, id, scope)
         .await?
         .ok_or(ApiError::NotFound(view.noun()))?;
+    remember(state, view, id, &stored).await;
     let fresh = stored.version >= min_version;
     Ok((stored, fresh))
+}
+
+async fn remember(state: &AppState, view: View, id: &str, stored: &Stored) {
+    if let Some(cache) = &state.cache {
+        cache.put_if_newer(view.table(), id, stored.clone()).await;
+    }
 }
 
 /// 200 with the document, or 202 with the current one (same schema) when
@@ -243,9 +288,9 @@ async fn get_voucher(
 ) -> Result<Response, ApiError> {
     let (mut stored, fresh) =
         read_fresh(&state, View::Vouchers, &id.to_string(), &Scope::everyone(), &freshness).await?;
-    let mut doc: Value = serde_json::from_str(&stored.doc).map_err(ApiError::StoredDocument)?;
+    let mut doc: Value = serde_json::from_slice(&stored.doc).map_err(ApiError::StoredDocument)?;
     doc["status"] = json!(voucher_status(&doc, Utc::now()));
-    stored.doc = doc.to_string();
+    stored.doc = Bytes::from(doc.to_string());
     Ok(answer((stored, fresh)))
 }
 

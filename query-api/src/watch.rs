@@ -48,6 +48,16 @@ macro_rules! lookup {
 }
 
 impl Table {
+    /// The view table by its name (as the projections announce it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "order_view" => Some(Self::Orders),
+            "voucher_view" => Some(Self::Vouchers),
+            "product_view" => Some(Self::Products),
+            _ => None,
+        }
+    }
+
     fn lookup(self) -> &'static str {
         match self {
             Self::Orders => lookup!("order_view"),

@@ -182,3 +182,37 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() -> anyho
     );
     setup.finish().await
 }
+
+#[tokio::test]
+async fn each_committed_batch_announces_its_documents_and_versions() -> anyhow::Result<()> {
+    let mut setup = Setup::new().await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&setup.db.pool).await?;
+    listener.listen(platform::pg::VIEW_CHANGES_CHANNEL).await?;
+    let envelopes = paid_orders(&setup, 20).await?;
+    for envelope in &envelopes {
+        setup.publish(envelope, false).await?;
+    }
+    setup.start_daemon(5);
+    setup.wait_caught_up().await?;
+    // the highest version announced per order document
+    let mut announced = std::collections::HashMap::new();
+    while let Ok(received) = tokio::time::timeout(Duration::from_millis(500), listener.try_recv()).await {
+        let Some(notification) = received? else { break };
+        match platform::pg::ViewChange::parse(notification.payload()) {
+            Some(platform::pg::ViewChange::Documents { table, changed }) if table == "order_view" => {
+                for (id, version) in changed {
+                    let seen = announced.entry(id).or_insert(0);
+                    *seen = version.max(*seen);
+                }
+            }
+            Some(_) => {}
+            None => anyhow::bail!("unreadable payload {}", notification.payload()),
+        }
+    }
+    let stored = setup.rows("order_view").await?;
+    assert_eq!(stored.len(), 20);
+    for (id, version, _) in stored {
+        assert_eq!(announced.get(&id), Some(&u64::try_from(version)?), "{id}");
+    }
+    setup.finish().await
+}

@@ -575,3 +575,97 @@ async fn equality_filters_on_order_documents_are_served_by_the_gin_index() -> an
     assert_eq!(body["items"].as_array().map(Vec::len), Some(1), "{body}");
     api.db.drop_database().await
 }
+
+#[tokio::test]
+async fn cached_documents_follow_the_projections_announcements_and_never_go_back() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
+    let cache = query_api::cache::DocCache::new(1 << 20, Duration::from_secs(60));
+    let listening = cache.listen(db.pool.clone());
+    let state = AppState::new(
+        db.pool.clone(),
+        jwt.clone(),
+        Ops {
+            health: Health::new(),
+            metrics: platform::telemetry::metrics_handle(),
+        },
+    )
+    .with_cache(cache);
+    let api = Api {
+        db,
+        router: query_api::router(state),
+        jwt,
+    };
+    let id = api.order("ann", "pending_payment", 990).await?;
+    let set_version = |version: i64, announce: bool| {
+        let (pool, id) = (api.db.pool.clone(), id.clone());
+        async move {
+            sqlx::query(
+                "UPDATE order_view SET version = $2, doc = jsonb_set(doc, '{version}', to_jsonb($2)) WHERE id = $1",
+            )
+            .bind(&id)
+            .bind(version)
+            .execute(&pool)
+            .await?;
+            if announce {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(platform::pg::VIEW_CHANGES_CHANNEL)
+                    .bind(format!("order_view\n{id} {version}"))
+                    .execute(&pool)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let read = |query: &'static str| {
+        let (api, id) = (&api, id.clone());
+        async move {
+            let (status, body) = api.get(&format!("/orders/{id}{query}"), ANN).await;
+            (status, body["version"].as_i64())
+        }
+    };
+    // wait until the listener follows (it forgets everything when it starts)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(read("").await, (StatusCode::OK, Some(1)));
+
+    // a change nobody announced is not seen: the copy is served from memory
+    set_version(2, false).await?;
+    assert_eq!(read("").await, (StatusCode::OK, Some(1)), "served from the cache");
+    // another customer is refused by the cached copy's owner, as by SQL
+    let (status, _) = api.get(&format!("/orders/{id}"), BOB).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // min_version above the cached copy asks Postgres, and what it finds
+    // becomes what everyone reads next: never an older version again
+    assert_eq!(read("?min_version=2&wait_ms=0").await, (StatusCode::OK, Some(2)));
+    assert_eq!(read("").await, (StatusCode::OK, Some(2)));
+
+    // an announced change reaches readers within milliseconds
+    set_version(3, true).await?;
+    let announced = std::time::Instant::now();
+    loop {
+        if read("").await == (StatusCode::OK, Some(3)) {
+            break;
+        }
+        anyhow::ensure!(
+            announced.elapsed() < Duration::from_secs(2),
+            "the announcement was not followed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("announced change visible after {:?}", announced.elapsed());
+
+    // a replay's swap announces the whole table
+    set_version(4, false).await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(platform::pg::VIEW_CHANGES_CHANNEL)
+        .bind(platform::pg::ViewChange::whole_table("order_view"))
+        .execute(&api.db.pool)
+        .await?;
+    testkit::eventually(Duration::from_secs(2), || async {
+        Ok(read("").await == (StatusCode::OK, Some(4)))
+    })
+    .await?;
+    listening.abort();
+    api.db.drop_database().await
+}
