@@ -21,7 +21,10 @@
 //!   the `projection-orders` consumer has acknowledged everything, for batch
 //!   sizes 500, 1,000 and 2,000.
 //! - `query`: the query API in-process on 100,000 order documents, `wrk -t2
-//!   -c64 -d10s --latency` on `GET /orders/{id}` with random ids as an admin.
+//!   -c64 -d10s --latency` on `GET /orders/{id}` with random ids as an admin,
+//!   beside pgbench running the same lookup; then (also alone as
+//!   `hot_voucher`) `GET /vouchers/{id}` of one hot voucher, beside a bare
+//!   axum route answering the same body from the same process.
 
 #![allow(clippy::print_stdout)]
 
@@ -96,6 +99,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("query") {
         query_bench().await?;
+    }
+    if wants("query") || wants("hot_voucher") {
+        hot_voucher_bench().await?;
     }
     Ok(())
 }
@@ -815,23 +821,25 @@ async fn query_bench() -> anyhow::Result<()> {
                 anyhow::ensure!(run.errors == 0, "{} error responses", run.errors);
                 runs.push(run);
             }
+            let rate = median(runs.iter().map(|r| r.requests_per_second).collect());
             println!(
-                "median: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms (target ≥ 10,000 req/s, p99 ≤ 10 ms at 64 connections)",
-                median(runs.iter().map(|r| r.requests_per_second).collect()),
+                "median: {rate:.0} req/s, p50 {:.2} ms, p99 {:.2} ms (64 connections)",
                 median(runs.iter().map(|r| r.p50_ms).collect()),
                 median(runs.iter().map(|r| r.p99_ms).collect())
             );
-            anyhow::Ok(())
+            anyhow::Ok(rate)
         }
         .await;
         let _ = stop.send(());
         server.await??;
-        outcome?;
+        let median_rate = outcome?;
         // what Postgres alone answers: the API's query over as many connections as its pool
         match pgbench_lookups(&db.url, ORDERS, 16, SECONDS).await {
             Ok(tps) => println!(
-                "reference: Postgres alone (pgbench, the same lookup by id, 16 connections): {tps:.0} queries/s | load {}",
-                loadavg()
+                "reference: Postgres alone (pgbench, the same lookup by id, 16 connections): {tps:.0} queries/s | load {}\n\
+                 ratio query API / pgbench: {:.2} (target ≥ 0.4, p99 ≤ 10 ms)",
+                loadavg(),
+                median_rate / tps
             ),
             Err(error) => println!("reference: pgbench not run: {error:#}"),
         }
@@ -841,4 +849,107 @@ async fn query_bench() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&ids);
     db.drop_database().await?;
     result
+}
+
+/// `wrk -t2 -c64 --latency` on one URL with a bearer token, killed if it hangs.
+async fn wrk_one(url: String, token: String, seconds: u64) -> anyhow::Result<WrkResult> {
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .arg("--kill-after=5")
+            .arg((seconds + 30).to_string())
+            .args(["wrk", "-t2", "-c64", &format!("-d{seconds}s"), "--latency", "-H"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg(&url)
+            .output()
+    })
+    .await?
+    .context("running wrk (apt-get install wrk)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(output.status.success(), "wrk failed ({}): {stdout}", output.status);
+    parse_wrk(&stdout)
+}
+
+/// A crowd refreshing one sale's page: `GET /vouchers/{id}` of one voucher
+/// through the query API (its document cache on, as configured by default)
+/// against a bare axum route in the same process answering the same body,
+/// alternating rounds.
+async fn hot_voucher_bench() -> anyhow::Result<()> {
+    const SECONDS: u64 = 10;
+    println!("\n## query API: GET /vouchers/{{id}} of one hot voucher, wrk -t2 -c64 -d{SECONDS}s ({ROUNDS} rounds)");
+    let db = testkit::TestDb::new().await?;
+    let voucher = uuid::Uuid::now_v7().to_string();
+    let doc = serde_json::json!({
+        "voucher_id": voucher, "merchant_id": "shop-1", "title": "Hotpot for two", "kind": "seckill",
+        "price_cents": 990, "value_cents": 2_000, "min_spend_cents": 0, "stock": 20_000, "sold": 1_234,
+        "sold_out": false, "begins_at": Utc::now() - chrono::Duration::minutes(1),
+        "ends_at": Utc::now() + chrono::Duration::hours(1), "version": 42
+    });
+    sqlx::query(
+        "INSERT INTO voucher_view (id, version, doc, user_id, status, created_at, updated_at, merchant_id)
+         VALUES ($1, 42, $2, NULL, 'active', now(), now(), 'shop-1')",
+    )
+    .bind(&voucher)
+    .bind(&doc)
+    .execute(&db.pool)
+    .await?;
+    let secret = format!("bench-{}", testkit::short_id());
+    let config = query_api::Config::try_parse_from(["query-api", "--database-url", &db.url, "--jwt-secret", &secret])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api = format!("http://{}/vouchers/{voucher}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(query_api::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    // the reference: the same body from a bare route, same process
+    let token = JwtKeys::new(&Secret::new(secret.clone())).issue("bench", Role::Customer, Duration::from_secs(3600))?;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Ok(response) = http.get(&api).bearer_auth(&token).send().await
+            && response.status() == 200
+        {
+            break response.text().await?;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the query API did not answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bare = format!("http://{}/vouchers/{voucher}", bare_listener.local_addr()?);
+    let fixed: &'static str = Box::leak(body.into_boxed_str());
+    let bare_router = axum::Router::new().route(
+        "/vouchers/{id}",
+        axum::routing::get(move || async move { ([(http::header::CONTENT_TYPE, "application/json")], fixed) }),
+    );
+    let bare_server = tokio::spawn(async move { axum::serve(bare_listener, bare_router).await });
+    let outcome = async {
+        wrk_one(api.clone(), token.clone(), 3).await?;
+        let (mut ours, mut reference) = (Vec::new(), Vec::new());
+        for round in 1..=ROUNDS {
+            let run = wrk_one(api.clone(), token.clone(), SECONDS).await?;
+            anyhow::ensure!(run.errors == 0, "{} error responses", run.errors);
+            let base = wrk_one(bare.clone(), token.clone(), SECONDS).await?;
+            println!(
+                "round {round}: query API {:>6.0} req/s (p99 {:.2} ms) | bare axum route {:>6.0} req/s (p99 {:.2} ms) | load {}",
+                run.requests_per_second,
+                run.p99_ms,
+                base.requests_per_second,
+                base.p99_ms,
+                loadavg()
+            );
+            ours.push(run.requests_per_second);
+            reference.push(base.requests_per_second);
+        }
+        let (ours, reference) = (median(ours), median(reference));
+        println!(
+            "median: query API {ours:.0} req/s, bare axum route {reference:.0} req/s: ratio {:.2} (target ≥ 0.5)",
+            ours / reference
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    bare_server.abort();
+    let _ = stop.send(());
+    server.await??;
+    db.drop_database().await?;
+    outcome
 }

@@ -38,20 +38,43 @@ pub struct CachedDoc {
     pub doc: Bytes,
     pub user_id: Option<String>,
     pub merchant_id: Option<String>,
+    /// What a voucher's status is computed from, decoded on the first read
+    /// that needs it and kept with the cached copy.
+    pub sale: std::sync::OnceLock<Option<crate::routes::SaleClock>>,
+}
+
+impl CachedDoc {
+    pub fn new(version: u64, doc: Bytes, user_id: Option<String>, merchant_id: Option<String>) -> Self {
+        Self {
+            version,
+            doc,
+            user_id,
+            merchant_id,
+            sale: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 type Key = (Table, String);
 
-/// The cache; cheap to clone.
+/// The cache; cheap to clone (one reference count: the state holding it is
+/// cloned for every request).
 #[derive(Clone)]
 pub struct DocCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     docs: moka::future::Cache<Key, Arc<CachedDoc>>,
+    /// Registered once, not looked up per request.
+    hits: metrics::Counter,
+    misses: metrics::Counter,
 }
 
 impl std::fmt::Debug for DocCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DocCache")
-            .field("entries", &self.docs.entry_count())
+            .field("entries", &self.inner.docs.entry_count())
             .finish()
     }
 }
@@ -65,7 +88,13 @@ impl DocCache {
             })
             .time_to_live(ttl)
             .build();
-        Self { docs }
+        Self {
+            inner: Arc::new(Inner {
+                docs,
+                hits: metrics::counter!("query_cache_total", "outcome" => "hit"),
+                misses: metrics::counter!("query_cache_total", "outcome" => "miss"),
+            }),
+        }
     }
 
     /// The cached document, or the one `load` reads (one load per key at a
@@ -73,17 +102,18 @@ impl DocCache {
     pub async fn get_or_load<E, F, Fut>(&self, table: Table, id: &str, load: F) -> Result<Option<Arc<CachedDoc>>, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<CachedDoc>, E>>,
+        Fut: Future<Output = Result<Option<Arc<CachedDoc>>, E>>,
     {
         let key = (table, id.to_owned());
-        if let Some(doc) = self.docs.get(&key).await {
-            metrics::counter!("query_cache_total", "outcome" => "hit").increment(1);
+        if let Some(doc) = self.inner.docs.get(&key).await {
+            self.inner.hits.increment(1);
             return Ok(Some(doc));
         }
-        metrics::counter!("query_cache_total", "outcome" => "miss").increment(1);
+        self.inner.misses.increment(1);
         let mut failure = None;
         let mut found = None;
-        self.docs
+        self.inner
+            .docs
             .entry(key)
             .and_compute_with(|existing| async {
                 // another caller loaded it while this one waited for the key
@@ -93,7 +123,6 @@ impl DocCache {
                 }
                 match load().await {
                     Ok(Some(doc)) => {
-                        let doc = Arc::new(doc);
                         found = Some(doc.clone());
                         Op::Put(doc)
                     }
@@ -112,13 +141,14 @@ impl DocCache {
     }
 
     /// Keeps `doc` unless the cache holds the same or a later version.
-    pub async fn put_if_newer(&self, table: Table, id: &str, doc: CachedDoc) {
-        self.docs
+    pub async fn put_if_newer(&self, table: Table, id: &str, doc: Arc<CachedDoc>) {
+        self.inner
+            .docs
             .entry((table, id.to_owned()))
             .and_compute_with(|existing| async move {
                 match existing {
                     Some(existing) if existing.value().version >= doc.version => Op::Nop,
-                    _ => Op::Put(Arc::new(doc)),
+                    _ => Op::Put(doc),
                 }
             })
             .await;
@@ -126,7 +156,8 @@ impl DocCache {
 
     /// Drops the entry if it is older than `version`.
     pub async fn forget_older(&self, table: Table, id: &str, version: u64) {
-        self.docs
+        self.inner
+            .docs
             .entry((table, id.to_owned()))
             .and_compute_with(|existing| async move {
                 match existing {
@@ -138,7 +169,7 @@ impl DocCache {
     }
 
     pub fn forget_all(&self) {
-        self.docs.invalidate_all();
+        self.inner.docs.invalidate_all();
     }
 
     /// Follows `view_changes` until the returned task is aborted (the service
@@ -201,13 +232,13 @@ mod tests {
 
     use super::*;
 
-    fn doc(version: u64) -> CachedDoc {
-        CachedDoc {
+    fn doc(version: u64) -> Arc<CachedDoc> {
+        Arc::new(CachedDoc::new(
             version,
-            doc: Bytes::from(format!("{{\"version\":{version}}}")),
-            user_id: None,
-            merchant_id: None,
-        }
+            Bytes::from(format!("{{\"version\":{version}}}")),
+            None,
+            None,
+        ))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

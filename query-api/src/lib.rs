@@ -14,7 +14,7 @@ pub mod filter;
 pub mod routes;
 pub mod watch;
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use axum::{Router, extract::FromRef};
 use clap::Parser;
@@ -50,8 +50,13 @@ pub struct Config {
     pub http: platform::config::HttpConfig,
 }
 
-#[derive(Debug, Clone, FromRef)]
-pub struct AppState {
+/// What the handlers share, behind one reference count: axum clones the
+/// state for every request and extractor.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Shared>);
+
+#[derive(Debug, Clone)]
+pub struct Shared {
     pub pool: sqlx::PgPool,
     pub jwt: JwtKeys,
     pub ops: Ops,
@@ -60,22 +65,37 @@ pub struct AppState {
     pub cache: Option<cache::DocCache>,
 }
 
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl FromRef<AppState> for JwtKeys {
+    fn from_ref(state: &AppState) -> Self {
+        state.jwt.clone()
+    }
+}
+
 impl AppState {
     pub fn new(pool: sqlx::PgPool, jwt: JwtKeys, ops: Ops) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             watch: watch::VersionWatch::new(pool.clone()),
             pool,
             jwt,
             ops,
             cache: None,
-        }
+        }))
     }
 
     /// Reads by id through `cache`; the caller keeps it invalidated
     /// ([`cache::DocCache::listen`]).
-    pub fn with_cache(mut self, cache: cache::DocCache) -> Self {
-        self.cache = Some(cache);
-        self
+    pub fn with_cache(self, cache: cache::DocCache) -> Self {
+        let mut shared = Arc::unwrap_or_clone(self.0);
+        shared.cache = Some(cache);
+        Self(Arc::new(shared))
     }
 }
 

@@ -1,7 +1,7 @@
 //! The read endpoints of API.md "Query API": documents straight from the
 //! view tables, authorized per caller, with read-your-writes waits.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -83,7 +83,7 @@ impl Freshness {
 /// A stored document (its JSON text exactly as stored, answered without
 /// decoding it; only the voucher route, which adds a time-dependent field,
 /// parses it) with the owner columns a cached copy is checked against.
-type Stored = CachedDoc;
+type Stored = Arc<CachedDoc>;
 
 /// What of a view the caller may see, as SQL predicates that are always
 /// ANDed into its queries (API.md "Tenancy"): a customer its own documents,
@@ -171,12 +171,12 @@ async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Opt
         .fetch_optional(pool)
         .await?;
     row.map(|row| {
-        Ok(Stored {
-            version: row.try_get::<i64, _>("version")?.unsigned_abs(),
-            doc: Bytes::from(row.try_get::<String, _>("doc")?),
-            user_id: row.try_get("user_id")?,
-            merchant_id: row.try_get("merchant_id")?,
-        })
+        Ok(Arc::new(CachedDoc::new(
+            row.try_get::<i64, _>("version")?.unsigned_abs(),
+            Bytes::from(row.try_get::<String, _>("doc")?),
+            row.try_get("user_id")?,
+            row.try_get("merchant_id")?,
+        )))
     })
     .transpose()
 }
@@ -198,7 +198,7 @@ async fn read(state: &AppState, view: View, id: &str, scope: &Scope) -> Result<O
     let cached = cache
         .get_or_load(view.table(), id, || fetch(&state.pool, view, id, scope))
         .await?;
-    Ok(cached.filter(|doc| scope.allows(doc)).map(|doc| (*doc).clone()))
+    Ok(cached.filter(|doc| scope.allows(doc)))
 }
 
 /// Reads a document the caller may see, waiting up to the asked time for
@@ -238,11 +238,12 @@ async fn read_fresh(
     }
     if let Some((version, doc)) = state.watch.wait(view.table(), id, min_version, wait).await {
         // the same document, later: its owners are the ones already checked
-        let stored = Stored {
+        let stored = Arc::new(CachedDoc::new(
             version,
-            doc: Bytes::from(doc),
-            ..stored
-        };
+            Bytes::from(doc),
+            stored.user_id.clone(),
+            stored.merchant_id.clone(),
+        ));
         remember(state, view, id, &stored).await;
         return Ok((stored, true));
     }
@@ -257,15 +258,19 @@ async fn read_fresh(
 
 async fn remember(state: &AppState, view: View, id: &str, stored: &Stored) {
     if let Some(cache) = &state.cache {
-        cache.put_if_newer(view.table(), id, stored.clone()).await;
+        cache.put_if_newer(view.table(), id, Arc::clone(stored)).await;
     }
 }
 
 /// 200 with the document, or 202 with the current one (same schema) when
 /// `min_version` was not reached in time.
 fn answer((stored, fresh): (Stored, bool)) -> Response {
+    respond(stored.doc.clone(), fresh)
+}
+
+fn respond(body: Bytes, fresh: bool) -> Response {
     let status = if fresh { StatusCode::OK } else { StatusCode::ACCEPTED };
-    (status, [(http::header::CONTENT_TYPE, "application/json")], stored.doc).into_response()
+    (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn get_order(
@@ -286,28 +291,70 @@ async fn get_voucher(
     ApiQuery(freshness): ApiQuery<Freshness>,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let (mut stored, fresh) =
-        read_fresh(&state, View::Vouchers, &id.to_string(), &Scope::everyone(), &freshness).await?;
-    let mut doc: Value = serde_json::from_slice(&stored.doc).map_err(ApiError::StoredDocument)?;
-    doc["status"] = json!(voucher_status(&doc, Utc::now()));
-    stored.doc = Bytes::from(doc.to_string());
-    Ok(answer((stored, fresh)))
+    let (stored, fresh) = read_fresh(&state, View::Vouchers, &id.to_string(), &Scope::everyone(), &freshness).await?;
+    let clock = match stored.sale.get() {
+        Some(clock) => clock.clone(),
+        None => {
+            // decoded once per cached copy
+            let clock: Option<SaleClock> = serde_json::from_slice(&stored.doc).ok();
+            let _ = stored.sale.set(clock.clone());
+            clock
+        }
+    };
+    let clock = clock.ok_or_else(|| {
+        ApiError::StoredDocument(serde::de::Error::custom("a voucher document without its sale's clock"))
+    })?;
+    Ok(respond(with_status(&stored.doc, &clock, Utc::now())?, fresh))
+}
+
+/// What a voucher's status is computed from (the rest of the document is
+/// not decoded).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SaleClock {
+    begins_at: Option<DateTime<Utc>>,
+    ends_at: Option<DateTime<Utc>>,
+    sold_out: Option<bool>,
+    /// A stored `status` (there is none: see [`voucher_status`]) would be
+    /// overwritten, never answered twice.
+    status: Option<Value>,
+}
+
+/// The stored voucher document with its `status` now: spliced in front of
+/// the stored JSON text, which is otherwise answered as stored (a hot
+/// sale's page is read tens of thousands of times a second).
+fn with_status(doc: &Bytes, clock: &SaleClock, now: DateTime<Utc>) -> Result<Bytes, ApiError> {
+    let status = voucher_status(clock, now);
+    match doc.strip_prefix(b"{") {
+        Some(rest) if clock.status.is_none() => {
+            let separator: &[u8] = if rest.trim_ascii_start().starts_with(b"}") {
+                b""
+            } else {
+                b","
+            };
+            let mut body = Vec::with_capacity(doc.len() + 32);
+            body.extend_from_slice(b"{\"status\":\"");
+            body.extend_from_slice(status.as_bytes());
+            body.extend_from_slice(b"\"");
+            body.extend_from_slice(separator);
+            body.extend_from_slice(rest);
+            Ok(Bytes::from(body))
+        }
+        _ => {
+            let mut value: Value = serde_json::from_slice(doc).map_err(ApiError::StoredDocument)?;
+            value["status"] = json!(status);
+            Ok(Bytes::from(value.to_string()))
+        }
+    }
 }
 
 /// The sale's state now: a view stores no clock-dependent field (it must
 /// equal a replay at any moment), so time is applied at read time.
-fn voucher_status(doc: &Value, now: DateTime<Utc>) -> &'static str {
-    let time = |field: &str| {
-        doc[field]
-            .as_str()
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc))
-    };
-    if time("begins_at").is_some_and(|begins| now < begins) {
+fn voucher_status(clock: &SaleClock, now: DateTime<Utc>) -> &'static str {
+    if clock.begins_at.is_some_and(|begins| now < begins) {
         "upcoming"
-    } else if time("ends_at").is_some_and(|ends| now >= ends) {
+    } else if clock.ends_at.is_some_and(|ends| now >= ends) {
         "ended"
-    } else if doc["sold_out"].as_bool() == Some(true) {
+    } else if clock.sold_out == Some(true) {
         "sold_out"
     } else {
         "on_sale"
@@ -527,14 +574,41 @@ mod tests {
 
     #[test]
     fn a_vouchers_status_follows_the_clock_and_its_stock() {
-        let doc = json!({"begins_at": "2030-01-01T10:00:00Z", "ends_at": "2030-01-01T12:00:00Z", "sold_out": false});
+        let clock = |sold_out: bool| -> SaleClock {
+            serde_json::from_value(
+                json!({"begins_at": "2030-01-01T10:00:00Z", "ends_at": "2030-01-01T12:00:00Z", "sold_out": sold_out}),
+            )
+            .expect("clock")
+        };
         let at = |h: u32| Utc.with_ymd_and_hms(2030, 1, 1, h, 0, 0).unwrap();
-        assert_eq!(voucher_status(&doc, at(9)), "upcoming");
-        assert_eq!(voucher_status(&doc, at(11)), "on_sale");
-        assert_eq!(voucher_status(&doc, at(12)), "ended");
-        let sold_out =
-            json!({"begins_at": "2030-01-01T10:00:00Z", "ends_at": "2030-01-01T12:00:00Z", "sold_out": true});
-        assert_eq!(voucher_status(&sold_out, at(11)), "sold_out");
-        assert_eq!(voucher_status(&sold_out, at(13)), "ended");
+        assert_eq!(voucher_status(&clock(false), at(9)), "upcoming");
+        assert_eq!(voucher_status(&clock(false), at(11)), "on_sale");
+        assert_eq!(voucher_status(&clock(false), at(12)), "ended");
+        assert_eq!(voucher_status(&clock(true), at(11)), "sold_out");
+        assert_eq!(voucher_status(&clock(true), at(13)), "ended");
+    }
+
+    #[test]
+    fn the_status_is_spliced_into_the_stored_text_and_the_result_is_the_same_document() {
+        let at = Utc.with_ymd_and_hms(2030, 1, 1, 11, 0, 0).unwrap();
+        for stored in [
+            json!({"voucher_id": "v", "begins_at": "2030-01-01T10:00:00Z", "ends_at": null, "sold_out": false}),
+            json!({}),
+            // a stored status is replaced, never answered twice
+            json!({"status": "stale", "sold_out": true}),
+        ] {
+            let text = Bytes::from(stored.to_string());
+            let clock: SaleClock = serde_json::from_value(stored.clone()).expect("clock");
+            let answered: Value =
+                serde_json::from_slice(&with_status(&text, &clock, at).expect("status")).expect("json");
+            let mut expected = stored.clone();
+            expected["status"] = json!(voucher_status(&clock, at));
+            assert_eq!(answered, expected);
+        }
+        // the answer carries one status key
+        let text = Bytes::from(r#"{"status": "stale", "sold_out": true}"#);
+        let clock: SaleClock = serde_json::from_slice(&text).expect("clock");
+        let body = String::from_utf8(with_status(&text, &clock, at).expect("status").to_vec()).expect("utf-8");
+        assert_eq!(body.matches("status").count(), 1, "{body}");
     }
 }

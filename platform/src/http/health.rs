@@ -9,7 +9,8 @@ type Probe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + S
 
 #[derive(Clone, Default)]
 pub struct Health {
-    probes: Vec<(&'static str, Probe)>,
+    /// Shared: the state holding it is cloned for every request.
+    probes: Arc<Vec<(&'static str, Probe)>>,
 }
 
 impl std::fmt::Debug for Health {
@@ -42,7 +43,7 @@ impl Health {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        self.probes.push((name, Arc::new(move || Box::pin(probe()))));
+        Arc::make_mut(&mut self.probes).push((name, Arc::new(move || Box::pin(probe()))));
         self
     }
 

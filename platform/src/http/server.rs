@@ -12,10 +12,12 @@
 //! hyper's own parse-error answers get the contract body ([`super::wire`]).
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
     pin::pin,
     sync::Arc,
+    sync::{LazyLock, RwLock},
     time::{Duration, Instant},
 };
 
@@ -185,14 +187,44 @@ async fn track(request: Request, next: Next) -> Response {
     } else {
         tracing::debug!(parent: &span, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request finished");
     }
+    let (duration, requests) = request_metrics(method, &route, status_label(status));
+    duration.record(elapsed.as_secs_f64());
+    requests.increment(1);
+    response
+}
+
+/// The RED metric handles of each (route, method, status), registered on the
+/// first request that needs them: the label sets are bounded, and looking a
+/// handle up here is a read lock and two hash lookups instead of building
+/// labels and searching the recorder's registry on every request.
+fn request_metrics(
+    method: &'static str,
+    route: &SharedString,
+    status: &'static str,
+) -> (metrics::Histogram, metrics::Counter) {
+    type Handles = HashMap<(&'static str, &'static str), (metrics::Histogram, metrics::Counter)>;
+    static REGISTERED: LazyLock<RwLock<HashMap<String, Handles>>> = LazyLock::new(RwLock::default);
+    if let Ok(registered) = REGISTERED.read()
+        && let Some(handles) = registered.get(route.as_ref()).and_then(|by| by.get(&(method, status)))
+    {
+        return handles.clone();
+    }
     let labels = [
         Label::new("method", method),
-        Label::new("route", route),
-        Label::new("status", status_label(status)),
+        Label::new("route", route.clone()),
+        Label::new("status", status),
     ];
-    metrics::histogram!("http_request_duration_seconds", labels[..2].iter()).record(elapsed.as_secs_f64());
-    metrics::counter!("http_requests_total", labels.iter()).increment(1);
-    response
+    let handles = (
+        metrics::histogram!("http_request_duration_seconds", labels[..2].iter()),
+        metrics::counter!("http_requests_total", labels.iter()),
+    );
+    if let Ok(mut registered) = REGISTERED.write() {
+        registered
+            .entry(route.as_ref().to_owned())
+            .or_default()
+            .insert((method, status), handles.clone());
+    }
+    handles
 }
 
 /// The method as a metric label: invented methods would each add a series.
