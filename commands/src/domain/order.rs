@@ -597,15 +597,7 @@ impl Order {
         // Accepted without a recorded start: the payment may have been
         // created by a request that failed before `StartPayment`, and
         // the money has arrived anyway.
-        if let Some(expected) = self.payment_id
-            && expected != payment_id
-        {
-            return Err(OrderError::PaymentMismatch {
-                expected,
-                actual: payment_id,
-            });
-        }
-        self.check_amount(amount_cents)?;
+        self.check_payment(payment_id, amount_cents)?;
         Ok(Some(OrderEvent::OrderPaid {
             payment_id,
             amount_cents,
@@ -703,6 +695,17 @@ impl Order {
                 action: "refund",
             });
         }
+        self.check_payment(payment_id, amount_cents)?;
+        Ok(Some(OrderEvent::OrderRefunded {
+            payment_id,
+            amount_cents,
+            reason,
+            at,
+        }))
+    }
+
+    /// The payment is this order's (when one was started) and for its total.
+    fn check_payment(&self, payment_id: Uuid, amount_cents: i64) -> Result<(), OrderError> {
         if let Some(expected) = self.payment_id
             && expected != payment_id
         {
@@ -711,13 +714,7 @@ impl Order {
                 actual: payment_id,
             });
         }
-        self.check_amount(amount_cents)?;
-        Ok(Some(OrderEvent::OrderRefunded {
-            payment_id,
-            amount_cents,
-            reason,
-            at,
-        }))
+        self.check_amount(amount_cents)
     }
 
     fn decide_place_goods(

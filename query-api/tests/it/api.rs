@@ -21,18 +21,24 @@ struct Api {
     jwt: JwtKeys,
 }
 
+/// The query API's state over `db`, as the service builds it (without the
+/// document cache unless a test adds it).
+fn state(db: &testkit::TestDb, jwt: &JwtKeys) -> AppState {
+    AppState::new(
+        db.pool.clone(),
+        jwt.clone(),
+        Ops {
+            health: Health::new(),
+            metrics: platform::telemetry::metrics_handle(),
+        },
+    )
+}
+
 impl Api {
     async fn new() -> anyhow::Result<Self> {
         let db = testkit::TestDb::new().await?;
         let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
-        let router = query_api::router(AppState::new(
-            db.pool.clone(),
-            jwt.clone(),
-            Ops {
-                health: Health::new(),
-                metrics: platform::telemetry::metrics_handle(),
-            },
-        ));
+        let router = query_api::router(state(&db, &jwt));
         Ok(Self { db, router, jwt })
     }
 
@@ -328,14 +334,7 @@ async fn min_version_waits_for_the_view_or_answers_202_with_what_there_is() -> a
 async fn many_waiters_share_one_watch_and_each_sees_its_own_version() -> anyhow::Result<()> {
     let db = testkit::TestDb::new().await?;
     let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
-    let state = AppState::new(
-        db.pool.clone(),
-        jwt.clone(),
-        Ops {
-            health: Health::new(),
-            metrics: platform::telemetry::metrics_handle(),
-        },
-    );
+    let state = state(&db, &jwt);
     let watch = state.watch.clone();
     let api = Api {
         db,
@@ -582,15 +581,7 @@ async fn cached_documents_follow_the_projections_announcements_and_never_go_back
     let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
     let cache = query_api::cache::DocCache::new(1 << 20, Duration::from_secs(60));
     let listening = cache.listen(db.pool.clone());
-    let state = AppState::new(
-        db.pool.clone(),
-        jwt.clone(),
-        Ops {
-            health: Health::new(),
-            metrics: platform::telemetry::metrics_handle(),
-        },
-    )
-    .with_cache(cache);
+    let state = state(&db, &jwt).with_cache(cache);
     let api = Api {
         db,
         router: query_api::router(state),
