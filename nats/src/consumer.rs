@@ -141,6 +141,11 @@ pub struct ConsumerRunner<H> {
     dead_letters: Publisher,
     namespace: Namespace,
     config: RunnerConfig,
+    /// `nats_consumer_messages_total{outcome="processed"}`, registered once:
+    /// it is counted for every message.
+    processed: metrics::Counter,
+    /// `nats_consumer_handle_seconds`, registered once.
+    handle_seconds: metrics::Histogram,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +178,8 @@ impl<H: BatchHandler> ConsumerRunner<H> {
     ) -> Self {
         let name = consumer.cached_info().name.clone();
         Self {
+            processed: metrics::counter!("nats_consumer_messages_total", "consumer" => name.clone(), "outcome" => "processed"),
+            handle_seconds: metrics::histogram!("nats_consumer_handle_seconds", "consumer" => name.clone()),
             name,
             consumer,
             handler: Arc::new(handler),
@@ -229,8 +236,7 @@ impl<H: BatchHandler> ConsumerRunner<H> {
     async fn process(&self, batch: Vec<jetstream::Message>) {
         let started = Instant::now();
         let outcomes = self.handler.handle_batch(&batch).await;
-        metrics::histogram!("nats_consumer_handle_seconds", "consumer" => self.name.clone())
-            .record(started.elapsed().as_secs_f64());
+        self.handle_seconds.record(started.elapsed().as_secs_f64());
         let mut outcomes = outcomes.into_iter();
         for message in batch {
             let outcome = outcomes
@@ -251,7 +257,7 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         };
         match outcome {
             Ok(()) => {
-                self.count("processed");
+                self.processed.increment(1);
                 if let Err(error) = message.ack().await {
                     // The effects are committed; the redelivery will be a no-op.
                     tracing::warn!(consumer = %self.name, %error, "ack failed");
