@@ -3,7 +3,8 @@
 //! 1. A shadow table `<view>_shadow` (same columns and indexes) is filled by
 //!    reading the projection's events in `global_position` order, a page at
 //!    a time (never all in memory), through the same projector and writer
-//!    as the daemon.
+//!    as the daemon. A second connection reads the next page while the
+//!    current one is applied and written.
 //! 2. Transactions still open when the scan started may commit events below
 //!    the scan's position later; the final catch-up reads them too (every
 //!    event of a transaction at or above the start's xmin), and the version
@@ -167,19 +168,29 @@ pub async fn replay<P: Projector>(
     let mut cursor = 0i64;
     let mut events = 0u64;
     let page_size = i64::try_from(options.batch.max(1)).unwrap_or(10_000);
-    loop {
-        let page = event_store::read::page(&mut conn, P::AGGREGATE_TYPE, cursor, page_size).await?;
-        let Some(last) = page.last() else { break };
+    // A second connection reads page N+1 while page N is applied and
+    // written on the first: the scan's reads overlap its writes.
+    let mut reader = PgConnection::connect_with(&pool.connect_options()).await?;
+    let mut page = event_store::read::page(&mut reader, P::AGGREGATE_TYPE, cursor, page_size).await?;
+    while let Some(last) = page.last() {
         cursor = last.global_position;
-        events += apply_envelopes::<P>(&mut conn, &mut docs, &page, &mut letters).await?;
-        // documents stay in memory until the cache is full: each is written
-        // about once instead of once per page it appears in
-        if docs.len() > DOCUMENT_CACHE {
-            docs.flush(&mut conn).await?;
-            docs.forget_clean();
-        }
+        let next = event_store::read::page(&mut reader, P::AGGREGATE_TYPE, cursor, page_size);
+        let apply = async {
+            let applied = apply_envelopes::<P>(&mut conn, &mut docs, &page, &mut letters).await?;
+            // documents stay in memory until the cache is full: each is
+            // written about once instead of once per page it appears in
+            if docs.len() > DOCUMENT_CACHE {
+                docs.flush(&mut conn).await?;
+                docs.forget_clean();
+            }
+            Ok::<u64, ReplayError>(applied)
+        };
+        let (next, applied) = tokio::join!(next, apply);
+        events += applied?;
         progress.advance(events);
+        page = next?;
     }
+    drop(reader);
     docs.flush(&mut conn).await?;
 
     let differences = if options.dry_run {
