@@ -2,10 +2,15 @@
 //!
 //! - `goods`: goods orders with three items and a coupon, end to end: the
 //!   command API (with its relay and lifecycle reactor), the projection
-//!   daemon and the query API run in-process on the dev stack's servers; 64
-//!   clients each `POST /orders`, then read the order from the query API
-//!   (`min_version=2`) until it shows `pending_payment`. Orders/s from the
-//!   first request to the last order visible, and each order's latency.
+//!   daemon and the query API run in-process on the dev stack's servers,
+//!   each on a runtime of its own with named threads; 64 clients each
+//!   `POST /orders`, then read the order from the query API
+//!   (`min_version=2`; a 404 is retried after 10, 20, 40, then 80 ms) until
+//!   it shows `pending_payment`. Orders/s from the first request to the last
+//!   order visible, each order's latency, and the CPU every part spent per
+//!   order (`/proc`) with the ceiling it implies. Run twice, same build:
+//!   batched (`ORDER_BATCHING=true`) and the one-order-at-a-time baseline
+//!   (`false`), and the ratio. `goods_batched` runs the first half alone.
 //! - `timeouts`: 100,000 pending deadlines held in `order_deadlines`, due
 //!   spread over 60 s starting 10 s after they are written, fired by two
 //!   pollers; lateness = `timed_out_at − deadline` of every `OrderTimedOut`.
