@@ -145,6 +145,7 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
         namespace: namespace.clone(),
         batch_size: 1_000,
         max_deliver: 5,
+        workers: 2,
     };
     let projecting = daemon_rt.spawn(daemon.run(stop.clone()));
 

@@ -1,10 +1,14 @@
 //! The live side: one durable pull consumer per projection on its
-//! aggregate's events stream (no filter), each batch applied and committed
-//! with the projection's checkpoint in one Postgres transaction.
+//! aggregate's events stream (no filter). Each pulled batch is split by
+//! aggregate id among `workers` Postgres transactions that run side by side
+//! (each document belongs to one worker, so it is still written in event
+//! order, and batches follow each other); the messages are acknowledged
+//! after their worker committed, and the projection's checkpoint moves on
+//! after the batch.
 //!
 //! Redelivery changes nothing (the version rule of [`crate::writer`]).
-//! Failures are sorted: a database that is away fails the whole batch, which
-//! is retried with backoff; an event its earlier events have not reached yet
+//! Failures are sorted: a database that is away fails a worker's share of
+//! the batch, which is retried with backoff; an event its earlier events have not reached yet
 //! (a gap) is retried too. An event the projector refuses can never apply —
 //! the stored event is what it is — so it is dead-lettered at once: recorded
 //! in `projection_dead_letters`, skipped (its document's version moves past
@@ -13,7 +17,12 @@
 //! a counter. A message that is not an event envelope at all goes to the
 //! dead-letter stream at once as well. The projection keeps going.
 
-use std::{collections::HashSet, marker::PhantomData, time::Instant};
+use std::{
+    collections::HashSet,
+    hash::{Hash as _, Hasher as _},
+    marker::PhantomData,
+    time::Instant,
+};
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
@@ -33,72 +42,149 @@ pub fn consumer_name(projection: &str) -> String {
 
 pub struct ProjectionHandler<P> {
     pool: PgPool,
+    /// Transactions a batch is split into, by aggregate id.
+    workers: usize,
     _projector: PhantomData<fn() -> P>,
 }
 
 impl<P> std::fmt::Debug for ProjectionHandler<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProjectionHandler").finish_non_exhaustive()
+        f.debug_struct("ProjectionHandler")
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
     }
 }
 
+type Outcome = Result<(), HandlerError>;
+
+/// What one worker's transaction did with its share of a batch.
+struct Share {
+    /// Positions in the batch and their outcomes.
+    outcomes: Vec<(usize, Outcome)>,
+    applied: u64,
+    /// The latest event it got through (stream sequence, global position, recorded).
+    last: Option<(u64, i64, DateTime<Utc>)>,
+}
+
 impl<P: Projector> ProjectionHandler<P> {
-    pub fn new(pool: PgPool) -> Self {
+    /// A handler committing each batch in `workers` transactions side by side.
+    pub fn new(pool: PgPool, workers: usize) -> Self {
         Self {
             pool,
+            workers: workers.max(1),
             _projector: PhantomData,
         }
     }
 
-    async fn apply_batch(&self, messages: &[jetstream::Message]) -> Result<Vec<Result<(), HandlerError>>, sqlx::Error> {
+    /// Which worker owns an aggregate: every event of a document goes to the
+    /// same one, so each document is still written in order.
+    fn worker_of(&self, aggregate_id: &str) -> usize {
+        let mut hasher = std::hash::DefaultHasher::new();
+        aggregate_id.hash(&mut hasher);
+        usize::try_from(hasher.finish() % self.workers as u64).unwrap_or(0)
+    }
+
+    async fn apply_batch(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
         let started = Instant::now();
-        let mut tx = self.pool.begin().await?;
-        event_store::checkpoint::lock(&mut tx, P::NAME).await?;
-
-        let decoded: Vec<Result<EventEnvelope, String>> = messages
-            .iter()
-            .map(|message| serde_json::from_slice(&message.payload).map_err(|e| format!("not an event envelope: {e}")))
-            .collect();
-        let mut docs = Documents::<P>::new(P::TABLE);
-        let ids = decoded.iter().flatten().map(|envelope| envelope.aggregate_id.as_str());
-        docs.load(&mut tx, ids).await?;
-
-        let mut outcomes: Vec<Result<(), HandlerError>> = Vec::with_capacity(messages.len());
-        let mut blocked: HashSet<String> = HashSet::new();
-        let mut letters = Vec::new();
-        let mut applied = 0u64;
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(messages.len());
+        let mut shares: Vec<Vec<(usize, u64, EventEnvelope)>> = (0..self.workers).map(|_| Vec::new()).collect();
+        for (index, message) in messages.iter().enumerate() {
+            let stream_sequence = message.info().map_or(0, |info| info.stream_sequence);
+            match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+                Ok(envelope) if envelope.aggregate_type == P::AGGREGATE_TYPE => {
+                    outcomes.push(None);
+                    shares[self.worker_of(&envelope.aggregate_id)].push((index, stream_sequence, envelope));
+                }
+                Ok(_) => outcomes.push(Some(Ok(()))),
+                Err(error) => outcomes.push(Some(Err(cp_nats::permanent(format!("not an event envelope: {error}"))))),
+            }
+        }
+        let results = futures::future::join_all(
+            shares
+                .iter()
+                .filter(|share| !share.is_empty())
+                .map(|share| self.apply_share(share)),
+        )
+        .await;
+        let mut applied = 0;
         let mut last: Option<(u64, i64, DateTime<Utc>)> = None;
-        for (message, envelope) in messages.iter().zip(&decoded) {
-            let info = message.info().ok();
-            let stream_sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
-            let envelope = match envelope {
-                Ok(envelope) if envelope.aggregate_type == P::AGGREGATE_TYPE => envelope,
-                Ok(_) => {
-                    outcomes.push(Ok(()));
-                    continue;
+        for (share, result) in shares.iter().filter(|share| !share.is_empty()).zip(results) {
+            match result {
+                Ok(done) => {
+                    applied += done.applied;
+                    last = last.max(done.last);
+                    for (index, outcome) in done.outcomes {
+                        outcomes[index] = Some(outcome);
+                    }
                 }
                 Err(error) => {
-                    outcomes.push(Err(cp_nats::permanent(error.clone())));
-                    continue;
+                    // nothing of this share was committed: its messages are retried
+                    // (other shares' commits stand; their redelivery would be a no-op)
+                    tracing::warn!(projection = P::NAME, %error, "projection batch failed");
+                    let text = error.to_string();
+                    for (index, _, _) in share {
+                        outcomes[*index] = Some(Err(text.clone().into()));
+                    }
                 }
-            };
-            if blocked.contains(&envelope.aggregate_id) {
-                outcomes.push(Err("an earlier event of this aggregate failed in this batch".into()));
+            }
+        }
+        if let Some((stream_sequence, global_position, recorded_at)) = last {
+            // bookkeeping only (lag): a failure here loses nothing
+            if let Err(error) =
+                event_store::checkpoint::advance(&self.pool, P::NAME, stream_sequence, global_position, recorded_at)
+                    .await
+            {
+                tracing::warn!(projection = P::NAME, %error, "checkpoint not advanced");
+            }
+        }
+        metrics::counter!("projection_events_applied_total", "projection" => P::NAME).increment(applied);
+        metrics::histogram!("projection_batch_seconds", "projection" => P::NAME)
+            .record(started.elapsed().as_secs_f64());
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.unwrap_or_else(|| Err("no outcome".into())))
+            .collect()
+    }
+
+    /// One worker's transaction: its documents loaded, its events applied
+    /// in batch order, the changed documents written, all committed at once.
+    async fn apply_share(&self, share: &[(usize, u64, EventEnvelope)]) -> Result<Share, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        event_store::checkpoint::lock_shared(&mut tx, P::NAME).await?;
+        let mut docs = Documents::<P>::new(P::TABLE);
+        docs.load(
+            &mut tx,
+            share.iter().map(|(_, _, envelope)| envelope.aggregate_id.as_str()),
+        )
+        .await?;
+        let mut done = Share {
+            outcomes: Vec::with_capacity(share.len()),
+            applied: 0,
+            last: None,
+        };
+        let mut blocked: HashSet<&str> = HashSet::new();
+        let mut letters = Vec::new();
+        for (index, stream_sequence, envelope) in share {
+            if blocked.contains(envelope.aggregate_id.as_str()) {
+                done.outcomes.push((
+                    *index,
+                    Err("an earlier event of this aggregate failed in this batch".into()),
+                ));
                 continue;
             }
-            match docs.apply(&mut tx, envelope).await? {
+            let outcome = match docs.apply(&mut tx, envelope).await? {
                 Step::Applied => {
-                    applied += 1;
-                    outcomes.push(Ok(()));
+                    done.applied += 1;
+                    Ok(())
                 }
-                Step::Duplicate => outcomes.push(Ok(())),
+                Step::Duplicate => Ok(()),
                 Step::Gap { version } => {
-                    blocked.insert(envelope.aggregate_id.clone());
-                    outcomes.push(Err(format!(
+                    blocked.insert(&envelope.aggregate_id);
+                    Err(format!(
                         "event {} of {} follows version {version}: earlier events not visible yet",
                         envelope.sequence, envelope.aggregate_id
                     )
-                    .into()));
+                    .into())
                 }
                 Step::Failed(error) => {
                     tracing::error!(
@@ -108,36 +194,25 @@ impl<P: Projector> ProjectionHandler<P> {
                     metrics::counter!("projection_dead_letters_total", "projection" => P::NAME).increment(1);
                     letters.push(dead_letter(envelope, &error));
                     docs.skip(envelope);
-                    outcomes.push(Err(cp_nats::permanent(error)));
+                    Err(cp_nats::permanent(error))
                 }
-            }
-            last = Some((stream_sequence, envelope.global_position, envelope.recorded_at));
+            };
+            done.outcomes.push((*index, outcome));
+            done.last = done
+                .last
+                .max(Some((*stream_sequence, envelope.global_position, envelope.recorded_at)));
         }
         docs.flush(&mut tx).await?;
         letters.append(&mut docs.dead_letters);
         record_dead_letters(&mut tx, P::NAME, &letters).await?;
-        if let Some((stream_sequence, global_position, recorded_at)) = last {
-            event_store::checkpoint::advance(&mut tx, P::NAME, stream_sequence, global_position, recorded_at).await?;
-        }
         tx.commit().await?;
-        metrics::counter!("projection_events_applied_total", "projection" => P::NAME).increment(applied);
-        metrics::histogram!("projection_batch_seconds", "projection" => P::NAME)
-            .record(started.elapsed().as_secs_f64());
-        Ok(outcomes)
+        Ok(done)
     }
 }
 
 impl<P: Projector> BatchHandler for ProjectionHandler<P> {
     async fn handle_batch(&self, messages: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
-        match self.apply_batch(messages).await {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                // nothing was committed: every message is retried
-                tracing::warn!(projection = P::NAME, %error, "projection batch failed");
-                let text = error.to_string();
-                messages.iter().map(|_| Err(text.clone().into())).collect()
-            }
-        }
+        self.apply_batch(messages).await
     }
 }
 

@@ -7,7 +7,7 @@
 //! - [`writer`]: documents in a view table and the version rule, shared by
 //!   the daemon and the replay;
 //! - [`daemon`]: the batch handler of each projection's durable consumer,
-//!   committing views and checkpoint in one transaction;
+//!   splitting each batch by aggregate id among workers' transactions;
 //! - [`replay`]: rebuild into a shadow table and swap (binary `replay`);
 //! - [`catalog`]: every projection by name;
 //! - [`Config`] (env), [`AppState`], [`router`] (`/health`, `/metrics`) and
@@ -51,6 +51,10 @@ pub struct Config {
     /// Deliveries of an event before it is dead-lettered and skipped.
     #[arg(long, env = "PROJECTIONS_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: i64,
+    /// Transactions each batch is split into by aggregate id, committed side
+    /// by side (each on its own connection: keep it below the pool size).
+    #[arg(long, env = "PROJECTIONS_WORKERS", default_value_t = 2)]
+    pub workers: usize,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -82,6 +86,8 @@ pub struct Daemon {
     pub namespace: Namespace,
     pub batch_size: usize,
     pub max_deliver: i64,
+    /// Transactions per batch, split by aggregate id.
+    pub workers: usize,
 }
 
 impl Daemon {
@@ -114,7 +120,7 @@ impl Daemon {
         let consumer = cp_nats::ensure_consumer(&self.js, &spec).await?;
         let runner = ConsumerRunner::batched(
             consumer,
-            ProjectionHandler::<P>::new(self.pool.clone()),
+            ProjectionHandler::<P>::new(self.pool.clone(), self.workers),
             Publisher::new(self.js.clone(), 256),
             self.namespace.clone(),
             RunnerConfig {
@@ -173,6 +179,7 @@ pub async fn run(
         namespace,
         batch_size: config.batch_size.max(1),
         max_deliver: config.max_deliver.max(1),
+        workers: config.workers.max(1),
     };
     let stop = CancellationToken::new();
     let mut projecting = tokio::spawn(daemon.run(stop.clone()));

@@ -216,3 +216,58 @@ async fn each_committed_batch_announces_its_documents_and_versions() -> anyhow::
     }
     setup.finish().await
 }
+
+#[tokio::test]
+async fn a_replays_exclusive_lock_pauses_every_worker_and_the_checkpoint_follows_each_batch() -> anyhow::Result<()> {
+    let mut setup = Setup::new().await?;
+    let envelopes = paid_orders(&setup, 40).await?;
+    // what a replay's swap holds while it renames the tables
+    let mut swap = setup.db.pool.begin().await?;
+    event_store::checkpoint::lock(&mut swap, "orders").await?;
+    for envelope in &envelopes {
+        setup.publish(envelope, false).await?;
+    }
+    setup.start_daemon(5);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // forty documents split between two workers: neither got through
+    assert!(setup.rows("order_view").await?.is_empty());
+    swap.commit().await?;
+    setup.wait_caught_up().await?;
+    let stored = setup.rows("order_view").await?;
+    assert_eq!(stored.len(), 40);
+    assert!(
+        stored
+            .iter()
+            .all(|(_, version, doc)| *version == 3 && doc["status"] == "paid")
+    );
+    let (sequence, position): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT stream_sequence, global_position FROM projection_checkpoints WHERE projection = 'orders'",
+    )
+    .fetch_one(&setup.db.pool)
+    .await?;
+    assert_eq!(sequence, 120);
+    assert_eq!(position, envelopes.last().map(|e| e.global_position));
+    setup.finish().await
+}
+
+#[tokio::test]
+async fn document_loads_are_planned_for_the_table_as_it_is_not_as_it_was() -> anyhow::Result<()> {
+    // a generic plan cached while the view was empty is a sequential scan
+    // that outlives the view's growth: the load must never be a prepared,
+    // cached statement
+    let setup = Setup::new().await?;
+    let mut conn = setup.db.pool.acquire().await?;
+    let mut docs = projections::writer::Documents::<projections::views::OrderProjector>::new("order_view");
+    for round in 0..8 {
+        let id = format!("order-{round}");
+        docs.load(&mut conn, [id.as_str()]).await?;
+    }
+    let cached: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT id, version, doc FROM order_view%'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    assert_eq!(cached, 0);
+    drop(conn);
+    setup.finish().await
+}

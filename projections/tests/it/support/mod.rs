@@ -43,6 +43,7 @@ impl Setup {
             namespace: self.namespace.clone(),
             batch_size: 500,
             max_deliver,
+            workers: 2,
         };
         self.daemon = Some(tokio::spawn(daemon.run(self.stop.clone())));
     }
