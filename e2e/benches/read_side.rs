@@ -793,27 +793,17 @@ async fn upsert(conn: &mut sqlx::PgConnection, docs: &FinalDocs, rows: std::ops:
         return Ok(());
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query(
-        "INSERT INTO order_view (id, version, doc, user_id, status, created_at, updated_at, merchant_id)
-         SELECT u.id, u.version, u.doc::jsonb, u.user_id, u.status, u.created_at, u.updated_at, u.merchant_id
-           FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                       $6::timestamptz[], $7::timestamptz[], $8::text[])
-                AS u(id, version, doc, user_id, status, created_at, updated_at, merchant_id)
-         ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, doc = EXCLUDED.doc,
-             user_id = EXCLUDED.user_id, status = EXCLUDED.status, merchant_id = EXCLUDED.merchant_id,
-             created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
-         WHERE order_view.version < EXCLUDED.version",
-    )
-    .bind(&docs.ids[rows.clone()])
-    .bind(&docs.versions[rows.clone()])
-    .bind(&docs.docs[rows.clone()])
-    .bind(&docs.users[rows.clone()])
-    .bind(&docs.statuses[rows.clone()])
-    .bind(&docs.created[rows.clone()])
-    .bind(&docs.updated[rows.clone()])
-    .bind(&docs.merchants[rows])
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(&projections::writer::upsert_statement("order_view"))
+        .bind(&docs.ids[rows.clone()])
+        .bind(&docs.versions[rows.clone()])
+        .bind(&docs.docs[rows.clone()])
+        .bind(&docs.users[rows.clone()])
+        .bind(&docs.statuses[rows.clone()])
+        .bind(&docs.created[rows.clone()])
+        .bind(&docs.updated[rows.clone()])
+        .bind(&docs.merchants[rows])
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -86,12 +86,33 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(name)
-        .enable_all()
-        .build()
+/// A runtime of its own with named threads, shut down in the background
+/// when dropped (dropping a runtime inside another one's task panics, so an
+/// early error return must not).
+struct NamedRuntime(Option<tokio::runtime::Runtime>);
+
+impl NamedRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("runtime until dropped").handle()
+    }
+}
+
+impl Drop for NamedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn runtime(name: &str) -> std::io::Result<NamedRuntime> {
+    Ok(NamedRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()?,
+    )))
 }
 
 struct Outcome {
@@ -154,12 +175,15 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
         runtime("svc-daemon")?,
     );
     let commands = commands_rt
+        .handle()
         .spawn(Server::start(|l, s| commands::run(commands_config, l, s)))
         .await??;
     let edge = edge_rt
+        .handle()
         .spawn(Server::start(|l, s| seckill_edge::run(edge_config, l, s)))
         .await??;
     let query = query_rt
+        .handle()
         .spawn(Server::start(|l, s| query_api::run(query_config, l, s)))
         .await??;
     let stop = CancellationToken::new();
@@ -179,7 +203,7 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
         max_deliver: 5,
         workers: 2,
     };
-    let projecting = daemon_rt.spawn(daemon.run(stop.clone()));
+    let projecting = daemon_rt.handle().spawn(daemon.run(stop.clone()));
 
     let result = async {
         let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
@@ -236,6 +260,29 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
         let client_runtime = runtime("bench-client")?;
         let url = edge.url(&format!("/seckill/{voucher}"));
         let queue = Arc::new(Mutex::new(tokens.into_iter()));
+        // where the backlog sits during the sale: the voucher's Redis stream
+        // (admitted, not forwarded yet) and the claim writer's consumer
+        // (forwarded, not decided yet), sampled every 100 ms
+        let backlog: Arc<[std::sync::atomic::AtomicU64; 2]> = Arc::default();
+        let sampling = {
+            let (js, namespace, backlog) = (js.clone(), namespace.clone(), backlog.clone());
+            let stream_key = seckill_edge::keys::VoucherKeys::new(&prefix, voucher).stream;
+            let mut redis = redis.clone();
+            tokio::spawn(async move {
+                let requests = js.get_stream(namespace.seckill_requests_stream()).await?;
+                loop {
+                    let len: u64 = redis::cmd("XLEN").arg(&stream_key).query_async(&mut redis).await?;
+                    backlog[0].fetch_max(len, std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(info) = requests.consumer_info(commands::CLAIM_WRITER_CONSUMER).await {
+                        let waiting = info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0);
+                        backlog[1].fetch_max(waiting, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                #[allow(unreachable_code)]
+                anyhow::Ok(())
+            })
+        };
         let cpu_before = CpuSample::now();
         let started = Instant::now();
         let mut clients = tokio::task::JoinSet::new();
@@ -255,7 +302,7 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
                         match status {
                             202 => {
                                 let order = body["order_id"].as_str().context("a 202 without order_id")?;
-                                admitted.push((user, order.to_owned(), Instant::now()));
+                                admitted.push((user, order.to_owned(), Instant::now(), Utc::now()));
                             }
                             409 => {}
                             other => anyhow::bail!("{user}: {other} {body}"),
@@ -275,11 +322,10 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
         }
         let asked = started.elapsed().as_secs_f64();
         let cpu_crowd = CpuSample::now().since(&cpu_before);
-        client_runtime.shutdown_background();
         anyhow::ensure!(admitted.len() == stock, "{} admitted of {stock}", admitted.len());
-        let users: HashSet<&String> = admitted.iter().map(|(user, _, _)| user).collect();
+        let users: HashSet<&String> = admitted.iter().map(|(user, ..)| user).collect();
         anyhow::ensure!(users.len() == stock, "a user admitted twice");
-        let last_admission = admitted.iter().map(|(_, _, at)| *at).max().context("no admissions")?;
+        let last_admission = admitted.iter().map(|(_, _, at, _)| *at).max().context("no admissions")?;
         let admissions_per_second = stock as f64 / (last_admission - started).as_secs_f64();
         println!(
             "{label}: {stock} admitted at {admissions_per_second:.0}/s (sold out {:.1} s after the first request); \
@@ -309,14 +355,43 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
             let mut delays = Vec::with_capacity(stock);
-            for (_, order, accepted) in &admitted {
+            for (_, order, accepted, _) in &admitted {
                 let seen = visible
                     .get(order)
                     .with_context(|| format!("order {order} never announced"))?;
                 delays.push(seen.saturating_duration_since(*accepted).as_secs_f64() * 1e3);
             }
             delays.sort_by(f64::total_cmp);
+            // where the time goes: 202 → the claim writer's commit (the
+            // OrderPlaced event's recorded_at), wall clock on both sides
+            let stored: HashMap<String, chrono::DateTime<Utc>> = sqlx::query_as(
+                "SELECT aggregate_id, recorded_at FROM events WHERE aggregate_type = 'Order' AND sequence = 1",
+            )
+            .fetch_all(&db.pool)
+            .await?
+            .into_iter()
+            .collect();
+            let mut to_store = Vec::with_capacity(stock);
+            for (_, order, _, accepted) in &admitted {
+                let at = stored.get(order).with_context(|| format!("order {order} not stored"))?;
+                to_store.push((*at - *accepted).num_microseconds().unwrap_or(0) as f64 / 1e3);
+            }
+            to_store.sort_by(f64::total_cmp);
+            println!(
+                "202 → OrderPlaced committed in the event store: min {:.0} ms, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                percentile(&to_store, 0.0),
+                percentile(&to_store, 0.5),
+                percentile(&to_store, 0.99),
+                percentile(&to_store, 1.0)
+            );
             let last_visible = visible.values().max().copied().context("nothing visible")?;
+            sampling.abort();
+            println!(
+                "largest backlog seen (every 100 ms): {} admitted requests in the voucher's Redis stream, \
+                 {} forwarded requests not yet decided by the claim writer",
+                backlog[0].load(std::sync::atomic::Ordering::Relaxed),
+                backlog[1].load(std::sync::atomic::Ordering::Relaxed)
+            );
             let placed: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM order_view WHERE doc->>'voucher_id' = $1 AND status <> 'rejected'",
             )
@@ -329,8 +404,9 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
             );
             visible_p99_ms = Some(percentile(&delays, 0.99));
             println!(
-                "202 → order visible: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; orders visible/s end to end \
+                "202 → order visible: min {:.0} ms, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; orders visible/s end to end \
                  {:.0} (the last {:.1} s after the first request, {:.1} s after the last 202)",
+                percentile(&delays, 0.0),
                 percentile(&delays, 0.5),
                 percentile(&delays, 0.99),
                 percentile(&delays, 1.0),
@@ -348,6 +424,8 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
                 cpu_crowd.per_unit(stock as f64, "admitted order")
             );
         }
+        drop(client_runtime);
+        sampling.abort();
         listening.abort();
         anyhow::Ok(Outcome {
             admissions_per_second,
@@ -361,9 +439,7 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
     edge.stop().await?;
     commands.stop().await?;
     query.stop().await?;
-    for rt in [commands_rt, edge_rt, query_rt, daemon_rt] {
-        rt.shutdown_background();
-    }
+    drop((commands_rt, edge_rt, query_rt, daemon_rt));
     for stream in Topology::new(namespace.clone()).streams() {
         js.delete_stream(&stream.name).await?;
     }

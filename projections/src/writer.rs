@@ -296,18 +296,7 @@ impl<P: Projector> Documents<P> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let query = format!(
-            "INSERT INTO {t} (id, version, doc, user_id, status, created_at, updated_at, merchant_id)
-             SELECT u.id, u.version, u.doc::jsonb, u.user_id, u.status, u.created_at, u.updated_at, u.merchant_id
-               FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                           $6::timestamptz[], $7::timestamptz[], $8::text[])
-                    AS u(id, version, doc, user_id, status, created_at, updated_at, merchant_id)
-             ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, doc = EXCLUDED.doc,
-                 user_id = EXCLUDED.user_id, status = EXCLUDED.status, merchant_id = EXCLUDED.merchant_id,
-                 created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
-             WHERE {t}.version < EXCLUDED.version",
-            t = self.table
-        );
+        let query = upsert_statement(&self.table);
         sqlx::query(&query)
             .bind(&ids)
             .bind(&versions)
@@ -348,6 +337,24 @@ impl<P: Projector> Documents<P> {
             doc.dirty
         });
     }
+}
+
+/// The statement every document write uses: rows as arrays in the order
+/// id, version, doc (JSON text), user_id, status, created_at, updated_at,
+/// merchant_id; a row never goes over a newer stored version. Public so the
+/// benchmarks' best-case writer runs the very same statement.
+pub fn upsert_statement(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (id, version, doc, user_id, status, created_at, updated_at, merchant_id)
+         SELECT u.id, u.version, u.doc::jsonb, u.user_id, u.status, u.created_at, u.updated_at, u.merchant_id
+           FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                       $6::timestamptz[], $7::timestamptz[], $8::text[])
+                AS u(id, version, doc, user_id, status, created_at, updated_at, merchant_id)
+         ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, doc = EXCLUDED.doc,
+             user_id = EXCLUDED.user_id, status = EXCLUDED.status, merchant_id = EXCLUDED.merchant_id,
+             created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
+         WHERE {table}.version < EXCLUDED.version"
+    )
 }
 
 pub fn dead_letter(event: &EventEnvelope, error: &dyn std::fmt::Display) -> DeadLetter {
