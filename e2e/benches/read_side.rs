@@ -402,11 +402,18 @@ async fn replay_million() -> anyhow::Result<()> {
         let (mut rates, mut times) = (Vec::new(), Vec::new());
         for round in 1..=ROUNDS {
             let before = PgActivity::now(&db.pool).await?;
+            let cpu_before = CpuSample::now();
             let (rate, seconds) = replay_ours(&db.pool, BIG_ORDERS).await?;
+            let cpu = CpuSample::now().since(&cpu_before);
             println!(
                 "round {round}: {rate:>7.0} events/s, {seconds:.1} s | {} | load {}",
                 before.since(&db.pool).await?,
                 loadavg()
+            );
+            // the replay runs on this program's runtime threads ("tokio-rt-worker")
+            println!(
+                "  cost: {}",
+                cpu.per_unit(BIG_ORDERS as f64 * 4.0 / 1_000.0, "1,000 events")
             );
             rates.push(rate);
             times.push(seconds);

@@ -8,7 +8,9 @@
 //! forwarder, the projection daemon and the query API. Per stock:
 //!
 //! 1. **Whole stack.** A voucher with that stock is created through the
-//!    command API and reaches the edge through the relay. A crowd of
+//!    command API and reaches the edge through the relay; the crowd starts
+//!    once the edge is warm and its forwarder reads the voucher's stream (a
+//!    sale is created before it opens). A crowd of
 //!    distinct users (three per unit, at least 60,000), each with its own
 //!    token signed beforehand, asks on 64 connections, one attempt each, and
 //!    keeps asking after the sell-out. For every 202 the client notes when
@@ -224,6 +226,27 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
             }
             anyhow::ensure!(Instant::now() < warm_by, "the edge never warmed up");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if pipeline {
+            // A sale is created well before it opens: the forwarder has found
+            // the voucher (it re-reads the registry once a second) and is
+            // reading its stream by then. Without this wait the first orders
+            // carry up to a second of discovery.
+            let stream_key = seckill_edge::keys::VoucherKeys::new(&prefix, voucher).stream;
+            loop {
+                let consumers: redis::Value = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&stream_key)
+                    .arg(seckill_edge::gate::FORWARDER_GROUP)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap_or(redis::Value::Nil);
+                if matches!(&consumers, redis::Value::Array(found) if !found.is_empty()) {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < warm_by, "the forwarder never read the voucher's stream");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
 
         // the projections' announcements: when each order document first

@@ -8,8 +8,9 @@
 //!
 //! Redelivery changes nothing (the version rule of [`crate::writer`]).
 //! Failures are sorted: a database that is away fails a worker's share of
-//! the batch, which is retried with backoff; an event its earlier events have not reached yet
-//! (a gap) is retried too. An event the projector refuses can never apply —
+//! the batch, which is retried with backoff (the other workers' commits
+//! stand); an event its earlier events have not reached yet (a gap) is
+//! retried too. An event the projector refuses can never apply —
 //! the stored event is what it is — so it is dead-lettered at once: recorded
 //! in `projection_dead_letters`, skipped (its document's version moves past
 //! it, so the aggregate's later events still apply), and copied by the

@@ -1,22 +1,24 @@
 //! Rebuilding a view from the event store while the live one keeps serving.
 //!
-//! 1. A shadow table `<view>_shadow` (same columns and indexes) is filled by
-//!    reading the projection's events in `global_position` order, a page at
-//!    a time (never all in memory), through the same projector and writer
-//!    as the daemon. A second connection reads the next page while the
-//!    current one is applied and written.
+//! 1. A shadow table `<view>_shadow` (same columns, only the primary key
+//!    while filling) is filled by reading the projection's events in
+//!    `global_position` order, a page at a time (never all in memory),
+//!    through the same projector as the daemon. A second connection reads
+//!    the next page while the current one is applied and written; documents
+//!    written for the first time go in with `COPY`.
 //! 2. Transactions still open when the scan started may commit events below
 //!    the scan's position later; the final catch-up reads them too (every
 //!    event of a transaction at or above the start's xmin), and the version
 //!    rule makes reading an event twice harmless.
-//! 3. The swap runs in one transaction holding the projection's checkpoint
-//!    row, which the daemon locks in every batch, so the daemon pauses: the
-//!    catch-up brings the shadow to everything committed, the tables are
-//!    renamed, and the daemon resumes on the new table. Whatever it had
-//!    applied to the old table was committed, hence is in the store and in
-//!    the catch-up; whatever it applies next goes through the version rule.
-//!    No event is lost or applied twice. Readers wait for the rename (ms),
-//!    never fail.
+//! 3. The shadow's secondary indexes are built (in two lanes, on
+//!    connections of their own). Then the swap runs in one transaction
+//!    holding the projection's lock exclusively (every daemon worker holds
+//!    it shared in every batch), so the daemon pauses: the catch-up brings
+//!    the shadow to everything committed, the tables are renamed, and the
+//!    daemon resumes on the new table. Whatever it had applied to the old
+//!    table was committed, hence is in the store and in the catch-up;
+//!    whatever it applies next goes through the version rule. No event is
+//!    lost or applied twice. Readers wait for the rename (ms), never fail.
 //!
 //! `--dry-run` stops after step 2 and compares the shadow with the live view.
 
@@ -38,6 +40,8 @@ pub enum ReplayError {
     Database(#[from] sqlx::Error),
     #[error("another replay of {0} is running")]
     Busy(&'static str),
+    #[error("the page reader stopped: {0}")]
+    Reader(#[from] tokio::task::JoinError),
 }
 
 #[derive(Debug, Clone)]
@@ -174,8 +178,13 @@ pub async fn replay<P: Projector>(
     let mut page = event_store::read::page(&mut reader, P::AGGREGATE_TYPE, cursor, page_size).await?;
     while let Some(last) = page.last() {
         cursor = last.global_position;
-        let next = event_store::read::page(&mut reader, P::AGGREGATE_TYPE, cursor, page_size);
-        let apply = async {
+        // the next page is read and decoded on another thread (a task of
+        // its own), so decoding rows overlaps applying this page
+        let next = tokio::spawn(async move {
+            let page = event_store::read::page(&mut reader, P::AGGREGATE_TYPE, cursor, page_size).await;
+            (reader, page)
+        });
+        let applied = async {
             let applied = apply_envelopes::<P>(&mut conn, &mut docs, &page, &mut letters).await?;
             // documents stay in memory until the cache is full: each is
             // written about once instead of once per page it appears in
@@ -184,8 +193,10 @@ pub async fn replay<P: Projector>(
                 docs.forget_clean();
             }
             Ok::<u64, ReplayError>(applied)
-        };
-        let (next, applied) = tokio::join!(next, apply);
+        }
+        .await;
+        let (returned, next) = next.await?;
+        reader = returned;
         events += applied?;
         progress.advance(events);
         page = next?;
@@ -201,14 +212,10 @@ pub async fn replay<P: Projector>(
         sqlx::query(&format!("DROP TABLE {shadow}")).execute(&mut conn).await?;
         Some(differences)
     } else {
+        build_indexes(pool, &indexes, P::TABLE, &shadow).await?;
         let mut tx = conn.begin().await?;
         // pauses the daemon of this projection until the swap commits
         event_store::checkpoint::lock(&mut tx, P::NAME).await?;
-        for (name, definition) in &indexes {
-            sqlx::query(&rebuilt_index(definition, name, P::TABLE, &shadow))
-                .execute(&mut *tx)
-                .await?;
-        }
         let rest = event_store::read::since(&mut *tx, P::AGGREGATE_TYPE, cursor, &xmin).await?;
         events += apply_envelopes::<P>(&mut tx, &mut docs, &rest, &mut letters).await?;
         docs.flush(&mut tx).await?;
@@ -254,6 +261,42 @@ pub async fn replay<P: Projector>(
     };
     progress.finish(&report);
     Ok(report)
+}
+
+/// Builds the live table's secondary indexes on the filled shadow table,
+/// before the swap (so the daemon's pause is only the catch-up and the
+/// renames): in two lanes on connections of their own, the GIN indexes
+/// (single-threaded builds, the longest) beside the B-trees, so both cores
+/// work. A replay that fails afterwards leaves them with the shadow, which
+/// the next replay drops.
+async fn build_indexes(
+    pool: &PgPool,
+    indexes: &[(String, String)],
+    live: &str,
+    shadow: &str,
+) -> Result<(), sqlx::Error> {
+    let (gin, other): (Vec<&(String, String)>, Vec<&(String, String)>) = indexes
+        .iter()
+        .partition(|(_, definition)| definition.contains(" USING gin"));
+    tokio::try_join!(
+        build_lane(pool, &gin, live, shadow),
+        build_lane(pool, &other, live, shadow)
+    )?;
+    Ok(())
+}
+
+/// Builds `lane`'s indexes one after another on a connection of its own.
+async fn build_lane(pool: &PgPool, lane: &[&(String, String)], live: &str, shadow: &str) -> Result<(), sqlx::Error> {
+    if lane.is_empty() {
+        return Ok(());
+    }
+    let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    for (name, definition) in lane {
+        sqlx::query(&rebuilt_index(definition, name, live, shadow))
+            .execute(&mut conn)
+            .await?;
+    }
+    conn.close().await
 }
 
 /// The live table's index definition, for the shadow table under a name of its own.

