@@ -275,7 +275,9 @@ async fn build_indexes(
     live: &str,
     shadow: &str,
 ) -> Result<(), sqlx::Error> {
-    let (gin, other): (Vec<&(String, String)>, Vec<&(String, String)>) = indexes
+    // (name, definition) pairs
+    type Lane<'a> = Vec<&'a (String, String)>;
+    let (gin, other): (Lane<'_>, Lane<'_>) = indexes
         .iter()
         .partition(|(_, definition)| definition.contains(" USING gin"));
     tokio::try_join!(
