@@ -292,6 +292,7 @@ async fn replay_ours(pool: &PgPool, orders: i64) -> anyhow::Result<(f64, f64)> {
             &ReplayOptions {
                 batch: 10_000,
                 dry_run: false,
+                ..ReplayOptions::default()
             },
             &mut Silent,
         )

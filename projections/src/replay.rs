@@ -4,8 +4,9 @@
 //!    while filling) is filled by reading the projection's events in
 //!    `global_position` order, a page at a time (never all in memory),
 //!    through the same projector as the daemon. A second connection reads
-//!    the next page while the current one is applied and written; documents
-//!    written for the first time go in with `COPY`.
+//!    the next page while the current one is applied; a full document
+//!    cache is written by a task on a third connection while the scan goes
+//!    on (documents written for the first time with `COPY`).
 //! 2. Transactions still open when the scan started may commit events below
 //!    the scan's position later; the final catch-up reads them too (every
 //!    event of a transaction at or above the start's xmin), and the version
@@ -28,11 +29,8 @@ use sqlx::{Connection as _, PgConnection, PgPool, Row as _};
 
 use crate::{
     views::Projector,
-    writer::{Documents, Step, dead_letter, record_dead_letters},
+    writer::{Documents, Step, Writes, dead_letter, record_dead_letters},
 };
-
-/// Above this many held documents, stored ones are forgotten between pages.
-const DOCUMENT_CACHE: usize = 50_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -40,8 +38,10 @@ pub enum ReplayError {
     Database(#[from] sqlx::Error),
     #[error("another replay of {0} is running")]
     Busy(&'static str),
-    #[error("the page reader stopped: {0}")]
-    Reader(#[from] tokio::task::JoinError),
+    #[error("a reader or writer task stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("a cache write was started while another was under way")]
+    WriterBusy,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +49,10 @@ pub struct ReplayOptions {
     /// Events per page read from the store.
     pub batch: usize,
     pub dry_run: bool,
+    /// Documents held in memory between pages; above it, they are written
+    /// and the written ones forgotten (read back when a later event needs
+    /// them).
+    pub document_cache: usize,
 }
 
 impl Default for ReplayOptions {
@@ -56,6 +60,7 @@ impl Default for ReplayOptions {
         Self {
             batch: 10_000,
             dry_run: false,
+            document_cache: 50_000,
         }
     }
 }
@@ -175,6 +180,7 @@ pub async fn replay<P: Projector>(
     // A second connection reads page N+1 while page N is applied and
     // written on the first: the scan's reads overlap its writes.
     let mut reader = PgConnection::connect_with(&pool.connect_options()).await?;
+    let mut writer = BackgroundWriter::Idle(PgConnection::connect_with(&pool.connect_options()).await?);
     let mut page = event_store::read::page(&mut reader, P::AGGREGATE_TYPE, cursor, page_size).await?;
     while let Some(last) = page.last() {
         cursor = last.global_position;
@@ -184,17 +190,21 @@ pub async fn replay<P: Projector>(
             let page = event_store::read::page(&mut reader, P::AGGREGATE_TYPE, cursor, page_size).await;
             (reader, page)
         });
-        let applied = async {
-            let applied = apply_envelopes::<P>(&mut conn, &mut docs, &page, &mut letters).await?;
-            // documents stay in memory until the cache is full: each is
-            // written about once instead of once per page it appears in
-            if docs.len() > DOCUMENT_CACHE {
-                docs.flush(&mut conn).await?;
-                docs.forget_clean();
+        let applied = apply_envelopes::<P>(&mut conn, &mut docs, &page, &mut letters).await;
+        // Documents stay in memory until the cache is full: each is written
+        // about once instead of once per page it appears in. A full cache's
+        // documents are written by a task on a third connection while the
+        // scan goes on; they are forgotten (and read back if needed) only
+        // once that write is done.
+        let cache = options.document_cache.max(1);
+        if docs.len() > cache {
+            // far over the cache: wait for the write under way
+            let wait = docs.len() > 3 * cache;
+            writer.settle(&mut docs, wait).await?;
+            if docs.len() > cache && writer.is_idle() {
+                writer.start(docs.take_writes()?)?;
             }
-            Ok::<u64, ReplayError>(applied)
         }
-        .await;
         let (returned, next) = next.await?;
         reader = returned;
         events += applied?;
@@ -202,6 +212,8 @@ pub async fn replay<P: Projector>(
         page = next?;
     }
     drop(reader);
+    writer.settle(&mut docs, true).await?;
+    drop(writer);
     docs.flush(&mut conn).await?;
 
     let differences = if options.dry_run {
@@ -261,6 +273,55 @@ pub async fn replay<P: Projector>(
     };
     progress.finish(&report);
     Ok(report)
+}
+
+/// Writes a full cache's documents on a connection of its own while the
+/// scan goes on.
+enum BackgroundWriter {
+    Idle(PgConnection),
+    Writing(tokio::task::JoinHandle<(PgConnection, Result<usize, sqlx::Error>)>),
+    /// Only between taking the connection and handing it back.
+    Gone,
+}
+
+impl BackgroundWriter {
+    /// Once the write under way is done (or at once when it is not, if
+    /// `wait`), forgets the documents it wrote: they are in the table now.
+    async fn settle<P: Projector>(&mut self, docs: &mut Documents<P>, wait: bool) -> Result<(), ReplayError> {
+        if let Self::Writing(task) = self
+            && (wait || task.is_finished())
+        {
+            let Self::Writing(task) = std::mem::replace(self, Self::Gone) else {
+                unreachable!("matched above")
+            };
+            let (conn, written) = task.await?;
+            *self = Self::Idle(conn);
+            written?;
+            docs.forget_clean();
+        }
+        Ok(())
+    }
+
+    fn is_idle(&self) -> bool {
+        matches!(self, Self::Idle(_))
+    }
+
+    /// Starts writing `writes` on the idle connection; returns at once.
+    fn start(&mut self, writes: Writes) -> Result<(), ReplayError> {
+        match std::mem::replace(self, Self::Gone) {
+            Self::Idle(mut conn) => {
+                *self = Self::Writing(tokio::spawn(async move {
+                    let written = writes.execute(&mut conn).await;
+                    (conn, written)
+                }));
+                Ok(())
+            }
+            busy => {
+                *self = busy;
+                Err(ReplayError::WriterBusy)
+            }
+        }
+    }
 }
 
 /// Builds the live table's secondary indexes on the filled shadow table,

@@ -259,6 +259,13 @@ impl<P: Projector> Documents<P> {
     /// Writes every changed document (never over a newer stored version),
     /// a few thousand per statement.
     pub async fn flush(&mut self, conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
+        self.take_writes()?.execute(conn).await
+    }
+
+    /// Takes every changed document out as rows to write, marking them
+    /// written: the writing ([`Writes::execute`]) may then happen on another
+    /// connection while these documents move on.
+    pub fn take_writes(&mut self) -> Result<Writes, sqlx::Error> {
         const CHUNK: usize = 5_000;
         let mut dirty: Vec<String> = self
             .docs
@@ -269,85 +276,58 @@ impl<P: Projector> Documents<P> {
         // rows locked in one order by every writer: concurrent writers of
         // the same documents wait for each other instead of deadlocking
         dirty.sort_unstable();
-        let mut written = 0;
+        let mut writes = Writes {
+            table: self.table.clone(),
+            copy: Vec::new(),
+            copied: 0,
+            upserts: Vec::new(),
+            announce: self.written_only.is_none(),
+        };
         if self.written_only.is_some() {
             // a table only this process fills: documents never written go in
             // with one COPY, no conflict to check
             let (fresh, stored): (Vec<String>, Vec<String>) = dirty
                 .into_iter()
                 .partition(|id| self.docs.get(id).is_some_and(|doc| !doc.stored));
-            written += self.copy(conn, &fresh).await?;
+            self.copy_rows(&fresh, &mut writes)?;
             dirty = stored;
         }
         for chunk in dirty.chunks(CHUNK) {
-            written += self.write(conn, chunk).await?;
+            let rows = self.rows(chunk)?;
+            if !rows.ids.is_empty() {
+                writes.upserts.push(rows);
+            }
         }
-        Ok(written)
+        Ok(writes)
     }
 
-    async fn write(&mut self, conn: &mut PgConnection, chunk: &[String]) -> Result<usize, sqlx::Error> {
-        let mut ids = Vec::with_capacity(chunk.len());
-        let mut versions = Vec::with_capacity(chunk.len());
-        let mut docs = Vec::with_capacity(chunk.len());
-        let mut users = Vec::with_capacity(chunk.len());
-        let mut merchants = Vec::with_capacity(chunk.len());
-        let mut statuses = Vec::with_capacity(chunk.len());
-        let mut created: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(chunk.len());
-        let mut updated: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(chunk.len());
+    /// The upsert rows of `chunk`'s documents (those with content).
+    fn rows(&mut self, chunk: &[String]) -> Result<Rows, sqlx::Error> {
+        let mut rows = Rows::with_capacity(chunk.len());
         for id in chunk {
             let Some(doc) = self.docs.get_mut(id) else { continue };
             doc.dirty = false;
             let Some(view) = &doc.view else { continue };
             doc.stored = true;
             let columns = P::columns(view);
-            ids.push(id.clone());
-            versions.push(i64::try_from(doc.version).unwrap_or(i64::MAX));
+            rows.ids.push(id.clone());
+            rows.versions.push(i64::try_from(doc.version).unwrap_or(i64::MAX));
             // JSON text, cast to jsonb by the statement: no `Value` in between
-            docs.push(serde_json::to_string(view).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
-            users.push(columns.user_id);
-            merchants.push(columns.merchant_id);
-            statuses.push(columns.status);
-            created.push(columns.created_at);
-            updated.push(columns.updated_at);
+            rows.docs
+                .push(serde_json::to_string(view).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+            rows.users.push(columns.user_id);
+            rows.merchants.push(columns.merchant_id);
+            rows.statuses.push(columns.status);
+            rows.created.push(columns.created_at);
+            rows.updated.push(columns.updated_at);
         }
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let query = upsert_statement(&self.table);
-        sqlx::query(&query)
-            .bind(&ids)
-            .bind(&versions)
-            .bind(&docs)
-            .bind(&users)
-            .bind(&statuses)
-            .bind(&created)
-            .bind(&updated)
-            .bind(&merchants)
-            .execute(&mut *conn)
-            .await?;
-        if self.written_only.is_none() {
-            // the live table: tell the query API's caches which documents
-            // moved on (delivered when this transaction commits)
-            let changed: Vec<(String, u64)> = ids
-                .iter()
-                .cloned()
-                .zip(versions.iter().map(|v| v.unsigned_abs()))
-                .collect();
-            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
-                .bind(platform::pg::VIEW_CHANGES_CHANNEL)
-                .bind(platform::pg::ViewChange::payloads(&self.table, &changed))
-                .execute(&mut *conn)
-                .await?;
-        }
-        Ok(ids.len())
+        Ok(rows)
     }
 
-    /// Writes documents that have no row yet with one `COPY … FROM STDIN`
-    /// (text format). Only for a table this process alone fills: a row
-    /// another writer added meanwhile would fail the COPY.
-    async fn copy(&mut self, conn: &mut PgConnection, ids: &[String]) -> Result<usize, sqlx::Error> {
-        let mut data: Vec<u8> = Vec::with_capacity(ids.len() * 1_024);
-        let mut rows = 0;
+    /// COPY text rows (text format) for documents that have no row yet.
+    fn copy_rows(&mut self, ids: &[String], writes: &mut Writes) -> Result<(), sqlx::Error> {
+        let data = &mut writes.copy;
+        data.reserve(ids.len() * 1_024);
         for id in ids {
             let Some(doc) = self.docs.get_mut(id) else { continue };
             doc.dirty = false;
@@ -371,28 +351,14 @@ impl<P: Projector> Documents<P> {
                     data.push(b'\t');
                 }
                 match field {
-                    Some(text) => copy_text(&mut data, text),
+                    Some(text) => copy_text(data, text),
                     None => data.extend_from_slice(b"\\N"),
                 }
             }
             data.push(b'\n');
-            rows += 1;
+            writes.copied += 1;
         }
-        if rows == 0 {
-            return Ok(0);
-        }
-        let mut copy = conn
-            .copy_in_raw(&format!(
-                "COPY {} (id, version, doc, user_id, status, created_at, updated_at, merchant_id) FROM STDIN",
-                self.table
-            ))
-            .await?;
-        if let Err(error) = copy.send(data).await {
-            let _ = copy.abort(error.to_string()).await;
-            return Err(error);
-        }
-        copy.finish().await?;
-        Ok(rows)
+        Ok(())
     }
 
     /// Forgets every held document that is stored (a bounded cache for the replay).
@@ -406,6 +372,110 @@ impl<P: Projector> Documents<P> {
             }
             doc.dirty
         });
+    }
+}
+
+/// Upsert rows as the statement's arrays.
+struct Rows {
+    ids: Vec<String>,
+    versions: Vec<i64>,
+    docs: Vec<String>,
+    users: Vec<Option<String>>,
+    statuses: Vec<Option<String>>,
+    created: Vec<Option<DateTime<Utc>>>,
+    updated: Vec<Option<DateTime<Utc>>>,
+    merchants: Vec<Option<String>>,
+}
+
+impl Rows {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            docs: Vec::with_capacity(n),
+            users: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            created: Vec::with_capacity(n),
+            updated: Vec::with_capacity(n),
+            merchants: Vec::with_capacity(n),
+        }
+    }
+}
+
+/// Documents taken out of [`Documents`] to be written ([`Documents::take_writes`]).
+pub struct Writes {
+    table: String,
+    /// `COPY` text rows of documents the table has no row for (a table
+    /// this process alone fills).
+    copy: Vec<u8>,
+    copied: usize,
+    upserts: Vec<Rows>,
+    /// A live table: the query API's caches are told what moved on.
+    announce: bool,
+}
+
+impl std::fmt::Debug for Writes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writes")
+            .field("table", &self.table)
+            .field("copied", &self.copied)
+            .field(
+                "upserts",
+                &self.upserts.iter().map(|rows| rows.ids.len()).sum::<usize>(),
+            )
+            .finish()
+    }
+}
+
+impl Writes {
+    /// Writes the rows on `conn`; returns how many documents were written.
+    pub async fn execute(self, conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
+        let mut written = 0;
+        if self.copied > 0 {
+            let mut copy = conn
+                .copy_in_raw(&format!(
+                    "COPY {} (id, version, doc, user_id, status, created_at, updated_at, merchant_id) FROM STDIN",
+                    self.table
+                ))
+                .await?;
+            if let Err(error) = copy.send(self.copy).await {
+                let _ = copy.abort(error.to_string()).await;
+                return Err(error);
+            }
+            copy.finish().await?;
+            written += self.copied;
+        }
+        let query = upsert_statement(&self.table);
+        for rows in &self.upserts {
+            sqlx::query(&query)
+                .bind(&rows.ids)
+                .bind(&rows.versions)
+                .bind(&rows.docs)
+                .bind(&rows.users)
+                .bind(&rows.statuses)
+                .bind(&rows.created)
+                .bind(&rows.updated)
+                .bind(&rows.merchants)
+                .execute(&mut *conn)
+                .await?;
+            if self.announce {
+                // tell the query API's caches which documents moved on
+                // (delivered when this transaction commits)
+                let changed: Vec<(String, u64)> = rows
+                    .ids
+                    .iter()
+                    .cloned()
+                    .zip(rows.versions.iter().map(|v| v.unsigned_abs()))
+                    .collect();
+                sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                    .bind(platform::pg::VIEW_CHANGES_CHANNEL)
+                    .bind(platform::pg::ViewChange::payloads(&self.table, &changed))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            written += rows.ids.len();
+        }
+        Ok(written)
     }
 }
 

@@ -163,6 +163,8 @@ async fn every_live_view_equals_a_replay_from_scratch_after_a_random_workload() 
         let options = ReplayOptions {
             batch: 13,
             dry_run: true,
+            // a small cache: documents are written and read back mid-scan
+            document_cache: 16,
         };
         let report = projection.replay(&stack.db.pool, &options, &mut Silent).await?;
         let differences = report.differences.expect("compared");

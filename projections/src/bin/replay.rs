@@ -68,6 +68,7 @@ async fn replay(args: Args) -> anyhow::Result<ExitCode> {
     let options = ReplayOptions {
         batch: args.batch as usize,
         dry_run: args.dry_run,
+        ..ReplayOptions::default()
     };
     let mut progress = LineProgress::new(std::io::stderr().is_terminal());
     let mut out = std::io::stdout();

@@ -89,6 +89,7 @@ async fn readers_never_fail_while_a_replay_swaps_the_orders_view() -> anyhow::Re
         let options = ReplayOptions {
             batch: 50,
             dry_run: false,
+            document_cache: 20,
         };
         Projection::Orders.replay(&setup.db.pool, &options, &mut Silent).await?;
     }
