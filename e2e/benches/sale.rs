@@ -286,19 +286,37 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
         // where the backlog sits during the sale: the voucher's Redis stream
         // (admitted, not forwarded yet) and the claim writer's consumer
         // (forwarded, not decided yet), sampled every 100 ms
-        let backlog: Arc<[std::sync::atomic::AtomicU64; 2]> = Arc::default();
+        let backlog: Arc<[std::sync::atomic::AtomicU64; 4]> = Arc::default();
         let sampling = {
             let (js, namespace, backlog) = (js.clone(), namespace.clone(), backlog.clone());
+            let pool = db.pool.clone();
             let stream_key = seckill_edge::keys::VoucherKeys::new(&prefix, voucher).stream;
             let mut redis = redis.clone();
             tokio::spawn(async move {
                 let requests = js.get_stream(namespace.seckill_requests_stream()).await?;
+                let orders = js.get_stream(namespace.events_stream("Order")).await?;
+                let projection = projections::daemon::consumer_name("orders");
                 loop {
                     let len: u64 = redis::cmd("XLEN").arg(&stream_key).query_async(&mut redis).await?;
                     backlog[0].fetch_max(len, std::sync::atomic::Ordering::Relaxed);
                     if let Ok(info) = requests.consumer_info(commands::CLAIM_WRITER_CONSUMER).await {
                         let waiting = info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0);
                         backlog[1].fetch_max(waiting, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // stored, not yet published by the relay
+                    let unrelayed: Option<i64> = sqlx::query_scalar(
+                        "SELECT (SELECT max(global_position) FROM events)
+                              - (SELECT COALESCE(max(last_position), 0) FROM relay_cursor)",
+                    )
+                    .fetch_one(&pool)
+                    .await?;
+                    backlog[2].fetch_max(
+                        u64::try_from(unrelayed.unwrap_or(0)).unwrap_or(0),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    if let Ok(info) = orders.consumer_info(&projection).await {
+                        let waiting = info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0);
+                        backlog[3].fetch_max(waiting, std::sync::atomic::Ordering::Relaxed);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -411,9 +429,12 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
             sampling.abort();
             println!(
                 "largest backlog seen (every 100 ms): {} admitted requests in the voucher's Redis stream, \
-                 {} forwarded requests not yet decided by the claim writer",
+                 {} forwarded requests not yet decided by the claim writer, {} stored events not yet \
+                 published by the relay, {} order events not yet projected",
                 backlog[0].load(std::sync::atomic::Ordering::Relaxed),
-                backlog[1].load(std::sync::atomic::Ordering::Relaxed)
+                backlog[1].load(std::sync::atomic::Ordering::Relaxed),
+                backlog[2].load(std::sync::atomic::Ordering::Relaxed),
+                backlog[3].load(std::sync::atomic::Ordering::Relaxed)
             );
             let placed: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM order_view WHERE doc->>'voucher_id' = $1 AND status <> 'rejected'",
