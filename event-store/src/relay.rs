@@ -9,7 +9,9 @@
 //!   commits later sorts after the cursor and is published, never skipped
 //!   (docs/EVENTS.md). No wall-clock gap skipping.
 //! - **Publishing**: `Nats-Msg-Id` = the event's stable id, its `traceparent`,
-//!   pipelined within the publisher's window, every ack awaited.
+//!   pipelined within the publisher's window, every ack awaited. After a
+//!   full batch the next one is read while this one is published (used only
+//!   once this one is wholly out), so reading and publishing overlap.
 //! - **Cursor**: stored only after the acks, and only forwards. A crash between
 //!   publish and cursor write re-publishes the batch; JetStream drops the
 //!   duplicates by id.
@@ -170,8 +172,13 @@ impl Relay {
             tx_id: parse_xid(row.try_get("tx")?),
             position: row.try_get("last_position")?,
         };
+        // the next batch, read while the current one was being published
+        let mut prefetched: Option<Vec<Row>> = None;
         loop {
-            let mut rows = self.fetch(&mut conn, cursor).await?;
+            let mut rows = match prefetched.take() {
+                Some(rows) => rows,
+                None => self.fetch(&mut conn, cursor).await?,
+            };
             if rows.is_empty() {
                 metrics::gauge!("relay_lag_events").set(0.0);
                 metrics::gauge!("relay_lag_seconds").set(0.0);
@@ -192,7 +199,17 @@ impl Relay {
             let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= self.config.batch_size;
             metrics::gauge!("relay_lag_seconds")
                 .set((Utc::now() - rows[0].recorded_at).num_milliseconds().max(0) as f64 / 1000.0);
-            let published = self.publish(rows).await;
+            // A full batch means more is waiting: read the next one (after
+            // this batch's last row) on the leader connection while this one
+            // is published, so reading and publishing overlap. It is used
+            // only if this whole batch was published.
+            let (published, next) = if full {
+                let after = rows.last().map_or(cursor, |row| row.cursor);
+                let (published, next) = tokio::join!(self.publish(rows), self.fetch(&mut conn, after));
+                (published, Some(next))
+            } else {
+                (self.publish(rows).await, None)
+            };
             let (advanced, failure) = match published {
                 Ok(last) => (last, None),
                 Err((last, error)) => (last, Some(error)),
@@ -205,6 +222,10 @@ impl Relay {
             }
             if let Some(error) = failure {
                 return Err(error);
+            }
+            // the whole batch is out and its cursor stored
+            if let Some(next) = next {
+                prefetched = Some(next?);
             }
             if full {
                 let head: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM events")
