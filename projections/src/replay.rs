@@ -285,8 +285,9 @@ enum BackgroundWriter {
 }
 
 impl BackgroundWriter {
-    /// Once the write under way is done (or at once when it is not, if
-    /// `wait`), forgets the documents it wrote: they are in the table now.
+    /// When the write under way has finished (with `wait`, after waiting
+    /// for it), forgets the documents it wrote: they are in the table now.
+    /// Does nothing while it is still running and `wait` is false.
     async fn settle<P: Projector>(&mut self, docs: &mut Documents<P>, wait: bool) -> Result<(), ReplayError> {
         if let Self::Writing(task) = self
             && (wait || task.is_finished())
