@@ -1035,7 +1035,11 @@ async fn query_bench() -> anyhow::Result<()> {
             "--jwt-secret",
             &secret,
         ])?;
-        println!("query API pool: {} connections", config.postgres.database_max_connections);
+        println!(
+            "query API: pool of {} connections, cache {} MiB, reads by id in at most {} statements at once of up to {} ids \
+             (QUERY_* variables of the environment apply)",
+            config.postgres.database_max_connections, config.cache_mb, config.batch_concurrency, config.batch_max
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1091,6 +1095,24 @@ async fn query_bench() -> anyhow::Result<()> {
                 "median: {rate:.0} req/s, p50 {:.2} ms, p99 {:.2} ms (64 connections)",
                 median(runs.iter().map(|r| r.p50_ms).collect()),
                 median(runs.iter().map(|r| r.p99_ms).collect())
+            );
+            let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
+            let counter = |name: &str| -> f64 {
+                metrics
+                    .lines()
+                    .filter(|line| line.starts_with(name))
+                    .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                    .fold(0.0, |sum, value| sum + value)
+            };
+            let (hits, misses) = (
+                counter("query_cache_total{outcome=\"hit\"}"),
+                counter("query_cache_total{outcome=\"miss\"}"),
+            );
+            println!(
+                "whole run: cache hits {:.0} % of by-id reads; {:.1} lookups per statement ({} statements)",
+                100.0 * hits / (hits + misses).max(1.0),
+                counter("query_lookups_total") / counter("query_lookup_statements_total").max(1.0),
+                counter("query_lookup_statements_total")
             );
             anyhow::Ok(rate)
         }

@@ -27,6 +27,7 @@ use axum::body::Bytes;
 use moka::ops::compute::Op;
 use platform::pg::{VIEW_CHANGES_CHANNEL, ViewChange};
 use sqlx::{PgPool, postgres::PgListener};
+use uuid::Uuid;
 
 use crate::watch::Table;
 
@@ -41,6 +42,10 @@ pub struct CachedDoc {
     /// What a voucher's status is computed from, decoded on the first read
     /// that needs it and kept with the cached copy.
     pub sale: std::sync::OnceLock<Option<crate::routes::SaleClock>>,
+    /// A voucher's answer for each sale status, built the first time this
+    /// copy is answered in that status (a hot sale's page is answered tens
+    /// of thousands of times a second from one copy).
+    pub pages: [std::sync::OnceLock<Bytes>; crate::routes::SALE_STATUSES],
 }
 
 impl CachedDoc {
@@ -51,11 +56,14 @@ impl CachedDoc {
             user_id,
             merchant_id,
             sale: std::sync::OnceLock::new(),
+            pages: Default::default(),
         }
     }
 }
 
-type Key = (Table, String);
+/// Every document read by id has a UUID for an id (the routes take no
+/// other), so the key is 16 bytes: no allocation to look one up.
+type Key = (Table, Uuid);
 
 /// The cache; cheap to clone (one reference count: the state holding it is
 /// cloned for every request).
@@ -65,7 +73,10 @@ pub struct DocCache {
 }
 
 struct Inner {
-    docs: moka::future::Cache<Key, Arc<CachedDoc>>,
+    /// foldhash instead of SipHash: every read hashes its key a few times,
+    /// and only documents that exist are ever keys (misses are not
+    /// cached), so nobody can flood the table with colliding ids.
+    docs: moka::future::Cache<Key, Arc<CachedDoc>, foldhash::quality::RandomState>,
     /// Registered once, not looked up per request.
     hits: metrics::Counter,
     misses: metrics::Counter,
@@ -83,11 +94,9 @@ impl DocCache {
     pub fn new(max_bytes: u64, ttl: Duration) -> Self {
         let docs = moka::future::Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|(_, id): &Key, doc: &Arc<CachedDoc>| {
-                u32::try_from(id.len() + doc.doc.len() + 64).unwrap_or(u32::MAX)
-            })
+            .weigher(|_: &Key, doc: &Arc<CachedDoc>| u32::try_from(doc.doc.len() + 80).unwrap_or(u32::MAX))
             .time_to_live(ttl)
-            .build();
+            .build_with_hasher(foldhash::quality::RandomState::default());
         Self {
             inner: Arc::new(Inner {
                 docs,
@@ -99,12 +108,12 @@ impl DocCache {
 
     /// The cached document, or the one `load` reads (one load per key at a
     /// time; a missing document is not cached: anyone can name ids).
-    pub async fn get_or_load<E, F, Fut>(&self, table: Table, id: &str, load: F) -> Result<Option<Arc<CachedDoc>>, E>
+    pub async fn get_or_load<E, F, Fut>(&self, table: Table, id: Uuid, load: F) -> Result<Option<Arc<CachedDoc>>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Arc<CachedDoc>>, E>>,
     {
-        let key = (table, id.to_owned());
+        let key = (table, id);
         if let Some(doc) = self.inner.docs.get(&key).await {
             self.inner.hits.increment(1);
             return Ok(Some(doc));
@@ -141,10 +150,10 @@ impl DocCache {
     }
 
     /// Keeps `doc` unless the cache holds the same or a later version.
-    pub async fn put_if_newer(&self, table: Table, id: &str, doc: Arc<CachedDoc>) {
+    pub async fn put_if_newer(&self, table: Table, id: Uuid, doc: Arc<CachedDoc>) {
         self.inner
             .docs
-            .entry((table, id.to_owned()))
+            .entry((table, id))
             .and_compute_with(|existing| async move {
                 match existing {
                     Some(existing) if existing.value().version >= doc.version => Op::Nop,
@@ -155,10 +164,10 @@ impl DocCache {
     }
 
     /// Drops the entry if it is older than `version`.
-    pub async fn forget_older(&self, table: Table, id: &str, version: u64) {
+    pub async fn forget_older(&self, table: Table, id: Uuid, version: u64) {
         self.inner
             .docs
-            .entry((table, id.to_owned()))
+            .entry((table, id))
             .and_compute_with(|existing| async move {
                 match existing {
                     Some(existing) if existing.value().version < version => Op::Remove,
@@ -206,7 +215,10 @@ impl DocCache {
                         continue;
                     };
                     for (id, version) in changed {
-                        self.forget_older(table, &id, version).await;
+                        // an id that is no UUID was never read by id, so never cached
+                        if let Ok(id) = Uuid::parse_str(&id) {
+                            self.forget_older(table, id, version).await;
+                        }
                     }
                 }
                 Some(ViewChange::Table { table }) => {
@@ -232,6 +244,9 @@ mod tests {
 
     use super::*;
 
+    const HOT: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+    const ORDER: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0002);
+
     fn doc(version: u64) -> Arc<CachedDoc> {
         Arc::new(CachedDoc::new(
             version,
@@ -250,7 +265,7 @@ mod tests {
             let (cache, loads) = (cache.clone(), loads.clone());
             readers.spawn(async move {
                 cache
-                    .get_or_load(Table::Vouchers, "hot", || async {
+                    .get_or_load(Table::Vouchers, HOT, || async {
                         loads.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Ok::<_, std::convert::Infallible>(Some(doc(7)))
@@ -269,26 +284,26 @@ mod tests {
     async fn entries_only_move_forward_and_older_ones_are_forgotten() {
         let cache = DocCache::new(1 << 20, Duration::from_secs(60));
         let never = || async { Ok::<_, std::convert::Infallible>(None) };
-        cache.put_if_newer(Table::Orders, "o", doc(3)).await;
-        cache.put_if_newer(Table::Orders, "o", doc(2)).await;
-        let held = cache.get_or_load(Table::Orders, "o", never).await.expect("read");
+        cache.put_if_newer(Table::Orders, ORDER, doc(3)).await;
+        cache.put_if_newer(Table::Orders, ORDER, doc(2)).await;
+        let held = cache.get_or_load(Table::Orders, ORDER, never).await.expect("read");
         assert_eq!(
             held.map(|d| d.version),
             Some(3),
             "an older copy never replaces a newer one"
         );
-        cache.forget_older(Table::Orders, "o", 3).await;
-        let held = cache.get_or_load(Table::Orders, "o", never).await.expect("read");
+        cache.forget_older(Table::Orders, ORDER, 3).await;
+        let held = cache.get_or_load(Table::Orders, ORDER, never).await.expect("read");
         assert_eq!(held.map(|d| d.version), Some(3), "announcing what it holds keeps it");
-        cache.forget_older(Table::Orders, "o", 4).await;
-        let held = cache.get_or_load(Table::Orders, "o", never).await.expect("read");
+        cache.forget_older(Table::Orders, ORDER, 4).await;
+        let held = cache.get_or_load(Table::Orders, ORDER, never).await.expect("read");
         assert_eq!(
             held, None,
             "a later version announced: the copy is gone, the store is asked"
         );
         // a missing document is not cached: the next read asks again
         let later = cache
-            .get_or_load(Table::Orders, "o", || async {
+            .get_or_load(Table::Orders, ORDER, || async {
                 Ok::<_, std::convert::Infallible>(Some(doc(4)))
             })
             .await

@@ -21,6 +21,10 @@ pub enum ApiError {
     /// The cause is logged, never sent.
     #[error("the views are unavailable")]
     Store(#[from] sqlx::Error),
+    /// A lookup by id that failed (its cause, shared by every lookup of the
+    /// statement, is logged, never sent).
+    #[error("the views are unavailable")]
+    Lookup(#[from] crate::lookup::LookupError),
     /// A stored document that is not JSON (it cannot be: the column is
     /// jsonb); logged, never sent.
     #[error("a stored document does not decode")]
@@ -39,6 +43,10 @@ impl IntoResponse for ApiError {
             Self::InvalidParameter(ref message) => error_response(StatusCode::BAD_REQUEST, "invalid_query", message),
             Self::Store(ref cause) => {
                 tracing::error!(error = ?cause, "view store failure");
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
+            }
+            Self::Lookup(ref cause) => {
+                tracing::error!(error = ?cause, "view lookup failure");
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
             }
             Self::StoredDocument(ref cause) => {

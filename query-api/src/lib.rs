@@ -5,12 +5,14 @@
 //! MongoDB-style `filter`, `sort` and cursor of `GET /orders`, translated to
 //! parameterized SQL), [`watch`] (read-your-writes waits shared by every
 //! waiting request), [`cache`] (documents by id in memory, invalidated by the
-//! projections' writes), [`error`] (the one error type), [`Config`] (env),
+//! projections' writes), [`lookup`] (reads by id, gathered into one
+//! statement per view under load), [`error`] (the one error type), [`Config`] (env),
 //! [`AppState`], [`router`] (for in-process tests) and [`run`].
 
 pub mod cache;
 pub mod error;
 pub mod filter;
+pub mod lookup;
 pub mod routes;
 pub mod watch;
 
@@ -38,6 +40,19 @@ pub struct Config {
     /// should an invalidation be lost.
     #[arg(long, env = "QUERY_CACHE_TTL_MS", default_value_t = 5_000)]
     pub cache_ttl_ms: u64,
+    /// Reads by id in one statement at most.
+    #[arg(long, env = "QUERY_BATCH_MAX", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=1_000))]
+    pub batch_max: u16,
+    /// Statements of reads by id in flight at once; reads that arrive while
+    /// all are busy go together in the next one. More statements at once
+    /// mean smaller batches: on a machine shared with Postgres one is
+    /// fastest (docs/BENCHMARKS.md); a Postgres with cores of its own can
+    /// use more. Keep it below the pool's size, which list queries and
+    /// read-your-writes waits share.
+    #[arg(long, env = "QUERY_BATCH_CONCURRENCY", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1_000))]
+    pub batch_concurrency: u16,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -61,6 +76,7 @@ pub struct Shared {
     pub jwt: JwtKeys,
     pub ops: Ops,
     pub watch: watch::VersionWatch,
+    pub lookups: lookup::Lookups,
     /// `None`: every read goes to Postgres.
     pub cache: Option<cache::DocCache>,
 }
@@ -83,11 +99,19 @@ impl AppState {
     pub fn new(pool: sqlx::PgPool, jwt: JwtKeys, ops: Ops) -> Self {
         Self(Arc::new(Shared {
             watch: watch::VersionWatch::new(pool.clone()),
+            lookups: lookup::Lookups::new(pool.clone(), lookup::BatchOptions::default()),
             pool,
             jwt,
             ops,
             cache: None,
         }))
+    }
+
+    /// Reads by id gathered as `options` say.
+    pub fn with_batching(self, options: lookup::BatchOptions) -> Self {
+        let mut shared = Arc::unwrap_or_clone(self.0);
+        shared.lookups = lookup::Lookups::new(shared.pool.clone(), options);
+        Self(Arc::new(shared))
     }
 
     /// Reads by id through `cache`; the caller keeps it invalidated
@@ -114,7 +138,11 @@ pub async fn run(
         health: Health::new().postgres(pool.clone()),
         metrics: platform::telemetry::metrics_handle(),
     };
-    let mut state = AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops);
+    let mut state =
+        AppState::new(pool.clone(), JwtKeys::new(&config.auth.jwt_secret), ops).with_batching(lookup::BatchOptions {
+            max_batch: usize::from(config.batch_max),
+            concurrency: usize::from(config.batch_concurrency),
+        });
     let mut listening = None;
     if config.cache_mb > 0 {
         let cache = cache::DocCache::new(

@@ -12,12 +12,10 @@ use axum::{
     routing::get,
 };
 use chrono::{DateTime, Utc};
-use platform::http::{
-    AnyRole, ApiPath, ApiQuery, AuthUser, Authorized, CommonError, Customers, MerchantsOrAdmins, NoBody, Role,
-};
+use platform::http::{AnyRole, ApiPath, ApiQuery, Authorized, CommonError, Customers, MerchantsOrAdmins, NoBody, Role};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sqlx::{PgPool, Row as _};
+use sqlx::Row as _;
 use uuid::Uuid;
 
 use crate::{
@@ -25,6 +23,7 @@ use crate::{
     cache::CachedDoc,
     error::ApiError,
     filter::{ListParams, OrderQuery},
+    lookup::{LookupError, Scope},
     watch::Table,
 };
 
@@ -85,38 +84,6 @@ impl Freshness {
 /// parses it) with the owner columns a cached copy is checked against.
 type Stored = Arc<CachedDoc>;
 
-/// What of a view the caller may see, as SQL predicates that are always
-/// ANDed into its queries (API.md "Tenancy"): a customer its own documents,
-/// a merchant its own, an admin everything. Another's document is answered
-/// exactly like a missing one.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Scope {
-    user_id: Option<String>,
-    merchant_id: Option<String>,
-}
-
-impl Scope {
-    /// Orders: the customer's own, or the merchant's own.
-    fn orders(user: &AuthUser) -> Self {
-        match user.role {
-            Role::Customer => Self {
-                user_id: Some(user.sub.clone()),
-                merchant_id: None,
-            },
-            Role::Merchant => Self {
-                user_id: None,
-                merchant_id: Some(user.sub.clone()),
-            },
-            Role::Admin => Self::default(),
-        }
-    }
-
-    /// Catalogue documents (vouchers, products): anyone authenticated.
-    fn everyone() -> Self {
-        Self::default()
-    }
-}
-
 /// The views read by id.
 #[derive(Debug, Clone, Copy)]
 enum View {
@@ -126,24 +93,6 @@ enum View {
 }
 
 impl View {
-    /// By id, within the caller's scope (`$2` user, `$3` merchant; NULL = any).
-    fn select(self) -> &'static str {
-        match self {
-            Self::Orders => {
-                "SELECT version, doc::text AS doc, user_id, merchant_id FROM order_view WHERE id = $1
-                    AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
-            }
-            Self::Vouchers => {
-                "SELECT version, doc::text AS doc, user_id, merchant_id FROM voucher_view WHERE id = $1
-                    AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
-            }
-            Self::Products => {
-                "SELECT version, doc::text AS doc, user_id, merchant_id FROM product_view WHERE id = $1
-                    AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR merchant_id = $3)"
-            }
-        }
-    }
-
     fn table(self) -> Table {
         match self {
             Self::Orders => Table::Orders,
@@ -163,40 +112,18 @@ impl View {
 }
 
 /// The document from Postgres, within the caller's scope (in SQL).
-async fn fetch(pool: &PgPool, view: View, id: &str, scope: &Scope) -> Result<Option<Stored>, sqlx::Error> {
-    let row = sqlx::query(view.select())
-        .bind(id)
-        .bind(scope.user_id.as_deref())
-        .bind(scope.merchant_id.as_deref())
-        .fetch_optional(pool)
-        .await?;
-    row.map(|row| {
-        Ok(Arc::new(CachedDoc::new(
-            row.try_get::<i64, _>("version")?.unsigned_abs(),
-            Bytes::from(row.try_get::<String, _>("doc")?),
-            row.try_get("user_id")?,
-            row.try_get("merchant_id")?,
-        )))
-    })
-    .transpose()
-}
-
-impl Scope {
-    /// The same predicate as the SQL's, on a cached document's owners.
-    fn allows(&self, doc: &Stored) -> bool {
-        let owns = |wanted: &Option<String>, owner: &Option<String>| wanted.is_none() || wanted == owner;
-        owns(&self.user_id, &doc.user_id) && owns(&self.merchant_id, &doc.merchant_id)
-    }
+async fn fetch(state: &AppState, view: View, id: Uuid, scope: &Scope) -> Result<Option<Stored>, LookupError> {
+    state.lookups.get(view.table(), &id.to_string(), scope).await
 }
 
 /// The document through the cache when there is one (loaded with the
 /// caller's scope in SQL on a miss, checked against it in memory on a hit).
-async fn read(state: &AppState, view: View, id: &str, scope: &Scope) -> Result<Option<Stored>, sqlx::Error> {
+async fn read(state: &AppState, view: View, id: Uuid, scope: &Scope) -> Result<Option<Stored>, LookupError> {
     let Some(cache) = &state.cache else {
-        return fetch(&state.pool, view, id, scope).await;
+        return fetch(state, view, id, scope).await;
     };
     let cached = cache
-        .get_or_load(view.table(), id, || fetch(&state.pool, view, id, scope))
+        .get_or_load(view.table(), id, || fetch(state, view, id, scope))
         .await?;
     Ok(cached.filter(|doc| scope.allows(doc)))
 }
@@ -214,7 +141,7 @@ async fn read(state: &AppState, view: View, id: &str, scope: &Scope) -> Result<O
 async fn read_fresh(
     state: &AppState,
     view: View,
-    id: &str,
+    id: Uuid,
     scope: &Scope,
     freshness: &Freshness,
 ) -> Result<(Stored, bool), ApiError> {
@@ -227,7 +154,7 @@ async fn read_fresh(
     };
     if stored.version < min_version && state.cache.is_some() {
         // the cache may be behind the view
-        stored = fetch(&state.pool, view, id, scope)
+        stored = fetch(state, view, id, scope)
             .await?
             .ok_or(ApiError::NotFound(view.noun()))?;
         remember(state, view, id, &stored).await;
@@ -236,7 +163,7 @@ async fn read_fresh(
         let fresh = stored.version >= min_version;
         return Ok((stored, fresh));
     }
-    if let Some((version, doc)) = state.watch.wait(view.table(), id, min_version, wait).await {
+    if let Some((version, doc)) = state.watch.wait(view.table(), &id.to_string(), min_version, wait).await {
         // the same document, later: its owners are the ones already checked
         let stored = Arc::new(CachedDoc::new(
             version,
@@ -248,7 +175,7 @@ async fn read_fresh(
         return Ok((stored, true));
     }
     // out of time: the document as it is now, still in scope
-    let stored = fetch(&state.pool, view, id, scope)
+    let stored = fetch(state, view, id, scope)
         .await?
         .ok_or(ApiError::NotFound(view.noun()))?;
     remember(state, view, id, &stored).await;
@@ -256,7 +183,7 @@ async fn read_fresh(
     Ok((stored, fresh))
 }
 
-async fn remember(state: &AppState, view: View, id: &str, stored: &Stored) {
+async fn remember(state: &AppState, view: View, id: Uuid, stored: &Stored) {
     if let Some(cache) = &state.cache {
         cache.put_if_newer(view.table(), id, Arc::clone(stored)).await;
     }
@@ -280,7 +207,7 @@ async fn get_order(
     ApiQuery(freshness): ApiQuery<Freshness>,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let read = read_fresh(&state, View::Orders, &id.to_string(), &Scope::orders(&user), &freshness).await?;
+    let read = read_fresh(&state, View::Orders, id, &Scope::orders(&user), &freshness).await?;
     Ok(answer(read))
 }
 
@@ -291,20 +218,38 @@ async fn get_voucher(
     ApiQuery(freshness): ApiQuery<Freshness>,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let (stored, fresh) = read_fresh(&state, View::Vouchers, &id.to_string(), &Scope::everyone(), &freshness).await?;
-    let clock = match stored.sale.get() {
-        Some(clock) => clock.clone(),
+    let (stored, fresh) = read_fresh(&state, View::Vouchers, id, &Scope::everyone(), &freshness).await?;
+    // decoded once per cached copy
+    let clock = stored
+        .sale
+        .get_or_init(|| serde_json::from_slice::<SaleClock>(&stored.doc).ok())
+        .as_ref()
+        .ok_or_else(|| {
+            ApiError::StoredDocument(serde::de::Error::custom("a voucher document without its sale's clock"))
+        })?;
+    let now = Utc::now();
+    let page = &stored.pages[sale_status_index(voucher_status(clock, now))];
+    let body = match page.get() {
+        Some(body) => body.clone(),
         None => {
-            // decoded once per cached copy
-            let clock: Option<SaleClock> = serde_json::from_slice(&stored.doc).ok();
-            let _ = stored.sale.set(clock.clone());
-            clock
+            let body = with_status(&stored.doc, clock, now)?;
+            let _ = page.set(body.clone());
+            body
         }
     };
-    let clock = clock.ok_or_else(|| {
-        ApiError::StoredDocument(serde::de::Error::custom("a voucher document without its sale's clock"))
-    })?;
-    Ok(respond(with_status(&stored.doc, &clock, Utc::now())?, fresh))
+    Ok(respond(body, fresh))
+}
+
+/// How many values [`voucher_status`] has.
+pub const SALE_STATUSES: usize = 4;
+
+fn sale_status_index(status: &str) -> usize {
+    match status {
+        "upcoming" => 0,
+        "ended" => 1,
+        "sold_out" => 2,
+        _ => 3,
+    }
 }
 
 /// What a voucher's status is computed from (the rest of the document is
@@ -368,7 +313,7 @@ async fn get_product(
     ApiQuery(freshness): ApiQuery<Freshness>,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let read = read_fresh(&state, View::Products, &id.to_string(), &Scope::everyone(), &freshness).await?;
+    let read = read_fresh(&state, View::Products, id, &Scope::everyone(), &freshness).await?;
     Ok(answer(read))
 }
 

@@ -78,7 +78,6 @@ pub fn service_router(app: Router, ops: Ops) -> Router {
         .fallback(|| async { CommonError::RouteNotFound })
         .method_not_allowed_fallback(|| async { CommonError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .layer(middleware::from_fn(contract_errors))
         .layer(middleware::from_fn(track))
 }
 
@@ -100,16 +99,11 @@ async fn render_metrics(State(ops): State<Ops>) -> Response {
         .into_response()
 }
 
-/// Refuses over-long URIs before any handler runs, and gives every error
-/// response that lacks a JSON body the contract body: axum's own rejections
-/// (e.g. the raw `Bytes` extractor's 413) answer in plain text, and their
-/// text may name internal types, so it is replaced, not passed on.
-async fn contract_errors(request: Request, next: Next) -> Response {
-    let uri_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
-    if uri_bytes > MAX_URI_BYTES {
-        return CommonError::UriTooLong { limit: MAX_URI_BYTES }.into_response();
-    }
-    let response = next.run(request).await;
+/// Gives every error response that lacks a JSON body the contract body:
+/// axum's own rejections (e.g. the raw `Bytes` extractor's 413) answer in
+/// plain text, and their text may name internal types, so it is replaced,
+/// not passed on.
+fn with_contract_body(response: Response) -> Response {
     let status = response.status();
     let json = response
         .headers()
@@ -138,18 +132,17 @@ async fn contract_errors(request: Request, next: Next) -> Response {
 #[derive(Debug, Clone, Copy)]
 struct RequestTimeout(Duration);
 
-/// One span per request, child of the caller's `traceparent`; the request
-/// timeout; and the RED metrics, labelled only with bounded sets: the method
-/// (the standard ones, else `other`), the route template (or `unmatched`)
-/// and the status code.
+/// What every request goes through, in one middleware (each layer costs
+/// a boxed service and future per request): one span per request, child of
+/// the caller's `traceparent`; over-long URIs refused before any handler
+/// runs; the request timeout; the contract body on every error
+/// ([`with_contract_body`]); and the RED metrics, labelled only with
+/// bounded sets: the method (the standard ones, else `other`), the route
+/// template (or `unmatched`) and the status code.
 async fn track(request: Request, next: Next) -> Response {
-    // Shared, not copied, between the span and both metrics.
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(SharedString::const_str("unmatched"), |path| {
-            SharedString::from(Arc::<str>::from(path.as_str()))
-        });
+    // a reference count, not a copy of the template
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = method_label(request.method());
     let deadline = request.extensions().get::<RequestTimeout>().map_or_else(
         || Duration::from_millis(HttpConfig::REQUEST_TIMEOUT_MS),
@@ -160,23 +153,28 @@ async fn track(request: Request, next: Next) -> Response {
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
         http.request.method = method,
-        http.route = &*route,
+        http.route = route,
         http.response.status_code = tracing::field::Empty,
     );
     telemetry::set_parent(&span, telemetry::extract_http(request.headers()));
     let started = Instant::now();
-    let response = match tokio::time::timeout(deadline, next.run(request))
-        .instrument(span.clone())
-        .await
-    {
-        Ok(response) => response,
-        Err(_) => {
-            // The handler's future is dropped, as when a client hangs up.
-            tracing::warn!(parent: &span, timeout_ms = deadline.as_millis() as u64, "request timed out");
-            CommonError::RequestTimeout {
-                retry_after_secs: TIMEOUT_RETRY_AFTER_SECS,
+    let uri_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let response = if uri_bytes > MAX_URI_BYTES {
+        CommonError::UriTooLong { limit: MAX_URI_BYTES }.into_response()
+    } else {
+        match tokio::time::timeout(deadline, next.run(request))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(response) => with_contract_body(response),
+            Err(_) => {
+                // The handler's future is dropped, as when a client hangs up.
+                tracing::warn!(parent: &span, timeout_ms = deadline.as_millis() as u64, "request timed out");
+                CommonError::RequestTimeout {
+                    retry_after_secs: TIMEOUT_RETRY_AFTER_SECS,
+                }
+                .into_response()
             }
-            .into_response()
         }
     };
     let elapsed = started.elapsed();
@@ -187,7 +185,7 @@ async fn track(request: Request, next: Next) -> Response {
     } else {
         tracing::debug!(parent: &span, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request finished");
     }
-    let (duration, requests) = request_metrics(method, &route, status_label(status));
+    let (duration, requests) = request_metrics(method, route, status_label(status));
     duration.record(elapsed.as_secs_f64());
     requests.increment(1);
     response
@@ -197,21 +195,17 @@ async fn track(request: Request, next: Next) -> Response {
 /// first request that needs them: the label sets are bounded, and looking a
 /// handle up here is a read lock and two hash lookups instead of building
 /// labels and searching the recorder's registry on every request.
-fn request_metrics(
-    method: &'static str,
-    route: &SharedString,
-    status: &'static str,
-) -> (metrics::Histogram, metrics::Counter) {
+fn request_metrics(method: &'static str, route: &str, status: &'static str) -> (metrics::Histogram, metrics::Counter) {
     type Handles = HashMap<(&'static str, &'static str), (metrics::Histogram, metrics::Counter)>;
     static REGISTERED: LazyLock<RwLock<HashMap<String, Handles>>> = LazyLock::new(RwLock::default);
     if let Ok(registered) = REGISTERED.read()
-        && let Some(handles) = registered.get(route.as_ref()).and_then(|by| by.get(&(method, status)))
+        && let Some(handles) = registered.get(route).and_then(|by| by.get(&(method, status)))
     {
         return handles.clone();
     }
     let labels = [
         Label::new("method", method),
-        Label::new("route", route.clone()),
+        Label::new("route", SharedString::from(route.to_owned())),
         Label::new("status", status),
     ];
     let handles = (
@@ -220,7 +214,7 @@ fn request_metrics(
     );
     if let Ok(mut registered) = REGISTERED.write() {
         registered
-            .entry(route.as_ref().to_owned())
+            .entry(route.to_owned())
             .or_default()
             .insert((method, status), handles.clone());
     }

@@ -660,3 +660,99 @@ async fn cached_documents_follow_the_projections_announcements_and_never_go_back
     listening.abort();
     api.db.drop_database().await
 }
+
+/// Lookups that arrive while the statements in flight run go together in
+/// one statement, and each still gets only what its own scope allows: the
+/// owner predicates are in that statement, per lookup.
+#[tokio::test]
+async fn lookups_gathered_in_one_statement_keep_each_callers_scope() -> anyhow::Result<()> {
+    use query_api::{
+        lookup::{BatchOptions, LookupError, Lookups, Scope},
+        watch::Table,
+    };
+    let api = Api::new().await?;
+    let anns = api.order_of("ann", "shop", "paid", 1_000).await?;
+    let bobs = api.order_of("bob", "other-shop", "paid", 2_000).await?;
+    let customer = |id: &str| Scope {
+        user_id: Some(id.to_owned()),
+        merchant_id: None,
+    };
+    let merchant = |id: &str| Scope {
+        user_id: None,
+        merchant_id: Some(id.to_owned()),
+    };
+    let missing = Uuid::now_v7().to_string();
+    // (id, scope, the version it may see)
+    let cases = [
+        (&anns, customer("ann"), Some(1)),
+        (&anns, customer("bob"), None),
+        (&bobs, customer("bob"), Some(1)),
+        (&bobs, customer("ann"), None),
+        (&anns, merchant("shop"), Some(1)),
+        (&bobs, merchant("shop"), None),
+        (&bobs, merchant("other-shop"), Some(1)),
+        (&anns, Scope::everyone(), Some(1)),
+        (&missing, Scope::everyone(), None),
+    ];
+    let lookups = Lookups::new(
+        api.db.pool.clone(),
+        BatchOptions {
+            max_batch: 64,
+            concurrency: 1,
+        },
+    );
+    // three rounds of every case, all asked before the statement task runs
+    // (this test's runtime has one thread): one statement answers them all
+    let asked = cases.iter().cycle().take(3 * cases.len()).map(|(id, scope, _)| {
+        let lookups = lookups.clone();
+        async move { lookups.get(Table::Orders, id, scope).await }
+    });
+    let answers = futures::future::join_all(asked).await;
+    for (answer, (id, scope, expected)) in answers.into_iter().zip(cases.iter().cycle()) {
+        let seen = answer?;
+        assert_eq!(seen.as_ref().map(|doc| doc.version), *expected, "{id} as {scope:?}");
+        if let Some(doc) = seen {
+            let doc: Value = serde_json::from_slice(&doc.doc)?;
+            assert_eq!(
+                doc["order_id"].as_str(),
+                Some(id.as_str()),
+                "each lookup gets its own document"
+            );
+        }
+    }
+    assert_eq!(lookups.statements(), 1, "27 lookups asked together, one statement");
+
+    // a smaller batch limit splits them
+    let small = Lookups::new(
+        api.db.pool.clone(),
+        BatchOptions {
+            max_batch: 4,
+            concurrency: 1,
+        },
+    );
+    let asked = cases.iter().map(|(id, scope, _)| {
+        let small = small.clone();
+        async move { small.get(Table::Orders, id, scope).await }
+    });
+    let answers = futures::future::join_all(asked).await;
+    assert_eq!(answers.len(), cases.len());
+    assert!(answers.iter().all(Result::is_ok));
+    assert_eq!(small.statements(), 3, "9 lookups of at most 4 each");
+
+    // a failed statement fails every lookup it carried, with its cause
+    let pool = api.db.pool.clone();
+    let failing = Lookups::new(pool.clone(), BatchOptions::default());
+    pool.close().await;
+    let asked = (0..5).map(|_| {
+        let failing = failing.clone();
+        let anns = anns.clone();
+        async move { failing.get(Table::Orders, &anns, &Scope::everyone()).await }
+    });
+    for answer in futures::future::join_all(asked).await {
+        assert!(
+            matches!(answer, Err(LookupError::Store(ref cause)) if matches!(**cause, sqlx::Error::PoolClosed)),
+            "{answer:?}"
+        );
+    }
+    api.db.drop_database().await
+}
