@@ -18,8 +18,8 @@
 //!   on 1,000,000 events (the baseline would take ~8 minutes there).
 //! - `daemon`: 300,000 envelopes on the Order stream (published as the relay
 //!   does, and stored), the projection daemon started on them: events/s until
-//!   the `projection-orders` consumer has acknowledged everything, with one
-//!   and two workers; beside it the best-case writer, a bare loop upserting
+//!   the `projection-orders` consumer has acknowledged everything, with one,
+//!   two and four workers; beside it the best-case writer, a bare loop upserting
 //!   the same final documents in the same batches of 1,000 on one connection
 //!   (the reference), and the same split between two connections.
 //! - `query`: the query API in-process on 100,000 order documents, `wrk -t2
@@ -27,6 +27,9 @@
 //!   beside pgbench running the same lookup; then (also alone as
 //!   `hot_voucher`) `GET /vouchers/{id}` of one hot voucher, beside a bare
 //!   axum route answering the same body from the same process.
+//!
+//! Telemetry is installed as the service binaries install it, from the same
+//! variables (`RUST_LOG`, `OTEL_*`; no trace export unless an endpoint is set).
 
 #![allow(clippy::print_stdout)]
 
@@ -75,6 +78,10 @@ const VOUCHER: &str = "7c6f0a52-5b1e-4c59-9a51-0d8f3e6b2a11";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    // what the service binaries install (from the same variables): the
+    // request path is measured with its logging and tracing as deployed
+    let telemetry = query_api::Config::try_parse_from(["query-api", "--jwt-secret", "unused"])?.telemetry;
+    let _telemetry = platform::telemetry::init("read-side-bench", &telemetry)?;
     let all = args.is_empty();
     let wants = |name: &str| all || args.iter().any(|a| a == name);
     println!(
@@ -819,7 +826,7 @@ async fn upsert(conn: &mut sqlx::PgConnection, docs: &FinalDocs, rows: std::ops:
 async fn daemon_bench(without_gin: bool) -> anyhow::Result<()> {
     const ORDERS: i64 = 75_000;
     const BATCH: usize = 1_000;
-    const RUNS: [DaemonRun; 3] = [
+    const RUNS: [DaemonRun; 4] = [
         DaemonRun {
             batch: BATCH,
             workers: 1,
@@ -831,6 +838,10 @@ async fn daemon_bench(without_gin: bool) -> anyhow::Result<()> {
         DaemonRun {
             batch: 2_000,
             workers: 2,
+        },
+        DaemonRun {
+            batch: 2_000,
+            workers: 4,
         },
     ];
     println!(

@@ -109,6 +109,18 @@ pub struct TelemetryConfig {
     /// Service name in traces; defaults to the binary name.
     #[arg(long, env = "OTEL_SERVICE_NAME")]
     pub service_name: Option<String>,
+    /// The share of requests without a sampled caller that start a trace
+    /// (0 to 1), when traces are exported; a caller's `traceparent` decides
+    /// for its own requests. As OpenTelemetry's `parentbased_traceidratio`.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = sample_ratio)]
+    pub trace_sample_ratio: f64,
+}
+
+fn sample_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{text:?} is not a ratio from 0 to 1")),
+    }
 }
 
 /// What every HTTP service does with its connections (API.md "Limits").

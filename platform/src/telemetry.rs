@@ -9,8 +9,15 @@
 //! NATS headers and event metadata (`traceparent`/`tracestate` strings). The
 //! helpers here inject the current span's context into each and extract a
 //! parent context from each.
+//!
+//! A request span costs an allocation-heavy trip through every layer, so
+//! [`sample`] decides first whether a request gets one: only when traces
+//! are exported, and then as the caller's `traceparent` says or, without
+//! one, by `OTEL_TRACES_SAMPLER_ARG`. A request without a span still passes
+//! its caller's context on ([`with_remote_parent`]), so an unsampled trace
+//! keeps its id across processes.
 
-use std::{collections::HashMap, sync::OnceLock};
+use std::{collections::HashMap, future::Future, sync::OnceLock};
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -61,6 +68,7 @@ pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
     let service_name = config.service_name.clone().unwrap_or_else(|| default_name.to_owned());
     let resource = Resource::builder().with_service_name(service_name).build();
     let mut provider = SdkTracerProvider::builder().with_resource(resource);
+    let exporting = config.otlp_endpoint.as_deref().is_some_and(|e| !e.is_empty());
     provider = match config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         Some(endpoint) => {
             let endpoint = traces_endpoint(endpoint);
@@ -70,16 +78,23 @@ pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
                 .build()
                 .with_context(|| format!("OTLP exporter for {endpoint}"))?;
             provider
-                .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    config.trace_sample_ratio,
+                ))))
                 .with_batch_exporter(exporter)
         }
         // Spans still get trace ids (so context propagates and logs correlate) but
         // nothing is recorded for an exporter that does not exist.
         None => provider.with_sampler(Sampler::AlwaysOff),
     };
+    // the first init of a process decides (tests init more than once)
+    let _ = SAMPLING.set(Sampling {
+        exporting,
+        ratio: config.trace_sample_ratio,
+    });
     let tracer_provider = provider.build();
-    // Every request and message gets a span, so what the layer does per span
-    // and per poll is on the hot path. Our propagation reads the tracing span's
+    // Every sampled request and every message gets a span, so what the layer
+    // does per span and per poll is on the hot path. Our propagation reads the tracing span's
     // context (`OpenTelemetrySpanExt::context`), never the thread's active
     // OpenTelemetry context, so activating it on every enter is pure cost, as
     // are busy/idle timings (two clock reads per poll) and the thread-name
@@ -149,6 +164,57 @@ pub fn render_metrics(handle: &PrometheusHandle) -> String {
     handle.render()
 }
 
+/// How requests are sampled; unset (a process that never ran [`init`]):
+/// nothing is exported, so no request span is worth its cost.
+#[derive(Debug, Clone, Copy)]
+struct Sampling {
+    exporting: bool,
+    ratio: f64,
+}
+
+static SAMPLING: OnceLock<Sampling> = OnceLock::new();
+
+/// Whether a request whose caller sent `parent` gets a span: never while
+/// traces are not exported; as the caller's sampled flag when it sent a
+/// valid `traceparent`; else with the configured probability.
+pub fn sample(parent: &Context) -> bool {
+    decide(SAMPLING.get(), parent, rand::random::<f64>)
+}
+
+fn decide(sampling: Option<&Sampling>, parent: &Context, draw: impl FnOnce() -> f64) -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    let Some(sampling) = sampling.filter(|s| s.exporting) else {
+        return false;
+    };
+    let caller = parent.span();
+    let caller = caller.span_context();
+    if caller.is_valid() {
+        return caller.is_sampled();
+    }
+    sampling.ratio >= 1.0 || (sampling.ratio > 0.0 && draw() < sampling.ratio)
+}
+
+tokio::task_local! {
+    /// The caller's trace context of a request that has no span of its own.
+    static REMOTE_PARENT: Context;
+}
+
+/// Runs `future` (a request without a span) so that what it injects into
+/// outgoing carriers is `parent`, the caller's context, passed on as is.
+pub async fn with_remote_parent<F: Future>(parent: Context, future: F) -> F::Output {
+    REMOTE_PARENT.scope(parent, future).await
+}
+
+/// The context to pass on: the current span's, or, where no span is
+/// recorded, the caller's context of the request being served.
+fn current_context() -> Context {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return REMOTE_PARENT.try_with(Clone::clone).unwrap_or_default();
+    }
+    span.context()
+}
+
 /// Zero-sized: constructing one per call costs nothing.
 fn propagator() -> TraceContextPropagator {
     TraceContextPropagator::new()
@@ -165,7 +231,7 @@ impl TraceHeaders {
     /// The context of the current `tracing` span.
     pub fn current() -> Self {
         let mut carrier = HashMap::new();
-        propagator().inject_context(&tracing::Span::current().context(), &mut carrier);
+        propagator().inject_context(&current_context(), &mut carrier);
         Self {
             traceparent: carrier.remove("traceparent"),
             tracestate: carrier.remove("tracestate").filter(|s| !s.is_empty()),
@@ -195,7 +261,7 @@ pub fn set_parent(span: &tracing::Span, parent: Context) {
 
 /// Writes the current span's context into outgoing HTTP headers.
 pub fn inject_http(headers: &mut http::HeaderMap) {
-    propagator().inject_context(&tracing::Span::current().context(), &mut HttpCarrier(headers));
+    propagator().inject_context(&current_context(), &mut HttpCarrier(headers));
 }
 
 /// Reads a parent context from incoming HTTP headers.
@@ -205,7 +271,7 @@ pub fn extract_http(headers: &http::HeaderMap) -> Context {
 
 /// Writes the current span's context into outgoing NATS headers.
 pub fn inject_nats(headers: &mut async_nats::HeaderMap) {
-    propagator().inject_context(&tracing::Span::current().context(), &mut NatsCarrier(headers));
+    propagator().inject_context(&current_context(), &mut NatsCarrier(headers));
 }
 
 /// Reads a parent context from the headers of a NATS message.
@@ -301,6 +367,65 @@ mod tests {
         let mut out = HashMap::new();
         propagator().inject_context(&garbage.context(), &mut out);
         assert!(!out.contains_key("traceparent"));
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_span_passes_its_callers_context_on() {
+        let mut incoming = http::HeaderMap::new();
+        incoming.insert("traceparent", http::HeaderValue::from_static(PARENT));
+        let parent = extract_http(&incoming);
+        let (headers, nats, metadata) = with_remote_parent(parent, async {
+            let mut headers = http::HeaderMap::new();
+            inject_http(&mut headers);
+            let mut nats = async_nats::HeaderMap::new();
+            inject_nats(&mut nats);
+            (headers, nats, TraceHeaders::current())
+        })
+        .await;
+        assert_eq!(headers.get("traceparent").and_then(|v| v.to_str().ok()), Some(PARENT));
+        assert_eq!(
+            nats.get("traceparent").map(async_nats::HeaderValue::as_str),
+            Some(PARENT)
+        );
+        assert_eq!(metadata.traceparent.as_deref(), Some(PARENT));
+        // outside a request: nothing to pass on
+        assert_eq!(TraceHeaders::current(), TraceHeaders::default());
+    }
+
+    #[test]
+    fn nothing_is_sampled_while_traces_are_not_exported() {
+        // this test binary never runs `init` with an endpoint
+        let mut incoming = http::HeaderMap::new();
+        incoming.insert("traceparent", http::HeaderValue::from_static(PARENT));
+        assert!(!sample(&extract_http(&incoming)));
+        assert!(!sample(&Context::new()));
+    }
+
+    #[test]
+    fn a_sampled_caller_is_followed_and_the_ratio_decides_for_the_rest() {
+        let exporting = |ratio| Sampling { exporting: true, ratio };
+        let caller = |flags: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            let traceparent = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+            headers.insert(
+                "traceparent",
+                http::HeaderValue::from_str(&traceparent).expect("header"),
+            );
+            extract_http(&headers)
+        };
+        let never = || -> f64 { unreachable!("no draw when the caller decides") };
+        assert!(decide(Some(&exporting(0.0)), &caller("01"), never));
+        assert!(!decide(Some(&exporting(1.0)), &caller("00"), never));
+        assert!(decide(Some(&exporting(1.0)), &Context::new(), || 0.999));
+        assert!(!decide(Some(&exporting(0.0)), &Context::new(), || 0.0));
+        assert!(decide(Some(&exporting(0.25)), &Context::new(), || 0.2));
+        assert!(!decide(Some(&exporting(0.25)), &Context::new(), || 0.3));
+        let off = Sampling {
+            exporting: false,
+            ratio: 1.0,
+        };
+        assert!(!decide(Some(&off), &caller("01"), never));
+        assert!(!decide(None, &caller("01"), never));
     }
 
     #[test]

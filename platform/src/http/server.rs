@@ -133,8 +133,9 @@ fn with_contract_body(response: Response) -> Response {
 struct RequestTimeout(Duration);
 
 /// What every request goes through, in one middleware (each layer costs
-/// a boxed service and future per request): one span per request, child of
-/// the caller's `traceparent`; over-long URIs refused before any handler
+/// a boxed service and future per request): a span per sampled request
+/// ([`telemetry::sample`]), child of the caller's `traceparent` (an
+/// unsampled request passes the caller's context on); over-long URIs refused before any handler
 /// runs; the request timeout; the contract body on every error
 /// ([`with_contract_body`]); and the RED metrics, labelled only with
 /// bounded sets: the method (the standard ones, else `other`), the route
@@ -148,28 +149,36 @@ async fn track(request: Request, next: Next) -> Response {
         || Duration::from_millis(HttpConfig::REQUEST_TIMEOUT_MS),
         |timeout| timeout.0,
     );
-    let span = tracing::info_span!(
-        "http_request",
-        otel.name = %format_args!("{method} {route}"),
-        otel.kind = "server",
-        http.request.method = method,
-        http.route = route,
-        http.response.status_code = tracing::field::Empty,
-    );
-    telemetry::set_parent(&span, telemetry::extract_http(request.headers()));
+    let parent = telemetry::extract_http(request.headers());
+    // A span only for requests whose trace is recorded: an unrecorded one
+    // cost more than the rest of a cached read (docs/BENCHMARKS.md).
+    let span = if telemetry::sample(&parent) {
+        let span = tracing::info_span!(
+            "http_request",
+            otel.name = %format_args!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = method,
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+        );
+        telemetry::set_parent(&span, parent.clone());
+        span
+    } else {
+        tracing::Span::none()
+    };
     let started = Instant::now();
     let uri_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
     let response = if uri_bytes > MAX_URI_BYTES {
         CommonError::UriTooLong { limit: MAX_URI_BYTES }.into_response()
     } else {
-        match tokio::time::timeout(deadline, next.run(request))
+        match tokio::time::timeout(deadline, telemetry::with_remote_parent(parent, next.run(request)))
             .instrument(span.clone())
             .await
         {
             Ok(response) => with_contract_body(response),
             Err(_) => {
                 // The handler's future is dropped, as when a client hangs up.
-                tracing::warn!(parent: &span, timeout_ms = deadline.as_millis() as u64, "request timed out");
+                tracing::warn!(parent: &span, method, route, timeout_ms = deadline.as_millis() as u64, "request timed out");
                 CommonError::RequestTimeout {
                     retry_after_secs: TIMEOUT_RETRY_AFTER_SECS,
                 }
@@ -181,9 +190,9 @@ async fn track(request: Request, next: Next) -> Response {
     let status = response.status();
     span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {
-        tracing::warn!(parent: &span, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request failed");
+        tracing::warn!(parent: &span, method, route, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request failed");
     } else {
-        tracing::debug!(parent: &span, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request finished");
+        tracing::debug!(parent: &span, method, route, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request finished");
     }
     let (duration, requests) = request_metrics(method, route, status_label(status));
     duration.record(elapsed.as_secs_f64());
