@@ -139,13 +139,15 @@ async fn goods_bench(batching: bool) -> anyhow::Result<f64> {
         Duration::from_secs(10),
     )
     .await?;
+    // the daemon's defaults (or the environment's PROJECTIONS_* settings)
+    let settings = projections::Config::try_parse_from(["projection-daemon"])?;
     let daemon = projections::Daemon {
         pool: daemon_pool,
         js: js.clone(),
         namespace: namespace.clone(),
-        batch_size: 1_000,
-        max_deliver: 5,
-        workers: 2,
+        batch_size: settings.batch_size,
+        max_deliver: settings.max_deliver,
+        workers: settings.workers,
     };
     let projecting = daemon_rt.spawn(daemon.run(stop.clone()));
 

@@ -18,8 +18,8 @@
 //!   on 1,000,000 events (the baseline would take ~8 minutes there).
 //! - `daemon`: 300,000 envelopes on the Order stream (published as the relay
 //!   does, and stored), the projection daemon started on them: events/s until
-//!   the `projection-orders` consumer has acknowledged everything, with one,
-//!   two and four workers; beside it the best-case writer, a bare loop upserting
+//!   the `projection-orders` consumer has acknowledged everything, with two,
+//!   four and eight workers; beside it the best-case writer, a bare loop upserting
 //!   the same final documents in the same batches of 1,000 on one connection
 //!   (the reference), and the same split between two connections.
 //! - `query`: the query API in-process on 100,000 order documents, `wrk -t2
@@ -829,19 +829,19 @@ async fn daemon_bench(without_gin: bool) -> anyhow::Result<()> {
     const RUNS: [DaemonRun; 4] = [
         DaemonRun {
             batch: BATCH,
-            workers: 1,
+            workers: 2,
         },
         DaemonRun {
             batch: BATCH,
-            workers: 2,
-        },
-        DaemonRun {
-            batch: 2_000,
-            workers: 2,
+            workers: 4,
         },
         DaemonRun {
             batch: 2_000,
             workers: 4,
+        },
+        DaemonRun {
+            batch: 2_000,
+            workers: 8,
         },
     ];
     println!(

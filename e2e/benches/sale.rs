@@ -5,7 +5,8 @@
 //! and Redis, each service in-process on a runtime of its own with named
 //! threads (as in its own process; `/proc` tells their CPU apart): the
 //! command API (relay, claim writer, reactors), the seckill edge with its
-//! forwarder, the projection daemon and the query API. Per stock:
+//! forwarder, the projection daemon and the query API, with telemetry
+//! installed as the binaries install it (`RUST_LOG`, `OTEL_*`). Per stock:
 //!
 //! 1. **Whole stack.** A voucher with that stock is created through the
 //!    command API and reaches the edge through the relay; the crowd starts
@@ -66,6 +67,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         stocks
     };
+    // what the service binaries install (from the same variables), so every
+    // part runs with its logging and tracing as deployed
+    let telemetry = query_api::Config::try_parse_from(["query-api", "--jwt-secret", "unused"])?.telemetry;
+    let _telemetry = platform::telemetry::init("sale-bench", &telemetry)?;
     println!(
         "machine: {} cores; Postgres/NATS/Redis of the dev stack; load {}",
         std::thread::available_parallelism()?,
@@ -197,13 +202,15 @@ async fn sale(stock: usize, crowd: usize, pipeline: bool) -> anyhow::Result<Outc
         Duration::from_secs(10),
     )
     .await?;
+    // the daemon's defaults (or the environment's PROJECTIONS_* settings)
+    let settings = projections::Config::try_parse_from(["projection-daemon"])?;
     let daemon = projections::Daemon {
         pool: daemon_pool,
         js: js.clone(),
         namespace: namespace.clone(),
-        batch_size: 1_000,
-        max_deliver: 5,
-        workers: 2,
+        batch_size: settings.batch_size,
+        max_deliver: settings.max_deliver,
+        workers: settings.workers,
     };
     let projecting = daemon_rt.handle().spawn(daemon.run(stop.clone()));
 

@@ -46,14 +46,16 @@ pub struct Config {
     #[arg(long, env = "PROJECTIONS_ADDR", default_value = "127.0.0.1:8083")]
     pub addr: String,
     /// Events applied per transaction, at most.
-    #[arg(long, env = "PROJECTIONS_BATCH_SIZE", default_value_t = 1_000)]
+    #[arg(long, env = "PROJECTIONS_BATCH_SIZE", default_value_t = 2_000)]
     pub batch_size: usize,
     /// Deliveries of an event before it is dead-lettered and skipped.
     #[arg(long, env = "PROJECTIONS_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: i64,
     /// Transactions each batch is split into by aggregate id, committed side
     /// by side (each on its own connection: keep it below the pool size).
-    #[arg(long, env = "PROJECTIONS_WORKERS", default_value_t = 2)]
+    /// Four with batches of 2,000 was the fastest measured on two cores
+    /// (docs/BENCHMARKS.md); more workers hide more commit waits.
+    #[arg(long, env = "PROJECTIONS_WORKERS", default_value_t = 4)]
     pub workers: usize,
     #[command(flatten)]
     pub postgres: PostgresConfig,
