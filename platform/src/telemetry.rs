@@ -93,12 +93,12 @@ pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
         ratio: config.trace_sample_ratio,
     });
     let tracer_provider = provider.build();
-    // Every sampled request and every message gets a span, so what the layer
-    // does per span and per poll is on the hot path. Our propagation reads the tracing span's
-    // context (`OpenTelemetrySpanExt::context`), never the thread's active
-    // OpenTelemetry context, so activating it on every enter is pure cost, as
-    // are busy/idle timings (two clock reads per poll) and the thread-name
-    // attribute (an allocation per span).
+    // Every sampled request and every message gets a span, so what the
+    // layer does per span and per poll is on the hot path. Our propagation
+    // reads the tracing span's context (`OpenTelemetrySpanExt::context`),
+    // never the thread's active OpenTelemetry context, so activating it on
+    // every enter is pure cost, as are busy/idle timings (two clock reads
+    // per poll) and the thread-name attribute (an allocation per span).
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer_provider.tracer("citypicks"))
         .with_context_activation(false)
@@ -228,7 +228,8 @@ pub struct TraceHeaders {
 }
 
 impl TraceHeaders {
-    /// The context of the current `tracing` span.
+    /// The context of the current `tracing` span (in a request without one,
+    /// the caller's context: see [`with_remote_parent`]).
     pub fn current() -> Self {
         let mut carrier = HashMap::new();
         propagator().inject_context(&current_context(), &mut carrier);

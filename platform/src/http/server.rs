@@ -135,11 +135,11 @@ struct RequestTimeout(Duration);
 /// What every request goes through, in one middleware (each layer costs
 /// a boxed service and future per request): a span per sampled request
 /// ([`telemetry::sample`]), child of the caller's `traceparent` (an
-/// unsampled request passes the caller's context on); over-long URIs refused before any handler
-/// runs; the request timeout; the contract body on every error
-/// ([`with_contract_body`]); and the RED metrics, labelled only with
-/// bounded sets: the method (the standard ones, else `other`), the route
-/// template (or `unmatched`) and the status code.
+/// unsampled request passes the caller's context on); over-long URIs
+/// refused before any handler runs; the request timeout; the contract body
+/// on every error ([`with_contract_body`]); and the RED metrics, labelled
+/// only with bounded sets: the method (the standard ones, else `other`),
+/// the route template (or `unmatched`) and the status code.
 async fn track(request: Request, next: Next) -> Response {
     // a reference count, not a copy of the template
     let matched = request.extensions().get::<MatchedPath>().cloned();
