@@ -84,19 +84,22 @@ impl<H: Handler> BatchHandler for OneByOne<H> {
     async fn handle_batch(&self, messages: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
-            let span = message_span("consume", message);
-            outcomes.push(self.0.handle(message).instrument(span).await);
+            // a span only when the message's trace is recorded; without one
+            // the handler still passes the message's trace context on
+            let parent = message
+                .headers
+                .as_ref()
+                .map(platform::telemetry::extract_nats)
+                .unwrap_or_default();
+            let span = platform::telemetry::child_span(
+                &parent,
+                || tracing::info_span!("consume", otel.name = "consume", otel.kind = "consumer", subject = %message.subject),
+            );
+            let handled = platform::telemetry::with_remote_parent(parent, self.0.handle(message));
+            outcomes.push(handled.instrument(span).await);
         }
         outcomes
     }
-}
-
-fn message_span(name: &'static str, message: &jetstream::Message) -> tracing::Span {
-    let span = tracing::info_span!("consume", otel.name = name, otel.kind = "consumer", subject = %message.subject);
-    if let Some(headers) = &message.headers {
-        platform::telemetry::set_parent(&span, platform::telemetry::extract_nats(headers));
-    }
-    span
 }
 
 #[derive(Debug, Clone)]

@@ -161,6 +161,8 @@ struct Flaky {
     failures: usize,
     attempts: Mutex<HashMap<String, usize>>,
     processed: Mutex<Vec<String>>,
+    /// The `traceparent` the handler would pass on, per processed message.
+    passed_on: Mutex<HashMap<String, Option<String>>>,
     done: AtomicUsize,
 }
 
@@ -170,6 +172,7 @@ impl Flaky {
             failures,
             attempts: Mutex::default(),
             processed: Mutex::default(),
+            passed_on: Mutex::default(),
             done: AtomicUsize::new(0),
         })
     }
@@ -190,6 +193,10 @@ impl Handler for Flaky {
         if body.starts_with("poison") || attempt <= self.failures {
             return Err(format!("cannot handle {body} (attempt {attempt})\nsecond line").into());
         }
+        self.passed_on
+            .lock()
+            .map_err(|e| e.to_string())?
+            .insert(body.clone(), platform::telemetry::TraceHeaders::current().traceparent);
         self.processed.lock().map_err(|e| e.to_string())?.push(body);
         self.done.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -341,6 +348,28 @@ async fn a_handler_that_fails_once_processes_the_message_exactly_once() -> anyho
     expected.sort();
     assert_eq!(processed, expected, "each message processed exactly once");
     assert_eq!(bus.count(&bus.namespace.dead_letter_stream()).await?, 0);
+    Ok(())
+}
+
+/// No trace is exported in this test binary, so no message gets a span:
+/// the handler still passes on the trace context its message carried, and
+/// nothing for a message that carried none.
+#[tokio::test]
+async fn a_handler_passes_on_its_messages_trace_context() -> anyhow::Result<()> {
+    let bus = bus().await?;
+    let handler = Flaky::new(0);
+    let stop = start_runner(&bus, handler.clone(), 3).await?;
+    bus.publisher
+        .publish(Outgoing::new(bus.order_subject(), "traced-id", "traced").header("traceparent", TRACEPARENT))
+        .await?;
+    bus.publisher
+        .publish(Outgoing::new(bus.order_subject(), "plain-id", "plain"))
+        .await?;
+    wait_until("both messages", || handler.done.load(Ordering::SeqCst) >= 2).await?;
+    let _ = stop.send(());
+    let passed_on = handler.passed_on.lock().map(|p| p.clone()).unwrap_or_default();
+    assert_eq!(passed_on.get("traced"), Some(&Some(TRACEPARENT.to_owned())));
+    assert_eq!(passed_on.get("plain"), Some(&None));
     Ok(())
 }
 

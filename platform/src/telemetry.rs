@@ -252,6 +252,18 @@ impl TraceHeaders {
     }
 }
 
+/// The span `make` builds, as a child of `parent`, when this trace is
+/// recorded ([`sample`]); else no span (run the work under
+/// [`with_remote_parent`] so the caller's context still passes on).
+pub fn child_span(parent: &Context, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if !sample(parent) {
+        return tracing::Span::none();
+    }
+    let span = make();
+    set_parent(&span, parent.clone());
+    span
+}
+
 /// Makes `span` a child of `parent` when `parent` carries a valid remote span.
 pub fn set_parent(span: &tracing::Span, parent: Context) {
     use opentelemetry::trace::TraceContextExt as _;

@@ -152,20 +152,16 @@ async fn track(request: Request, next: Next) -> Response {
     let parent = telemetry::extract_http(request.headers());
     // A span only for requests whose trace is recorded: an unrecorded one
     // cost more than the rest of a cached read (docs/BENCHMARKS.md).
-    let span = if telemetry::sample(&parent) {
-        let span = tracing::info_span!(
+    let span = telemetry::child_span(&parent, || {
+        tracing::info_span!(
             "http_request",
             otel.name = %format_args!("{method} {route}"),
             otel.kind = "server",
             http.request.method = method,
             http.route = route,
             http.response.status_code = tracing::field::Empty,
-        );
-        telemetry::set_parent(&span, parent.clone());
-        span
-    } else {
-        tracing::Span::none()
-    };
+        )
+    });
     let started = Instant::now();
     let uri_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
     let response = if uri_bytes > MAX_URI_BYTES {
