@@ -6,8 +6,9 @@
 //! parameterized SQL), [`watch`] (read-your-writes waits shared by every
 //! waiting request), [`cache`] (documents by id in memory, invalidated by the
 //! projections' writes), [`lookup`] (reads by id, gathered into one
-//! statement per view under load), [`error`] (the one error type), [`Config`] (env),
-//! [`AppState`], [`router`] (for in-process tests) and [`run`].
+//! statement per view under load), [`error`] (the one error type),
+//! [`Config`] (env), [`AppState`], [`router`] (for in-process tests) and
+//! [`run`].
 
 pub mod cache;
 pub mod error;
