@@ -756,3 +756,40 @@ async fn lookups_gathered_in_one_statement_keep_each_callers_scope() -> anyhow::
     }
     api.db.drop_database().await
 }
+
+/// A cached voucher copy answers the status of the moment it is read, not
+/// the one it was first answered with.
+#[tokio::test]
+async fn a_cached_voucher_moves_from_upcoming_to_on_sale_as_its_sale_opens() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
+    let cache = query_api::cache::DocCache::new(1 << 20, Duration::from_secs(60));
+    let state = state(&db, &jwt).with_cache(cache);
+    let api = Api {
+        db,
+        router: query_api::router(state),
+        jwt,
+    };
+    let id = Uuid::now_v7().to_string();
+    let begins = Utc::now() + Span::milliseconds(400);
+    api.put(
+        "voucher_view",
+        &id,
+        1,
+        json!({"voucher_id": id, "begins_at": begins, "ends_at": begins + Span::hours(1), "sold_out": false}),
+    )
+    .await?;
+    let (status, doc) = api.get(&format!("/vouchers/{id}"), BOB).await;
+    assert_eq!((status, doc["status"].as_str()), (StatusCode::OK, Some("upcoming")));
+    // the row changes behind the cache: reads below keep using the cached copy
+    sqlx::query("UPDATE voucher_view SET doc = jsonb_set(doc, '{title}', '\"changed\"') WHERE id = $1")
+        .bind(&id)
+        .execute(&api.db.pool)
+        .await?;
+    let wait = (begins - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
+    tokio::time::sleep(wait).await;
+    let (status, doc) = api.get(&format!("/vouchers/{id}"), BOB).await;
+    assert_eq!((status, doc["status"].as_str()), (StatusCode::OK, Some("on_sale")));
+    assert_eq!(doc["title"], Value::Null, "still the cached copy");
+    api.db.drop_database().await
+}
