@@ -42,6 +42,16 @@ impl Api {
         Ok(Self { db, router, jwt })
     }
 
+    /// The API with a document cache, as the service runs it; the cache is
+    /// returned for a test that follows announcements (`listen`).
+    async fn cached() -> anyhow::Result<(Self, query_api::cache::DocCache)> {
+        let db = testkit::TestDb::new().await?;
+        let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
+        let cache = query_api::cache::DocCache::new(1 << 20, Duration::from_secs(60));
+        let router = query_api::router(state(&db, &jwt).with_cache(cache.clone()));
+        Ok((Self { db, router, jwt }, cache))
+    }
+
     async fn get(&self, path: &str, who: Option<(&str, Role)>) -> (StatusCode, Value) {
         let mut request = Request::get(path);
         if let Some((sub, role)) = who {
@@ -577,16 +587,8 @@ async fn equality_filters_on_order_documents_are_served_by_the_gin_index() -> an
 
 #[tokio::test]
 async fn cached_documents_follow_the_projections_announcements_and_never_go_back() -> anyhow::Result<()> {
-    let db = testkit::TestDb::new().await?;
-    let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
-    let cache = query_api::cache::DocCache::new(1 << 20, Duration::from_secs(60));
-    let listening = cache.listen(db.pool.clone());
-    let state = state(&db, &jwt).with_cache(cache);
-    let api = Api {
-        db,
-        router: query_api::router(state),
-        jwt,
-    };
+    let (api, cache) = Api::cached().await?;
+    let listening = cache.listen(api.db.pool.clone());
     let id = api.order("ann", "pending_payment", 990).await?;
     let set_version = |version: i64, announce: bool| {
         let (pool, id) = (api.db.pool.clone(), id.clone());
@@ -761,15 +763,7 @@ async fn lookups_gathered_in_one_statement_keep_each_callers_scope() -> anyhow::
 /// the one it was first answered with.
 #[tokio::test]
 async fn a_cached_voucher_moves_from_upcoming_to_on_sale_as_its_sale_opens() -> anyhow::Result<()> {
-    let db = testkit::TestDb::new().await?;
-    let jwt = JwtKeys::new(&platform::Secret::new(SECRET));
-    let cache = query_api::cache::DocCache::new(1 << 20, Duration::from_secs(60));
-    let state = state(&db, &jwt).with_cache(cache);
-    let api = Api {
-        db,
-        router: query_api::router(state),
-        jwt,
-    };
+    let (api, _cache) = Api::cached().await?;
     let id = Uuid::now_v7().to_string();
     let begins = Utc::now() + Span::milliseconds(400);
     api.put(
