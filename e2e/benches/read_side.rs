@@ -826,24 +826,40 @@ async fn upsert(conn: &mut sqlx::PgConnection, docs: &FinalDocs, rows: std::ops:
 async fn daemon_bench(without_gin: bool) -> anyhow::Result<()> {
     const ORDERS: i64 = 75_000;
     const BATCH: usize = 1_000;
-    const RUNS: [DaemonRun; 4] = [
-        DaemonRun {
-            batch: BATCH,
-            workers: 2,
-        },
-        DaemonRun {
-            batch: BATCH,
-            workers: 4,
-        },
-        DaemonRun {
-            batch: 2_000,
-            workers: 4,
-        },
-        DaemonRun {
-            batch: 2_000,
-            workers: 8,
-        },
-    ];
+    // BENCH_DAEMON_RUNS="2000x4,1000x2" picks (batch x workers) runs
+    let runs = match std::env::var("BENCH_DAEMON_RUNS") {
+        Ok(list) => list
+            .split(',')
+            .map(|run| {
+                let (batch, workers) = run
+                    .trim()
+                    .split_once('x')
+                    .ok_or_else(|| anyhow::anyhow!("BENCH_DAEMON_RUNS: {run:?} is not BATCHxWORKERS"))?;
+                Ok(DaemonRun {
+                    batch: batch.parse()?,
+                    workers: workers.parse()?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        Err(_) => vec![
+            DaemonRun {
+                batch: BATCH,
+                workers: 2,
+            },
+            DaemonRun {
+                batch: BATCH,
+                workers: 4,
+            },
+            DaemonRun {
+                batch: 2_000,
+                workers: 4,
+            },
+            DaemonRun {
+                batch: 2_000,
+                workers: 8,
+            },
+        ],
+    };
     println!(
         "\n## projection daemon{}: {} events on the Order stream ({ROUNDS} rounds each, \
          beside a best-case writer upserting the same final documents in batches of {BATCH})",
@@ -875,7 +891,7 @@ async fn daemon_bench(without_gin: bool) -> anyhow::Result<()> {
                     loadavg()
                 );
             }
-            for run in RUNS {
+            for &run in &runs {
                 let before = PgActivity::now(&db.pool).await?;
                 let rate = daemon_round(&db, &js, &namespace, run, ORDERS).await?;
                 rates.entry(run).or_default().push(rate);
@@ -892,7 +908,7 @@ async fn daemon_bench(without_gin: bool) -> anyhow::Result<()> {
             "median best-case writer: {writer:.0} events/s on one connection (the reference), \
              {parallel:.0} events/s on two"
         );
-        for run in RUNS {
+        for &run in &runs {
             let all = &rates[&run];
             let low = all.iter().copied().fold(f64::INFINITY, f64::min);
             let rate = median(all.clone());
