@@ -14,8 +14,10 @@
 //! - [`limits`]: the input bounds of API.md "Limits" (money, quantities, text)
 //!   as pure validators whose errors are 422s naming the field.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
+//! - [`clock`]: time as an injected service ([`clock::Clock`]), fixed in tests.
 
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod kv;

@@ -5,7 +5,8 @@
 # Scenarios (default: all, in this order):
 #   admitted   every attempt is a distinct user on a voucher with stock to spare.
 #              Per round: redis-benchmark EVALSHA of the admission script (the
-#              Redis ceiling), the minimal axum handler (benches/minimal_handler.rs:
+#              Redis ceiling) and of the seed-style script (bench/seed_style.lua,
+#              its reference), the minimal axum handler (benches/minimal_handler.rs:
 #              the same script over one multiplexed connection, no middleware, no
 #              JWT) and the real edge (release binary, JWT verification on), both
 #              under the same wrk script and token file. Rounds alternate the order
@@ -223,7 +224,7 @@ declare -A R=() # results: R[scenario.server.round.key]
 # the last wrk run's RESULT fields (seckill.lua) and the voucher of the last seed
 REF_OK=0 REF_OK_CPU="" REF_PING=0 REF_JWT=0
 W_requests=0 W_rps=0 W_ok_2xx=0 W_non_2xx=0 W_p50_ms=0 W_p99_ms=0 W_wrapped=0
-VOUCHER="" META="" USERS="" RES="" STREAM="" RATE="" IDEM=""
+VOUCHER="" META="" BUYERS="" RELEASED="" STREAM=""
 # run_wrk LABEL PORT SERVER_PID VOUCHER: one wrk run. Sets the RESULT fields of
 # seckill.lua as W_<key>, and the CPU each process used while wrk sent
 # (from the moment every wrk thread is ready until 0.2 s before the end) as
@@ -325,13 +326,13 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int(
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 fmt() { printf "%'.0f" "$1" 2>/dev/null || printf '%.0f' "$1"; }
 
-# seed STOCK: a fresh voucher; sets VOUCHER, META, USERS, RES, STREAM, RATE, IDEM
+# seed STOCK: a fresh voucher; sets VOUCHER, META, BUYERS, RELEASED, STREAM
 seed() {
     local out
     out=$(helper seed "$1") || die "could not load a voucher into Redis"
     eval "$out"
 }
-unlink_voucher() { rcli unlink "$META" "$USERS" "$RES" "$STREAM" >/dev/null; }
+unlink_voucher() { rcli unlink "$META" "$BUYERS" "$RELEASED" "$STREAM" >/dev/null; }
 
 # ------------------------------------------------------------ start
 
@@ -429,28 +430,35 @@ admitted_run_once() { # SERVER ROUND
     unlink_voucher
 }
 
-redis_benchmark_run() { # ROUND
+redis_benchmark_run() { # ROUND SCRIPT (admit | seed_style)
     local attempt
     for ((attempt = 1; ; attempt++)); do
         wait_quiet
         redis_benchmark_run_once "$@"
-        repeat_if_disturbed "$attempt" "redis-benchmark round $1" || break
+        repeat_if_disturbed "$attempt" "redis-benchmark $2 round $1" || break
     done
 }
 
-redis_benchmark_run_once() { # ROUND
-    local round=$1 sha out left m0 t0 i0 m1 t1 i1 r0 r1 rb_cpu
+redis_benchmark_run_once() { # ROUND SCRIPT
+    local round=$1 script=$2 sha out left m0 t0 i0 m1 t1 i1 r0 r1 rb_cpu args base
     seed "$STOCK"
-    sha=$(rcli script load "$(cat "$ROOT/seckill-edge/lua/admit.lua")")
-    out="$WORK/redis-benchmark.$round.csv"
+    base=${META%:meta}
+    if [[ $script == admit ]]; then
+        sha=$(rcli script load "$(cat "$ROOT/seckill-edge/lua/admit.lua")")
+        # the edge's KEYS and ARGV; every __rand_int__ is drawn anew: a fresh
+        # user and order id per call; the time is the edge's (fixed here)
+        args=(3 "$META" "$BUYERS" "$STREAM" __rand_int__ __rand_int__ "$(($(date +%s%N) / 1000000))" "" "")
+    else
+        sha=$(rcli script load "$(cat "$HERE/seed_style.lua")")
+        rcli set "$base:seed:stock" "$STOCK" >/dev/null
+        args=(3 "$base:seed:stock" "$base:seed:buyers" "$base:seed:stream" __rand_int__ __rand_int__)
+    fi
+    out="$WORK/redis-benchmark.$script.$round.csv"
     read -r m0 t0 i0 < <(machine_ticks)
     r0=$(proc_ticks "$REDIS_PID")
-    # the edge's KEYS and ARGV; every __rand_int__ is drawn anew: a fresh user
-    # (rate bucket, user id) and order id per call
     local TIMEFORMAT='%3U %3S'
     { time redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" -c "$RB_CLIENTS" -n "$RB_REQUESTS" -r 2000000000 --csv \
-        evalsha "$sha" 6 "$META" "$USERS" "$RES" "$STREAM" "${RATE}__rand_int__" "$IDEM" \
-        __rand_int__ __rand_int__ "" "" 10 5 0 86400000 >"$out" 2>&1; } 2>"$out.time"
+        evalsha "$sha" "${args[@]}" >"$out" 2>&1; } 2>"$out.time"
     read -r m1 t1 i1 < <(machine_ticks)
     r1=$(proc_ticks "$REDIS_PID")
     rb_cpu=$(tail -n 1 "$out.time" | awk '{ printf "%.0f", 100 * ($1 + $2) }') # in ticks of 1/100 s
@@ -467,14 +475,17 @@ redis_benchmark_run_once() { # ROUND
         cat "$out" >&2
         die "redis-benchmark printed no result"
     }
-    left=$(rcli hget "$META" left)
-    printf '  %-8s %-10s %9s calls/s  (%s calls, %s clients; admitted in Redis: %s)\n' \
-        redis-benchmark "round $round" "$(fmt "$rps")" "$RB_REQUESTS" "$RB_CLIENTS" "$((STOCK - left))"
+    if [[ $script == admit ]]; then left=$(rcli hget "$META" left); else left=$(rcli get "$base:seed:stock"); fi
+    printf '  %-8s %-10s %-10s %9s calls/s  (%s calls, %s clients; admitted in Redis: %s)\n' \
+        redis-benchmark "$script" "round $round" "$(fmt "$rps")" "$RB_REQUESTS" "$RB_CLIENTS" "$((STOCK - left))"
     printf '  %-8s %-8s cpu %% of one core: redis-benchmark %s, redis %s, irq/softirq %s, other %s; busy %s of %s; redis %s µs per call\n' \
         "" "" "$CPU_wrk" "$CPU_redis" "$CPU_softirq" "$CPU_other" "$CPU_busy" "$(($(nproc) * 100))" \
         "$(per_request "$CPU_redis" "$rps")"
-    R[admitted.redis.$round.redis_us]=$(per_request "$CPU_redis" "$rps")
-    R[admitted.redis.$round.rps]=$rps
+    local who=redis
+    [[ $script == admit ]] || who=seedref
+    R[admitted.$who.$round.redis_us]=$(per_request "$CPU_redis" "$rps")
+    R[admitted.$who.$round.rps]=$rps
+    rcli unlink "$base:seed:stock" "$base:seed:buyers" "$base:seed:stream" >/dev/null
     unlink_voucher
 }
 
@@ -504,7 +515,10 @@ if wants admitted; then
     sleep 2
     log "admitted path: $ROUNDS rounds of redis-benchmark, minimal handler and edge (wrk -t$THREADS -c$CONNECTIONS -d$DURATION)"
     for ((round = 1; round <= ROUNDS; round++)); do
-        redis_benchmark_run "$round"
+        # the script and its reference back to back, in alternating order
+        if ((round % 2)); then scripts=(admit seed_style); else scripts=(seed_style admit); fi
+        for script in "${scripts[@]}"; do redis_benchmark_run "$round" "$script"; done
+        R[admitted.script.$round.ratio]=$(ratio "${R[admitted.redis.$round.rps]}" "${R[admitted.seedref.$round.rps]}")
         if ((round % 2)); then order=(minimal edge); else order=(edge minimal); fi
         for server in "${order[@]}"; do admitted_run "$server" "$round"; done
     done
@@ -531,6 +545,13 @@ if wants sold_out; then
         R[sold_out.edge.$round.p50]=$W_p50_ms
         R[sold_out.edge.$round.server_us]=$(per_request "$CPU_server" "$W_rps")
         R[sold_out.edge.$round.cpu]="wrk $CPU_wrk, server $CPU_server, redis $CPU_redis, softirq $CPU_softirq, other $CPU_other"
+        # the reference of this round: a bare axum route answering a fixed body
+        wait_quiet
+        run_wrk_ok
+        R[sold_out.ok.$round.rps]=$W_rps
+        R[sold_out.ratio.$round.rps]=$(ratio "${R[sold_out.edge.$round.rps]}" "$W_rps")
+        printf '  %-8s %-10s %9s req/s  (bare axum GET /ok, the reference; edge / it %s)\n' \
+            "/ok" "round $round" "$(fmt "$W_rps")" "${R[sold_out.ratio.$round.rps]}"
         round=$((round + 1)) attempt=0
     done
     unlink_voucher
@@ -569,6 +590,8 @@ if wants admitted; then
         e=$(median $(collect admitted edge rps))
         m=$(median $(collect admitted minimal rps))
         rb=$(median $(collect admitted redis rps))
+        sr=$(median $(collect admitted seedref rps))
+        sratio=$(median $(collect admitted script ratio))
         ep99=$(median $(collect admitted edge p99))
         mp99=$(median $(collect admitted minimal p99))
         ep50=$(median $(collect admitted edge p50))
@@ -578,9 +601,11 @@ if wants admitted; then
     echo "admitted path (wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $ROUNDS rounds, medians):"
     echo "  edge (JWT on)        $(fmt "$e") req/s  p50 $ep50 ms  p99 $ep99 ms   rounds: $(collect admitted edge rps)"
     echo "  minimal handler      $(fmt "$m") req/s  p50 $mp50 ms  p99 $mp99 ms   rounds: $(collect admitted minimal rps)"
-    echo "  redis-benchmark      $(fmt "$rb") calls/s ($RB_CLIENTS clients)   rounds: $(collect admitted redis rps)"
-    echo "  edge / minimal       $(ratio "$e" "$m")   edge / redis-benchmark $(ratio "$e" "$rb")   minimal / redis-benchmark $(ratio "$m" "$rb")"
-    echo "  targets: >= 40,000/s: $(verdict "$e" 40000 ge); >= 0.75x minimal: $(verdict "$(ratio "$e" "$m")" 0.75 ge); p99 <= 10 ms: $(verdict "$ep99" 10 le)"
+    echo "  admission script     $(fmt "$rb") calls/s ($RB_CLIENTS clients, redis-benchmark)   rounds: $(collect admitted redis rps)"
+    echo "  seed-style script    $(fmt "$sr") calls/s (the reference, same Redis)   rounds: $(collect admitted seedref rps)"
+    echo "  script / seed-style  $sratio (median of the rounds' ratios: $(collect admitted script ratio))"
+    echo "  edge / minimal       $(ratio "$e" "$m")   edge / admission script $(ratio "$e" "$rb")   minimal / admission script $(ratio "$m" "$rb")"
+    echo "  targets: script >= 0.8x seed-style: $(verdict "$sratio" 0.8 ge); edge >= 0.9x minimal: $(verdict "$(ratio "$e" "$m")" 0.9 ge); edge p99 <= 10 ms: $(verdict "$ep99" 10 le)"
     # shellcheck disable=SC2046
     echo "  cpu per request (medians): server: edge $(median $(collect admitted edge server_us)) µs, minimal $(median $(collect admitted minimal server_us)) µs;" \
         "redis: edge run $(median $(collect admitted edge redis_us)) µs, minimal run $(median $(collect admitted minimal redis_us)) µs, redis-benchmark $(median $(collect admitted redis redis_us)) µs"
@@ -595,8 +620,11 @@ if wants sold_out; then
         sp99=$(median $(collect sold_out edge p99))
         sp50=$(median $(collect sold_out edge p50))
     }
+    # shellcheck disable=SC2046
+    sratio=$(median $(collect sold_out ratio rps))
     echo "sold-out path (edge):  $(fmt "$s") req/s  p50 $sp50 ms  p99 $sp99 ms   rounds: $(collect sold_out edge rps)"
-    echo "  target >= 80,000/s: $(verdict "$s" 80000 ge)"
+    echo "  bare axum GET /ok (reference, same rounds): $(collect sold_out ok rps)"
+    echo "  edge / bare route    $sratio (median of the rounds' ratios: $(collect sold_out ratio rps))   target >= 0.5x: $(verdict "$sratio" 0.5 ge)"
     # shellcheck disable=SC2046
     echo "  edge cpu per request (median): $(median $(collect sold_out edge server_us)) µs"
     for ((r = 1; r <= ROUNDS; r++)); do echo "  cpu% round $r (of 200): ${R[sold_out.edge.$r.cpu]}"; done

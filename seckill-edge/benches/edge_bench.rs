@@ -29,6 +29,7 @@
 use std::{
     collections::HashMap,
     io::{BufWriter, Write as _},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -36,13 +37,14 @@ use chrono::{Duration as Span, Utc};
 use cp_nats::{Publisher, Topology};
 use events::Namespace;
 use platform::{
+    clock::SystemClock,
     config::Secret,
     http::{JwtKeys, Role},
 };
 use redis::aio::ConnectionManager;
 use seckill_edge::{
     forwarder::{Forwarder, ForwarderConfig},
-    gate::{Gate, RateLimit},
+    gate::Gate,
     keys::{VoucherKeys, registry},
     ledger::VoucherSnapshot,
 };
@@ -50,11 +52,7 @@ use testkit::bench::median;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The edge's defaults (`seckill_edge::Config`).
-const EDGE_RATE: RateLimit = RateLimit {
-    burst: 10,
-    per_second: 5.0,
-};
+/// The edge's default (`seckill_edge::Config`).
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(86_400);
 
 struct Args {
@@ -237,8 +235,8 @@ async fn seed(args: &Args) -> anyhow::Result<()> {
     let gate = Gate::new(
         redis(&args.redis_url()).await?,
         prefix.clone(),
-        EDGE_RATE,
         IDEMPOTENCY_TTL,
+        Arc::new(SystemClock),
     );
     let voucher_id = Uuid::now_v7();
     anyhow::ensure!(
@@ -246,15 +244,12 @@ async fn seed(args: &Args) -> anyhow::Result<()> {
         "voucher already loaded"
     );
     let keys = VoucherKeys::new(&prefix, voucher_id);
-    let rate = keys.rate("");
     for (name, value) in [
         ("VOUCHER", voucher_id.to_string().as_str()),
         ("META", &keys.meta),
-        ("USERS", &keys.users),
-        ("RES", &keys.reservations),
+        ("BUYERS", &keys.buyers),
+        ("RELEASED", &keys.released),
         ("STREAM", &keys.stream),
-        ("RATE", &rate),
-        ("IDEM", &keys.no_idempotency()),
     ] {
         anyhow::ensure!(!value.contains('\''), "unexpected quote in {value}");
         println!("{name}='{value}'");
@@ -316,7 +311,7 @@ async fn forwarder_bench(args: &Args) -> anyhow::Result<()> {
     let redis_url = args.redis_url();
     let mut redis = redis(&redis_url).await?;
     let js = jetstream(&args.nats_url()).await?;
-    let gate = Gate::new(redis.clone(), prefix.clone(), EDGE_RATE, IDEMPOTENCY_TTL);
+    let gate = Gate::new(redis.clone(), prefix.clone(), IDEMPOTENCY_TTL, Arc::new(SystemClock));
     let mut watched: Vec<(String, String)> = vec![("forwarder".to_owned(), "self".to_owned())];
     if let Some(list) = args.options.get("watch") {
         for item in list.split(',').filter(|item| !item.is_empty() && !item.ends_with('=')) {
@@ -456,8 +451,8 @@ async fn forward_round(
     let stored = stream.get_info().await?.state.messages;
     redis::cmd("UNLINK")
         .arg(&keys.meta)
-        .arg(&keys.users)
-        .arg(&keys.reservations)
+        .arg(&keys.buyers)
+        .arg(&keys.released)
         .arg(&keys.stream)
         .query_async::<()>(redis)
         .await?;

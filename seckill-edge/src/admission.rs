@@ -1,5 +1,6 @@
 //! `POST /seckill/{voucher_id}`: one attempt, answered in one Redis round
-//! trip (or none, for a voucher this process knows is sold out).
+//! trip (or none, for a voucher this process knows is sold out, or a user
+//! over this process's rate limit).
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use crate::{
     error::ApiError,
     flags::VoucherFlags,
     gate::{Admission, Gate},
+    limiter::AttemptLimiter,
     warmup::{Warmer, Warmth},
 };
 
@@ -31,6 +33,7 @@ pub struct Edge {
     pub gate: Gate,
     pub flags: Arc<VoucherFlags>,
     pub warmer: Arc<Warmer>,
+    pub limiter: Arc<AttemptLimiter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +57,10 @@ pub async fn attempt(
     }
     if edge.flags.is_unknown(voucher_id) {
         return Err(ApiError::VoucherNotFound);
+    }
+    if let Err(retry_after) = edge.limiter.check(voucher_id, &user.sub) {
+        metrics::counter!("seckill_attempts_total", "outcome" => "rate_limited").increment(1);
+        return Err(ApiError::RateLimited { retry_after });
     }
     // time-ordered, so order ids sort by admission
     let order_id = Uuid::now_v7();
@@ -90,7 +97,6 @@ pub async fn attempt(
         Admission::AlreadyPurchased => Err(ApiError::AlreadyPurchased),
         Admission::SaleNotStarted => Err(ApiError::SaleNotStarted),
         Admission::SaleEnded => Err(ApiError::SaleEnded),
-        Admission::RateLimited { retry_after } => Err(ApiError::RateLimited { retry_after }),
         Admission::Cold => Err(ApiError::WarmingUp),
     }
 }
@@ -102,7 +108,6 @@ fn outcome_label(admission: &Admission) -> &'static str {
         Admission::AlreadyPurchased => "already_purchased",
         Admission::SaleNotStarted => "sale_not_started",
         Admission::SaleEnded => "sale_ended",
-        Admission::RateLimited { .. } => "rate_limited",
         Admission::Cold => "warming_up",
     }
 }

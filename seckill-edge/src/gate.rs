@@ -2,13 +2,14 @@
 //!
 //! Scripts are loaded once at start-up and run by SHA; `redis::Script`
 //! reloads one the server answers NOSCRIPT to (after a restart or a
-//! `SCRIPT FLUSH`).
+//! `SCRIPT FLUSH`). Attempts are stamped with the injected [`Clock`], which
+//! the script judges the sale window by.
 
 use std::{sync::LazyLock, time::Duration};
 
 use chrono::{DateTime, TimeZone as _, Utc};
-use platform::telemetry::TraceHeaders;
-use redis::{RedisError, Script, aio::ConnectionManager};
+use platform::{clock::SharedClock, telemetry::TraceHeaders};
+use redis::{RedisError, Script, Value, aio::ConnectionManager};
 use uuid::Uuid;
 
 use crate::{keys::VoucherKeys, ledger::VoucherSnapshot};
@@ -21,15 +22,12 @@ static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT_LUA));
 static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(LOAD_LUA));
 static RECREDIT: LazyLock<Script> = LazyLock::new(|| Script::new(RECREDIT_LUA));
 
+/// The key layout the scripts write (`meta.layout`); a voucher loaded by an
+/// older edge counts as not loaded and is rebuilt from the event store.
+pub const LAYOUT: &str = "2";
+
 /// The consumer group every forwarder instance reads a voucher's stream with.
 pub const FORWARDER_GROUP: &str = "forwarder";
-
-/// The token bucket of each user on each voucher; `per_second == 0` turns it off.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    pub burst: u32,
-    pub per_second: f64,
-}
 
 /// What the admission script decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +40,6 @@ pub enum Admission {
     AlreadyPurchased,
     SaleNotStarted,
     SaleEnded,
-    RateLimited {
-        retry_after: Duration,
-    },
     /// Nothing loaded for this voucher: unknown here, or Redis lost its data.
     Cold,
 }
@@ -54,9 +49,9 @@ pub enum Admission {
 pub enum Settlement {
     /// The unit went back to the sale.
     Recredited,
-    /// The record was dropped; the sale gets nothing back.
+    /// Marked settled; the sale gets nothing back.
     Dropped,
-    /// No reservation for this order (already settled, or never held).
+    /// This gate holds no unit for this order (already settled, or never held).
     NothingHeld,
     /// The voucher is not loaded; a re-warm reads the outcome from the event store.
     NotLoaded,
@@ -75,15 +70,15 @@ pub enum GateError {
 pub struct Gate {
     redis: ConnectionManager,
     prefix: String,
-    rate: RateLimit,
     idempotency_ttl: Duration,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gate")
             .field("prefix", &self.prefix)
-            .field("rate", &self.rate)
+            .field("clock", &self.clock)
             .finish_non_exhaustive()
     }
 }
@@ -92,14 +87,14 @@ impl Gate {
     pub fn new(
         redis: ConnectionManager,
         prefix: impl Into<String>,
-        rate: RateLimit,
         idempotency_ttl: Duration,
+        clock: SharedClock,
     ) -> Self {
         Self {
             redis,
             prefix: prefix.into(),
-            rate,
             idempotency_ttl,
+            clock,
         }
     }
 
@@ -124,6 +119,7 @@ impl Gate {
         Ok(())
     }
 
+    /// Runs the admission script for one attempt, stamped with the clock's now.
     pub async fn admit(
         &self,
         voucher_id: Uuid,
@@ -133,44 +129,41 @@ impl Gate {
         trace: &TraceHeaders,
     ) -> Result<Admission, GateError> {
         let keys = self.keys(voucher_id);
-        let idempotency = match idempotency_key {
-            Some(key) => keys.idempotency(user_id, key),
-            None => keys.no_idempotency(),
-        };
+        let now = self.clock.now().timestamp_millis();
         let mut invocation = ADMIT.prepare_invoke();
+        invocation.key(&keys.meta).key(&keys.buyers).key(&keys.stream);
+        if let Some(key) = idempotency_key {
+            invocation.key(keys.idempotency(user_id, key));
+        }
         invocation
-            .key(&keys.meta)
-            .key(&keys.users)
-            .key(&keys.reservations)
-            .key(&keys.stream)
-            .key(keys.rate(user_id))
-            .key(idempotency)
             .arg(user_id)
             .arg(order_id.to_string())
+            .arg(now)
             .arg(trace.traceparent.as_deref().unwrap_or(""))
-            .arg(trace.tracestate.as_deref().unwrap_or(""))
-            .arg(self.rate.burst)
-            .arg(self.rate.per_second)
-            .arg(if idempotency_key.is_some() { "1" } else { "0" })
-            .arg(u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX));
-        let (status, order, number): (String, String, i64) = invocation.invoke_async(&mut self.redis.clone()).await?;
-        Ok(match status.as_str() {
-            "admitted" => Admission::Admitted {
-                order_id: order
-                    .parse()
-                    .map_err(|_| GateError::UnexpectedAnswer(format!("{status} {order}")))?,
-                requested_at: from_millis(number),
-            },
-            "sold_out" => Admission::SoldOut,
-            "already_purchased" => Admission::AlreadyPurchased,
-            "sale_not_started" => Admission::SaleNotStarted,
-            "sale_ended" => Admission::SaleEnded,
-            "rate_limited" => Admission::RateLimited {
-                retry_after: Duration::from_millis(number.unsigned_abs()),
-            },
-            "cold" => Admission::Cold,
-            _ => return Err(GateError::UnexpectedAnswer(status)),
-        })
+            .arg(trace.tracestate.as_deref().unwrap_or(""));
+        if idempotency_key.is_some() {
+            invocation.arg(u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX));
+        }
+        let answer: Value = invocation.invoke_async(&mut self.redis.clone()).await?;
+        match answer {
+            Value::Int(code) => admission_of(code, order_id, now),
+            // an Idempotency-Key seen before: "<code> <order id> <requested ms>"
+            Value::BulkString(bytes) => {
+                let stored = String::from_utf8_lossy(&bytes);
+                let mut parts = stored.split(' ');
+                let unexpected = || GateError::UnexpectedAnswer(stored.to_string());
+                let code = parts.next().and_then(|p| p.parse().ok()).ok_or_else(unexpected)?;
+                let order = parts.next().ok_or_else(unexpected)?;
+                let at = parts.next().and_then(|p| p.parse().ok()).ok_or_else(unexpected)?;
+                let order_id = if code == 0 {
+                    order.parse().map_err(|_| unexpected())?
+                } else {
+                    order_id
+                };
+                admission_of(code, order_id, at)
+            }
+            other => Err(GateError::UnexpectedAnswer(format!("{other:?}"))),
+        }
     }
 
     /// Loads `snapshot` unless the voucher is live; `true` when it loaded.
@@ -180,9 +173,10 @@ impl Gate {
         let mut invocation = LOAD.prepare_invoke();
         invocation
             .key(&keys.meta)
-            .key(&keys.users)
-            .key(&keys.reservations)
+            .key(&keys.buyers)
+            .key(&keys.released)
             .key(&keys.stream)
+            .key(&keys.legacy_reservations)
             .arg(snapshot.stock)
             .arg(snapshot.left())
             .arg(snapshot.begins_at.timestamp_millis())
@@ -206,14 +200,23 @@ impl Gate {
         Ok(loaded == 1)
     }
 
-    /// Settles the reservation of `order_id`, giving its unit back when `give_back`.
-    pub async fn settle(&self, voucher_id: Uuid, order_id: Uuid, give_back: bool) -> Result<Settlement, RedisError> {
+    /// Settles the unit of `user_id`'s order `order_id`, giving it back to
+    /// the sale when `give_back`; once per order, however often it is called.
+    pub async fn settle(
+        &self,
+        voucher_id: Uuid,
+        order_id: Uuid,
+        user_id: &str,
+        give_back: bool,
+    ) -> Result<Settlement, RedisError> {
         let keys = self.keys(voucher_id);
         let answer: i64 = RECREDIT
             .prepare_invoke()
             .key(&keys.meta)
-            .key(&keys.reservations)
+            .key(&keys.buyers)
+            .key(&keys.released)
             .arg(order_id.to_string())
+            .arg(user_id)
             .arg(if give_back { "1" } else { "0" })
             .invoke_async(&mut self.redis.clone())
             .await?;
@@ -234,13 +237,31 @@ impl Gate {
             .await
     }
 
-    /// Whether the voucher's state is loaded.
+    /// Whether the voucher's state is loaded (in this layout).
     pub async fn is_loaded(&self, voucher_id: Uuid) -> Result<bool, RedisError> {
-        redis::cmd("EXISTS")
+        let layout: Option<String> = redis::cmd("HGET")
             .arg(self.keys(voucher_id).meta)
+            .arg("layout")
             .query_async(&mut self.redis.clone())
-            .await
+            .await?;
+        Ok(layout.as_deref() == Some(LAYOUT))
     }
+}
+
+/// The script's answer codes (`lua/admit.lua`).
+fn admission_of(code: i64, order_id: Uuid, at_millis: i64) -> Result<Admission, GateError> {
+    Ok(match code {
+        0 => Admission::Admitted {
+            order_id,
+            requested_at: from_millis(at_millis),
+        },
+        1 => Admission::Cold,
+        2 => Admission::SaleNotStarted,
+        3 => Admission::SaleEnded,
+        4 => Admission::AlreadyPurchased,
+        5 => Admission::SoldOut,
+        other => return Err(GateError::UnexpectedAnswer(other.to_string())),
+    })
 }
 
 fn from_millis(millis: i64) -> DateTime<Utc> {

@@ -11,8 +11,14 @@ use uuid::Uuid;
 pub struct VoucherKeys {
     base: String,
     pub meta: String,
-    pub users: String,
-    pub reservations: String,
+    /// Hash user id → `"<order id> <requested ms>"`: one order per user, ever,
+    /// and the record of every request this gate admitted.
+    pub buyers: String,
+    /// Set of order ids whose unit is settled (given back, or never real).
+    pub released: String,
+    /// The reservations hash of the older layout (order id → user), deleted
+    /// when a voucher is loaded again.
+    pub legacy_reservations: String,
     pub stream: String,
     /// Stream entries the forwarder could not read, kept for people to inspect.
     pub dead_letters: String,
@@ -23,29 +29,18 @@ impl VoucherKeys {
         let base = format!("{prefix}sk:{{v{voucher_id}}}");
         Self {
             meta: format!("{base}:meta"),
-            users: format!("{base}:users"),
-            reservations: format!("{base}:res"),
+            buyers: format!("{base}:users"),
+            released: format!("{base}:released"),
+            legacy_reservations: format!("{base}:res"),
             stream: format!("{base}:stream"),
             dead_letters: format!("{base}:dead"),
             base,
         }
     }
 
-    /// One user's token bucket for this voucher: in the voucher's slot, so the
-    /// rate limit costs no extra round trip.
-    pub fn rate(&self, user_id: &str) -> String {
-        format!("{}:rl:{user_id}", self.base)
-    }
-
     /// The stored answer of one user's `Idempotency-Key`.
     pub fn idempotency(&self, user_id: &str, key: &str) -> String {
         format!("{}:idem:{user_id}:{key}", self.base)
-    }
-
-    /// Stands in for [`Self::idempotency`] when the request has no key (a
-    /// script's keys must all be in one slot, an empty name is not).
-    pub fn no_idempotency(&self) -> String {
-        format!("{}:idem:-", self.base)
     }
 
     /// Held by the one edge instance that is re-warming this voucher.
@@ -76,13 +71,12 @@ mod tests {
         let tag = format!("v{id}");
         for key in [
             &keys.meta,
-            &keys.users,
-            &keys.reservations,
+            &keys.buyers,
+            &keys.released,
+            &keys.legacy_reservations,
             &keys.stream,
             &keys.dead_letters,
-            &keys.rate("u1"),
             &keys.idempotency("u1", "k"),
-            &keys.no_idempotency(),
             &keys.warming(),
         ] {
             assert!(key.starts_with("cp:sk:"), "{key}");

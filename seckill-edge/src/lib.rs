@@ -3,7 +3,8 @@
 //!
 //! Layout:
 //! - [`admission`]: `POST /seckill/{voucher_id}`, with the in-process
-//!   sold-out and unknown-voucher flags of [`flags`];
+//!   sold-out and unknown-voucher flags of [`flags`] and the per-user rate
+//!   limit of [`limiter`];
 //! - [`gate`]: the Lua scripts (`lua/`) and typed calls to them; [`keys`]:
 //!   the key layout, one hash tag per voucher;
 //! - [`forwarder`]: Redis streams → JetStream `OrderRequested`;
@@ -19,6 +20,7 @@ pub mod forwarder;
 pub mod gate;
 pub mod keys;
 pub mod ledger;
+pub mod limiter;
 pub mod warmup;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -35,7 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use admission::Edge;
 use forwarder::{Forwarder, ForwarderConfig};
-use gate::{Gate, RateLimit};
+use gate::Gate;
+use limiter::{AttemptLimiter, RateLimit};
 use warmup::{SaleEvents, Warmer, WarmerConfig};
 
 pub const SERVICE: &str = "seckill-edge";
@@ -48,11 +51,14 @@ pub struct Config {
     /// Prefix of every Redis key of the edge (one per deployment sharing a Redis).
     #[arg(long, env = "SECKILL_KEY_PREFIX", default_value = "cp:")]
     pub key_prefix: String,
-    /// Attempts a user may burst on one voucher before the rate limit applies.
-    #[arg(long, env = "SECKILL_RATE_LIMIT_BURST", default_value_t = 10)]
+    /// Attempts a user may burst on one voucher before the rate limit applies
+    /// (per edge instance: the limit is kept in process).
+    #[arg(long, env = "SECKILL_RATE_LIMIT_BURST", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate_limit_burst: u32,
-    /// Sustained attempts per second per user and voucher; 0 turns the limit off.
-    #[arg(long, env = "SECKILL_RATE_LIMIT_PER_SEC", default_value_t = 5.0)]
+    /// Sustained attempts per second per user and voucher, per edge instance;
+    /// 0 turns the limit off.
+    #[arg(long, env = "SECKILL_RATE_LIMIT_PER_SEC", default_value_t = 5.0, value_parser = rate_per_second)]
     pub rate_limit_per_sec: f64,
     /// How long this process answers "sold out" without asking Redis.
     #[arg(long, env = "SECKILL_SOLD_OUT_TTL_MS", default_value_t = 1_000)]
@@ -100,8 +106,8 @@ pub struct Config {
 impl Config {
     pub fn rate_limit(&self) -> RateLimit {
         RateLimit {
-            burst: self.rate_limit_burst.max(1),
-            per_second: self.rate_limit_per_sec.max(0.0),
+            burst: self.rate_limit_burst,
+            per_second: self.rate_limit_per_sec,
         }
     }
 
@@ -109,6 +115,16 @@ impl Config {
         self.instance_id
             .clone()
             .unwrap_or_else(|| format!("edge-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+    }
+}
+
+/// A rate between 0 and 1,000,000 attempts per second.
+fn rate_per_second(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if (0.0..=1_000_000.0).contains(&rate) => Ok(rate),
+        _ => Err(format!(
+            "{value:?} is not a number of attempts per second from 0 to 1000000"
+        )),
     }
 }
 
@@ -156,9 +172,10 @@ pub async fn run(
     let gate = Gate::new(
         redis.clone(),
         config.key_prefix.clone(),
-        config.rate_limit(),
         Duration::from_secs(config.idempotency_ttl_secs),
+        Arc::new(platform::clock::SystemClock),
     );
+    let limiter = Arc::new(AttemptLimiter::new(config.rate_limit()));
     gate.load_scripts().await?;
     let flags = Arc::new(flags::VoucherFlags::new(
         Duration::from_millis(config.sold_out_ttl_ms),
@@ -178,6 +195,7 @@ pub async fn run(
         gate: gate.clone(),
         flags: flags.clone(),
         warmer: warmer.clone(),
+        limiter: limiter.clone(),
     };
     let ops = Ops {
         health: Health::new().redis(redis).nats(nats),
@@ -191,6 +209,17 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
+    background.spawn({
+        let stop = stop.clone();
+        async move {
+            // users whose bucket is full again are forgotten: memory follows
+            // the users of the last seconds, not of the whole sale
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            while stop.run_until_cancelled(every.tick()).await.is_some() {
+                limiter.forget_idle();
+            }
+        }
+    });
     let publisher = cp_nats::Publisher::new(js.clone(), 4_096);
     if config.forwarder_enabled {
         let forwarder_config = ForwarderConfig {

@@ -238,8 +238,14 @@ pub struct SaleEvents {
 }
 
 impl SaleEvents {
-    async fn settle(&self, voucher_id: Uuid, order_id: Uuid, give_back: bool) -> Result<(), HandlerError> {
-        let settlement = self.gate.settle(voucher_id, order_id, give_back).await?;
+    async fn settle(
+        &self,
+        voucher_id: Uuid,
+        order_id: Uuid,
+        user_id: &str,
+        give_back: bool,
+    ) -> Result<(), HandlerError> {
+        let settlement = self.gate.settle(voucher_id, order_id, user_id, give_back).await?;
         if settlement == Settlement::Recredited {
             self.flags.clear_sold_out(voucher_id);
             metrics::counter!("seckill_recredits_total").increment(1);
@@ -270,10 +276,16 @@ impl Handler for SaleEvents {
                     self.flags.clear_unknown(voucher_id);
                 }
             }
-            VoucherEvent::SeckillStockReleased { order_id, .. } => self.settle(voucher_id, order_id, true).await?,
-            VoucherEvent::SeckillClaimRejected { order_id, reason, .. } => {
+            VoucherEvent::SeckillStockReleased { order_id, user_id } => {
+                self.settle(voucher_id, order_id, &user_id, true).await?;
+            }
+            VoucherEvent::SeckillClaimRejected {
+                order_id,
+                user_id,
+                reason,
+            } => {
                 // Sold out in the store: the unit the gate took does not exist.
-                self.settle(voucher_id, order_id, reason != ClaimRejection::SoldOut)
+                self.settle(voucher_id, order_id, &user_id, reason != ClaimRejection::SoldOut)
                     .await?;
             }
             _ => {}

@@ -18,7 +18,6 @@
 //! Every error type implements [`DomainError`], which names the HTTP class
 //! ([`ErrorKind`]) and the snake_case error code the API answers with.
 
-pub mod clock;
 pub mod coupon;
 pub mod limits;
 pub mod order;
@@ -26,10 +25,10 @@ pub mod payment;
 pub mod product;
 pub mod voucher;
 
-pub use clock::{Clock, FixedClock, SharedClock, SystemClock};
 pub use coupon::{Coupon, CouponCommand, CouponDetails, CouponError};
 pub use order::{CancellerRole, Order, OrderCommand, OrderError};
 pub use payment::{Payment, PaymentCommand, PaymentError, PaymentStatus};
+pub use platform::clock::{Clock, FixedClock, SharedClock, SystemClock};
 pub use product::{Product, ProductCommand, ProductDetails, ProductError};
 pub use voucher::{Decision, SeckillClaim, Voucher, VoucherCommand, VoucherDetails, VoucherError, VoucherServices};
 

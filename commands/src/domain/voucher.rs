@@ -26,8 +26,8 @@ use events::{AggregateEvents, ClaimRejection, OrderRequested, VoucherEvent, Vouc
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::clock::{SharedClock, SystemClock};
 use super::{DomainError, ErrorKind};
+use platform::clock::{SharedClock, SystemClock};
 
 pub const MAX_TITLE_CHARS: usize = super::limits::MAX_TEXT_CHARS;
 pub const MAX_SECKILL_STOCK: u32 = super::limits::MAX_QUANTITY;
@@ -590,8 +590,8 @@ mod tests {
     use cqrs_es::test::TestFramework;
 
     use super::*;
-    use crate::domain::clock::FixedClock;
     use crate::domain::testing::{at_secs, execute, id, replay, t0};
+    use platform::clock::FixedClock;
 
     const HOUR: i64 = 3600;
 

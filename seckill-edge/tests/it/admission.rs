@@ -2,14 +2,18 @@
 //! unknown vouchers, the rate limit, idempotency keys, the in-process
 //! sold-out flag and bad input.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use crate::support::{Harness, NO_RATE_LIMIT, attempt, occurrences, snapshot};
 use chrono::{Duration as Span, Utc};
 use events::{VoucherEvent, VoucherKind};
 use http::StatusCode;
 use platform::http::Role;
-use seckill_edge::gate::RateLimit;
+use seckill_edge::limiter::RateLimit;
 use testkit::eventually;
 use uuid::Uuid;
 
@@ -105,6 +109,51 @@ async fn attempts_outside_the_sale_window_are_refused_and_take_nothing() -> anyh
         harness.stream_length(early).await? + harness.stream_length(late).await?,
         0
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sale_window_is_judged_by_the_edges_clock_to_the_millisecond() -> anyhow::Result<()> {
+    let opens = Utc::now() + Span::hours(1);
+    let closes = opens + Span::minutes(10);
+    let at = |instant| -> platform::clock::SharedClock { Arc::new(platform::clock::FixedClock(instant)) };
+    let voucher = Uuid::now_v7();
+    for (instant, user, expected) in [
+        (opens - Span::milliseconds(1), "ann", "sale_not_started"),
+        (opens, "bob", ""),
+        (closes - Span::milliseconds(1), "cat", ""),
+        (closes, "dan", "sale_ended"),
+    ] {
+        let harness = Harness::on_at(
+            testkit::redis_url(),
+            NO_RATE_LIMIT,
+            testkit::unreachable_pool(),
+            at(instant),
+        )
+        .await?;
+        harness.gate.load(&snapshot(voucher, 5, opens, closes)).await?;
+        let answer = attempt(
+            &harness.router(),
+            &voucher.to_string(),
+            Some(&harness.token(user)),
+            None,
+        )
+        .await;
+        assert_eq!(answer.code(), expected, "at {instant}");
+        if expected.is_empty() {
+            assert_eq!(answer.status, StatusCode::ACCEPTED);
+            // the request is stamped with the same clock
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(harness.gate.keys(voucher).stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut harness.redis.clone())
+                .await?;
+            let fields: HashMap<String, String> = entries[0].1.iter().cloned().collect();
+            assert_eq!(fields["t"], instant.timestamp_millis().to_string());
+            assert_eq!(fields["u"], user);
+        }
+    }
     Ok(())
 }
 
@@ -226,7 +275,7 @@ async fn an_idempotency_key_from_the_same_user_gets_the_same_answer() -> anyhow:
         "sold_out"
     );
     let order = first.order_id().expect("order id");
-    harness.gate.settle(voucher_id, order, true).await?;
+    harness.gate.settle(voucher_id, order, "ann", true).await?;
     harness.flags.clear_sold_out(voucher_id);
     assert_eq!(
         attempt(&router, &voucher, Some(&cat), Some("k-9")).await.code(),

@@ -152,11 +152,93 @@ async fn a_lost_voucher_is_rebuilt_from_the_event_store_decisions() -> anyhow::R
             .status,
         StatusCode::ACCEPTED
     );
-    // reservations were rebuilt for the units still held, and only those
-    assert_eq!(harness.gate.settle(voucher, ann, true).await?, Settlement::NothingHeld);
-    assert_eq!(harness.gate.settle(voucher, bob, true).await?, Settlement::Recredited);
-    assert_eq!(harness.gate.settle(voucher, bob, true).await?, Settlement::NothingHeld);
+    // units were rebuilt as held for the orders still holding one, and only those
+    assert_eq!(
+        harness.gate.settle(voucher, ann, "ann", true).await?,
+        Settlement::NothingHeld
+    );
+    assert_eq!(
+        harness.gate.settle(voucher, bob, "bob", true).await?,
+        Settlement::Recredited
+    );
+    assert_eq!(
+        harness.gate.settle(voucher, bob, "bob", true).await?,
+        Settlement::NothingHeld
+    );
+    // an order is settled only as its own buyer's
+    assert_eq!(
+        harness.gate.settle(voucher, cat, "bob", true).await?,
+        Settlement::NothingHeld
+    );
     assert_eq!(harness.gate.left(voucher).await?, Some(7));
+    db.drop_database().await
+}
+
+#[tokio::test]
+async fn a_voucher_an_older_edge_loaded_is_rebuilt_in_the_current_layout() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let harness = Harness::new(NO_RATE_LIMIT, db.pool.clone()).await?;
+    let voucher = Uuid::now_v7();
+    let (ann, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    record_voucher_events(
+        &db.pool,
+        voucher,
+        &[
+            created(voucher, 5),
+            accepted(ann, "ann"),
+            accepted(bob, "bob"),
+            VoucherEvent::SeckillStockReleased {
+                order_id: ann,
+                user_id: "ann".into(),
+            },
+        ],
+    )
+    .await?;
+    // what the previous layout left: no `layout` field, users → order, a
+    // reservations hash, and a stock count the store does not back
+    let keys = harness.gate.keys(voucher);
+    let now = Utc::now().timestamp_millis();
+    let mut redis = harness.redis.clone();
+    let _: () = redis::pipe()
+        .hset_multiple(
+            &keys.meta,
+            &[
+                ("left", "4".to_owned()),
+                ("stock", "5".to_owned()),
+                ("begins", (now - 60_000).to_string()),
+                ("ends", (now + 3_600_000).to_string()),
+                ("version", "3".to_owned()),
+            ],
+        )
+        .hset(&keys.buyers, "bob", bob.to_string())
+        .hset(&keys.legacy_reservations, bob.to_string(), format!("bob {now}"))
+        .query_async(&mut redis)
+        .await?;
+    assert!(!harness.gate.is_loaded(voucher).await?, "an older layout is not loaded");
+
+    let router = harness.router();
+    let cat = attempt(&router, &voucher.to_string(), Some(&harness.token("cat")), None).await;
+    assert_eq!(cat.status, StatusCode::ACCEPTED);
+    // 5 − bob − cat: rebuilt from the store (ann gave hers back), not from the old count
+    assert_eq!(harness.gate.left(voucher).await?, Some(3));
+    for user in ["ann", "bob"] {
+        let answer = attempt(&router, &voucher.to_string(), Some(&harness.token(user)), None).await;
+        assert_eq!(answer.code(), "already_purchased", "{user}");
+    }
+    let legacy: bool = redis::cmd("EXISTS")
+        .arg(&keys.legacy_reservations)
+        .query_async(&mut redis)
+        .await?;
+    assert!(!legacy, "the older layout's reservations are gone");
+    assert_eq!(
+        harness.gate.settle(voucher, ann, "ann", true).await?,
+        Settlement::NothingHeld
+    );
+    assert_eq!(
+        harness.gate.settle(voucher, bob, "bob", true).await?,
+        Settlement::Recredited
+    );
+    assert_eq!(harness.gate.left(voucher).await?, Some(4));
     db.drop_database().await
 }
 
@@ -239,7 +321,10 @@ async fn the_same_release_delivered_twice_recredits_once_and_reopens_the_sale() 
     eventually(Duration::from_secs(10), || consumed(&harness)).await?;
 
     assert_eq!(harness.gate.left(voucher).await?, Some(1), "one unit back, once");
-    assert_eq!(harness.gate.settle(voucher, bob, true).await?, Settlement::NothingHeld);
+    assert_eq!(
+        harness.gate.settle(voucher, bob, "bob", true).await?,
+        Settlement::NothingHeld
+    );
     // the re-credit cleared the sold-out flag: cat gets the unit at once
     assert_eq!(
         attempt(&router, &voucher_path, Some(&harness.token("cat")), None)

@@ -30,6 +30,7 @@ async fn health_is_503_while_nats_is_down() -> anyhow::Result<()> {
             gate: harness.gate.clone(),
             flags: harness.flags.clone(),
             warmer: harness.warmer.clone(),
+            limiter: harness.limiter.clone(),
         },
         jwt: harness.jwt.clone(),
         ops: Ops {

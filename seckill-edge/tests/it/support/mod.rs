@@ -10,13 +10,17 @@ use chrono::{DateTime, Duration as Span, Utc};
 use cp_nats::{Publisher, Topology};
 use events::{Namespace, OrderRequested, VoucherEvent};
 use http::{Request, StatusCode};
-use platform::http::{Health, JwtKeys, Ops, Role};
+use platform::{
+    clock::{SharedClock, SystemClock},
+    http::{Health, JwtKeys, Ops, Role},
+};
 use seckill_edge::{
     AppState, Edge,
     flags::VoucherFlags,
     forwarder::{Forwarder, ForwarderConfig},
-    gate::{Gate, RateLimit},
+    gate::Gate,
     ledger::VoucherSnapshot,
+    limiter::{AttemptLimiter, RateLimit},
     warmup::{Warmer, WarmerConfig},
 };
 use sqlx::PgPool;
@@ -25,10 +29,7 @@ use uuid::Uuid;
 
 pub const SECRET: &str = "edge-test-secret";
 
-pub const NO_RATE_LIMIT: RateLimit = RateLimit {
-    burst: 1,
-    per_second: 0.0,
-};
+pub const NO_RATE_LIMIT: RateLimit = RateLimit::OFF;
 
 /// Everything a test drives, isolated by its own key prefix and namespace.
 pub struct Harness {
@@ -39,6 +40,7 @@ pub struct Harness {
     pub gate: Gate,
     pub flags: Arc<VoucherFlags>,
     pub warmer: Arc<Warmer>,
+    pub limiter: Arc<AttemptLimiter>,
     pub js: jetstream::Context,
     pub jwt: JwtKeys,
     pub pool: PgPool,
@@ -51,6 +53,11 @@ impl Harness {
     }
 
     pub async fn on(redis_url: String, rate: RateLimit, pool: PgPool) -> anyhow::Result<Self> {
+        Self::on_at(redis_url, rate, pool, Arc::new(SystemClock)).await
+    }
+
+    /// With the gate stamping attempts by `clock`.
+    pub async fn on_at(redis_url: String, rate: RateLimit, pool: PgPool, clock: SharedClock) -> anyhow::Result<Self> {
         let prefix = testkit::unique_prefix();
         let namespace = Namespace::new(testkit::unique_namespace())?;
         // generous: the whole suite shares two cores, and a timeout answers 503
@@ -59,7 +66,7 @@ impl Harness {
         let redis = redis::aio::ConnectionManager::new_with_config(client, config).await?;
         let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
         cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
-        let gate = Gate::new(redis.clone(), prefix.clone(), rate, Duration::from_secs(3_600));
+        let gate = Gate::new(redis.clone(), prefix.clone(), Duration::from_secs(3_600), clock);
         gate.load_scripts().await?;
         let flags = Arc::new(VoucherFlags::new(
             Duration::from_millis(500),
@@ -83,6 +90,7 @@ impl Harness {
             gate,
             flags,
             warmer,
+            limiter: Arc::new(AttemptLimiter::new(rate)),
             js,
             jwt: JwtKeys::new(&platform::Secret::new(SECRET)),
             pool,
@@ -95,6 +103,7 @@ impl Harness {
                 gate: self.gate.clone(),
                 flags: self.flags.clone(),
                 warmer: self.warmer.clone(),
+                limiter: self.limiter.clone(),
             },
             jwt: self.jwt.clone(),
             ops: Ops {

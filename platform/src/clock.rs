@@ -1,8 +1,10 @@
-//! Time as a service. Aggregates never read the system clock themselves: the
-//! ones that judge "now" (a regular voucher's sale window) receive a [`Clock`]
-//! through their `Services`, so tests pin time with [`FixedClock`] and a
-//! replay never depends on when it runs. Commands that record a time carry it
-//! in their fields instead, decided once by whoever issues the command.
+//! Time as a service, shared by every crate. Domain code never reads the
+//! system clock itself: aggregates that judge "now" (a regular voucher's sale
+//! window) receive a [`Clock`] through their `Services`, and the seckill edge
+//! stamps attempts with the one it is given, so tests pin time with
+//! [`FixedClock`] and a replay never depends on when it runs. Commands that
+//! record a time carry it in their fields instead, decided once by whoever
+//! issues the command.
 
 use std::fmt::Debug;
 use std::sync::Arc;
