@@ -2,7 +2,7 @@
 //! trip (or none, for a voucher this process knows is sold out, or a user
 //! over this process's rate limit).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::{
     Json,
@@ -43,7 +43,7 @@ pub struct Queued {
 }
 
 pub async fn attempt(
-    State(edge): State<Edge>,
+    State(edge): State<Arc<Edge>>,
     user: Authorized<Customers>,
     ApiPath(voucher_id): ApiPath<Uuid>,
     headers: HeaderMap,
@@ -52,14 +52,14 @@ pub async fn attempt(
     let idempotency_key = idempotency_key(&headers)?;
     // A keyed retry must get its stored answer, which only Redis has.
     if idempotency_key.is_none() && edge.flags.is_sold_out(voucher_id) {
-        metrics::counter!("seckill_attempts_total", "outcome" => "sold_out_cached").increment(1);
+        ATTEMPTS.sold_out_cached.increment(1);
         return Err(ApiError::SoldOut);
     }
     if edge.flags.is_unknown(voucher_id) {
         return Err(ApiError::VoucherNotFound);
     }
     if let Err(retry_after) = edge.limiter.check(voucher_id, &user.sub) {
-        metrics::counter!("seckill_attempts_total", "outcome" => "rate_limited").increment(1);
+        ATTEMPTS.rate_limited.increment(1);
         return Err(ApiError::RateLimited { retry_after });
     }
     // time-ordered, so order ids sort by admission
@@ -80,8 +80,7 @@ pub async fn attempt(
             Warmth::Busy => return Err(ApiError::WarmingUp),
         };
     }
-    let outcome = outcome_label(&admission);
-    metrics::counter!("seckill_attempts_total", "outcome" => outcome).increment(1);
+    ATTEMPTS.of(&admission).increment(1);
     match admission {
         Admission::Admitted { order_id, .. } => Ok((
             StatusCode::ACCEPTED,
@@ -101,14 +100,44 @@ pub async fn attempt(
     }
 }
 
-fn outcome_label(admission: &Admission) -> &'static str {
-    match admission {
-        Admission::Admitted { .. } => "admitted",
-        Admission::SoldOut => "sold_out",
-        Admission::AlreadyPurchased => "already_purchased",
-        Admission::SaleNotStarted => "sale_not_started",
-        Admission::SaleEnded => "sale_ended",
-        Admission::Cold => "warming_up",
+/// `seckill_attempts_total{outcome}`, one handle per outcome registered
+/// once: a lookup by labels in the recorder on every attempt cost more than
+/// the counting.
+struct Attempts {
+    admitted: metrics::Counter,
+    sold_out: metrics::Counter,
+    sold_out_cached: metrics::Counter,
+    already_purchased: metrics::Counter,
+    sale_not_started: metrics::Counter,
+    sale_ended: metrics::Counter,
+    rate_limited: metrics::Counter,
+    warming_up: metrics::Counter,
+}
+
+static ATTEMPTS: LazyLock<Attempts> = LazyLock::new(|| {
+    let outcome = |label: &'static str| metrics::counter!("seckill_attempts_total", "outcome" => label);
+    Attempts {
+        admitted: outcome("admitted"),
+        sold_out: outcome("sold_out"),
+        sold_out_cached: outcome("sold_out_cached"),
+        already_purchased: outcome("already_purchased"),
+        sale_not_started: outcome("sale_not_started"),
+        sale_ended: outcome("sale_ended"),
+        rate_limited: outcome("rate_limited"),
+        warming_up: outcome("warming_up"),
+    }
+});
+
+impl Attempts {
+    fn of(&self, admission: &Admission) -> &metrics::Counter {
+        match admission {
+            Admission::Admitted { .. } => &self.admitted,
+            Admission::SoldOut => &self.sold_out,
+            Admission::AlreadyPurchased => &self.already_purchased,
+            Admission::SaleNotStarted => &self.sale_not_started,
+            Admission::SaleEnded => &self.sale_ended,
+            Admission::Cold => &self.warming_up,
+        }
     }
 }
 

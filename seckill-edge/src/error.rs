@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
-use platform::http::{CommonError, error_response};
+use platform::http::{CommonError, fixed_error_response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -73,7 +73,8 @@ impl ApiError {
                 )
             }
         };
-        let mut response = error_response(status, code, self.to_string());
+        // every code here has one message: its body is encoded once
+        let mut response = fixed_error_response(status, code, || self.to_string());
         if let Some(wait) = retry_after {
             // whole seconds, rounded up: "Retry-After: 0" would invite a hot loop
             let seconds = wait.as_millis().div_ceil(1000).max(1);

@@ -5,14 +5,20 @@
 //! `SCRIPT FLUSH`). Attempts are stamped with the injected [`Clock`], which
 //! the script judges the sale window by.
 
-use std::{sync::LazyLock, time::Duration};
+use std::{
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use chrono::{DateTime, TimeZone as _, Utc};
 use platform::{clock::SharedClock, telemetry::TraceHeaders};
 use redis::{RedisError, Script, Value, aio::ConnectionManager};
 use uuid::Uuid;
 
-use crate::{keys::VoucherKeys, ledger::VoucherSnapshot};
+use crate::{
+    keys::{self, VoucherKeys},
+    ledger::VoucherSnapshot,
+};
 
 pub const ADMIT_LUA: &str = include_str!("../lua/admit.lua");
 pub const LOAD_LUA: &str = include_str!("../lua/load.lua");
@@ -69,7 +75,7 @@ pub enum GateError {
 #[derive(Clone)]
 pub struct Gate {
     redis: ConnectionManager,
-    prefix: String,
+    prefix: Arc<str>,
     idempotency_ttl: Duration,
     clock: SharedClock,
 }
@@ -92,7 +98,7 @@ impl Gate {
     ) -> Self {
         Self {
             redis,
-            prefix: prefix.into(),
+            prefix: Arc::from(prefix.into()),
             idempotency_ttl,
             clock,
         }
@@ -128,12 +134,18 @@ impl Gate {
         idempotency_key: Option<&str>,
         trace: &TraceHeaders,
     ) -> Result<Admission, GateError> {
-        let keys = self.keys(voucher_id);
+        // only the keys the script takes: this runs for every attempt
+        let mut key = keys::base(&self.prefix, voucher_id);
+        let base = key.len();
         let now = self.clock.now().timestamp_millis();
         let mut invocation = ADMIT.prepare_invoke();
-        invocation.key(&keys.meta).key(&keys.buyers).key(&keys.stream);
-        if let Some(key) = idempotency_key {
-            invocation.key(keys.idempotency(user_id, key));
+        for suffix in [keys::META, keys::BUYERS, keys::STREAM] {
+            key.truncate(base);
+            key.push_str(suffix);
+            invocation.key(key.as_str());
+        }
+        if let Some(idempotency_key) = idempotency_key {
+            invocation.key(self.keys(voucher_id).idempotency(user_id, idempotency_key));
         }
         invocation
             .arg(user_id)
@@ -193,7 +205,7 @@ impl Gate {
         let mut redis = self.redis.clone();
         let loaded: i64 = invocation.invoke_async(&mut redis).await?;
         let _: i64 = redis::cmd("SADD")
-            .arg(crate::keys::registry(&self.prefix))
+            .arg(keys::registry(&self.prefix))
             .arg(snapshot.voucher_id.to_string())
             .query_async(&mut redis)
             .await?;

@@ -6,6 +6,17 @@
 
 use uuid::Uuid;
 
+/// The part of a voucher's keys before the suffix: `<prefix>sk:{v<id>}`.
+pub fn base(prefix: &str, voucher_id: Uuid) -> String {
+    format!("{prefix}sk:{{v{voucher_id}}}")
+}
+
+/// The suffixes of a voucher's keys.
+pub const META: &str = ":meta";
+pub const BUYERS: &str = ":users";
+pub const RELEASED: &str = ":released";
+pub const STREAM: &str = ":stream";
+
 /// The keys of one seckill voucher.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VoucherKeys {
@@ -26,13 +37,13 @@ pub struct VoucherKeys {
 
 impl VoucherKeys {
     pub fn new(prefix: &str, voucher_id: Uuid) -> Self {
-        let base = format!("{prefix}sk:{{v{voucher_id}}}");
+        let base = base(prefix, voucher_id);
         Self {
-            meta: format!("{base}:meta"),
-            buyers: format!("{base}:users"),
-            released: format!("{base}:released"),
+            meta: format!("{base}{META}"),
+            buyers: format!("{base}{BUYERS}"),
+            released: format!("{base}{RELEASED}"),
             legacy_reservations: format!("{base}:res"),
-            stream: format!("{base}:stream"),
+            stream: format!("{base}{STREAM}"),
             dead_letters: format!("{base}:dead"),
             base,
         }

@@ -130,7 +130,8 @@ fn rate_per_second(value: &str) -> Result<f64, String> {
 
 #[derive(Debug, Clone, FromRef)]
 pub struct AppState {
-    pub edge: Edge,
+    /// Shared: axum clones the state for every request.
+    pub edge: Arc<Edge>,
     pub jwt: JwtKeys,
     pub ops: Ops,
 }
@@ -202,7 +203,7 @@ pub async fn run(
         metrics: platform::telemetry::metrics_handle(),
     };
     let state = AppState {
-        edge,
+        edge: Arc::new(edge),
         jwt: JwtKeys::new(&config.auth.jwt_secret),
         ops,
     };

@@ -10,7 +10,11 @@
 
 use std::{num::NonZeroU32, time::Duration};
 
-use governor::{DefaultKeyedRateLimiter, Quota, clock::Clock as _};
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock as _, DefaultClock},
+    state::keyed::DashMapStateStore,
+};
 use uuid::Uuid;
 
 /// A burst of attempts per user and voucher, refilled at `per_second`;
@@ -37,9 +41,14 @@ impl RateLimit {
     }
 }
 
+/// The buckets, hashed with foldhash (seeded per process) rather than
+/// SipHash: the keys are user ids of verified tokens.
+type Buckets =
+    RateLimiter<(Uuid, String), DashMapStateStore<(Uuid, String), foldhash::quality::RandomState>, DefaultClock>;
+
 /// Attempts allowed so far, per (voucher, user).
 pub struct AttemptLimiter {
-    limiter: Option<DefaultKeyedRateLimiter<(Uuid, String)>>,
+    limiter: Option<Buckets>,
     rate: RateLimit,
 }
 
@@ -55,7 +64,9 @@ impl std::fmt::Debug for AttemptLimiter {
 impl AttemptLimiter {
     pub fn new(rate: RateLimit) -> Self {
         Self {
-            limiter: rate.quota().map(DefaultKeyedRateLimiter::dashmap),
+            limiter: rate
+                .quota()
+                .map(|quota| RateLimiter::dashmap_with_hasher(quota, foldhash::quality::RandomState::default())),
             rate,
         }
     }

@@ -5,10 +5,17 @@
 //! every service shares (auth, malformed input, routing) are [`CommonError`],
 //! which service enums wrap.
 
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, RwLock},
+};
+
 use axum::{
     Json,
+    body::Body,
     response::{IntoResponse, Response},
 };
+use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +39,34 @@ pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>
         },
     };
     (status, Json(body)).into_response()
+}
+
+/// [`error_response`] for an error whose message never changes for its
+/// code: the body is serialized on the first answer with that code and
+/// shared afterwards, so a hot refusal (a sold-out sale) costs no JSON
+/// encoding. `message` is only called on that first answer.
+pub fn fixed_error_response(status: StatusCode, code: &'static str, message: impl FnOnce() -> String) -> Response {
+    static BODIES: LazyLock<RwLock<HashMap<&'static str, Bytes>>> = LazyLock::new(RwLock::default);
+    let cached = BODIES.read().ok().and_then(|bodies| bodies.get(code).cloned());
+    let body = cached.unwrap_or_else(|| {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message(),
+            },
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        if let Ok(mut bodies) = BODIES.write() {
+            bodies.insert(code, bytes.clone());
+        }
+        bytes
+    });
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@ pub use auth::{
     Admins, AnyRole, AuthUser, Authorized, Customers, CustomersOrAdmins, JwtKeys, Merchants, MerchantsOrAdmins, Role,
     RolePolicy, SubError, validate_sub,
 };
-pub use error::{CommonError, ErrorBody, error_response};
+pub use error::{CommonError, ErrorBody, error_response, fixed_error_response};
 pub use extract::{ApiBytes, ApiJson, ApiPath, ApiQuery, NoBody};
 pub use health::Health;
 pub use server::{Ops, serve, service_router};

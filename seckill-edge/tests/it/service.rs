@@ -26,12 +26,12 @@ async fn starts_reports_health_and_metrics_and_shuts_down_gracefully() -> anyhow
 async fn health_is_503_while_nats_is_down() -> anyhow::Result<()> {
     let harness = crate::support::Harness::new(crate::support::NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
     let state = AppState {
-        edge: Edge {
+        edge: std::sync::Arc::new(Edge {
             gate: harness.gate.clone(),
             flags: harness.flags.clone(),
             warmer: harness.warmer.clone(),
             limiter: harness.limiter.clone(),
-        },
+        }),
         jwt: harness.jwt.clone(),
         ops: Ops {
             health: Health::new()

@@ -99,12 +99,12 @@ impl Harness {
 
     pub fn router(&self) -> axum::Router {
         seckill_edge::router(AppState {
-            edge: Edge {
+            edge: Arc::new(Edge {
                 gate: self.gate.clone(),
                 flags: self.flags.clone(),
                 warmer: self.warmer.clone(),
                 limiter: self.limiter.clone(),
-            },
+            }),
             jwt: self.jwt.clone(),
             ops: Ops {
                 health: Health::new(),
