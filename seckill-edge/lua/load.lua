@@ -7,7 +7,7 @@
 -- KEYS[5] the older layout's reservations hash (deleted)
 -- ARGV[1] stock  ARGV[2] left  ARGV[3] begins (unix ms)  ARGV[4] ends (unix ms)
 -- ARGV[5] event-store version  ARGV[6] forwarder group name
--- then groups of 4: user id, order id, "1" if the order still holds a unit, requested ms
+-- then groups of 3: user id, order id, "1" if the order still holds a unit
 --
 -- Returns 1 when loaded, 0 when the voucher was already live.
 if redis.call('HGET', KEYS[1], 'layout') == '2' then
@@ -17,8 +17,8 @@ end
 -- store. The stream is kept: entries in it are admitted requests the
 -- forwarder still owes.
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
-for i = 7, #ARGV, 4 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 3])
+for i = 7, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   if ARGV[i + 2] ~= '1' then
     redis.call('SADD', KEYS[3], ARGV[i + 1])
   end

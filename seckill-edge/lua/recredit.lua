@@ -13,8 +13,7 @@ local layout = redis.call('HGET', KEYS[1], 'layout')
 if layout ~= '2' then
   return -1
 end
-local buyer = redis.call('HGET', KEYS[2], ARGV[2])
-if not buyer or string.sub(buyer, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then
+if redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[1] then
   return 0
 end
 if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then

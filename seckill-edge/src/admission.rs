@@ -62,8 +62,8 @@ pub async fn attempt(
         ATTEMPTS.rate_limited.increment(1);
         return Err(ApiError::RateLimited { retry_after });
     }
-    // time-ordered, so order ids sort by admission
-    let order_id = Uuid::now_v7();
+    // time-ordered, so order ids sort by admission; the attempt's time
+    let order_id = edge.gate.new_order_id();
     let trace = TraceHeaders::current();
     let admit = || {
         edge.gate

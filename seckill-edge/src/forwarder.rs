@@ -376,7 +376,12 @@ impl Forwarder {
 fn request_of(voucher_id: Uuid, entry: &StreamId) -> Option<(OrderRequested, TraceHeaders)> {
     let order_id = entry.get::<String>("o")?.parse().ok()?;
     let user_id = entry.get::<String>("u")?;
-    let millis = entry.get::<i64>("t")?;
+    // the time is in the order id (a UUIDv7); entries of the older layout carry it as `t`
+    let millis = if entry.map.contains_key("t") {
+        entry.get::<i64>("t")?
+    } else {
+        crate::gate::order_millis(order_id)?
+    };
     let requested_at = Utc.timestamp_millis_opt(millis).single()?;
     let non_empty = |field: &str| entry.get::<String>(field).filter(|value| !value.is_empty());
     let trace = TraceHeaders {
@@ -460,6 +465,18 @@ mod tests {
         );
         let decoded: OrderRequested = serde_json::from_slice(&message.payload).expect("json");
         assert_eq!(decoded, request);
+    }
+
+    #[test]
+    fn an_entry_without_a_time_takes_it_from_its_order_id() {
+        let order = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, 1_800_000_000, 123_000_000));
+        let (request, trace) =
+            request_of(Uuid::from_u128(5), &entry(&[("o", &order.to_string()), ("u", "ann")])).expect("readable");
+        assert_eq!(request.requested_at.timestamp_millis(), 1_800_000_000_123);
+        assert_eq!(trace, TraceHeaders::default());
+        // an id without a time, and no `t`: nothing to stamp the request with
+        let v4 = Uuid::new_v4().to_string();
+        assert!(request_of(Uuid::from_u128(5), &entry(&[("o", &v4), ("u", "ann")])).is_none());
     }
 
     #[test]

@@ -6,14 +6,14 @@
 //! the script judges the sale window by.
 
 use std::{
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, Mutex},
     time::Duration,
 };
 
 use chrono::{DateTime, TimeZone as _, Utc};
 use platform::{clock::SharedClock, telemetry::TraceHeaders};
 use redis::{RedisError, Script, Value, aio::ConnectionManager};
-use uuid::Uuid;
+use uuid::{Timestamp, Uuid, timestamp::context::ContextV7};
 
 use crate::{
     keys::{self, VoucherKeys},
@@ -125,7 +125,17 @@ impl Gate {
         Ok(())
     }
 
-    /// Runs the admission script for one attempt, stamped with the clock's now.
+    /// A new order id: a UUIDv7 of the clock's now, so ids sort by admission
+    /// and the id carries its request's time (the stream entry does not).
+    pub fn new_order_id(&self) -> Uuid {
+        static CONTEXT: LazyLock<Mutex<ContextV7>> = LazyLock::new(|| Mutex::new(ContextV7::new()));
+        let now = self.clock.now();
+        let seconds = u64::try_from(now.timestamp()).unwrap_or(0);
+        Uuid::new_v7(Timestamp::from_unix(&*CONTEXT, seconds, now.timestamp_subsec_nanos()))
+    }
+
+    /// Runs the admission script for one attempt, at the time in `order_id`
+    /// (see [`Self::new_order_id`]; the clock's now for an id without one).
     pub async fn admit(
         &self,
         voucher_id: Uuid,
@@ -137,7 +147,7 @@ impl Gate {
         // only the keys the script takes: this runs for every attempt
         let mut key = keys::base(&self.prefix, voucher_id);
         let base = key.len();
-        let now = self.clock.now().timestamp_millis();
+        let now = order_millis(order_id).unwrap_or_else(|| self.clock.now().timestamp_millis());
         let mut invocation = ADMIT.prepare_invoke();
         for suffix in [keys::META, keys::BUYERS, keys::STREAM] {
             key.truncate(base);
@@ -199,8 +209,7 @@ impl Gate {
             invocation
                 .arg(&buyer.user_id)
                 .arg(buyer.order_id.to_string())
-                .arg(if buyer.holds_unit { "1" } else { "0" })
-                .arg(buyer.requested_at.timestamp_millis());
+                .arg(if buyer.holds_unit { "1" } else { "0" });
         }
         let mut redis = self.redis.clone();
         let loaded: i64 = invocation.invoke_async(&mut redis).await?;
@@ -258,6 +267,12 @@ impl Gate {
             .await?;
         Ok(layout.as_deref() == Some(LAYOUT))
     }
+}
+
+/// The unix milliseconds in a UUIDv7 (`None` for other versions).
+pub fn order_millis(order_id: Uuid) -> Option<i64> {
+    let (seconds, nanos) = order_id.get_timestamp()?.to_unix();
+    i64::try_from(seconds.checked_mul(1_000)? + u64::from(nanos / 1_000_000)).ok()
 }
 
 /// The script's answer codes (`lua/admit.lua`).

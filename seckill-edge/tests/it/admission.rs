@@ -142,7 +142,12 @@ async fn the_sale_window_is_judged_by_the_edges_clock_to_the_millisecond() -> an
         assert_eq!(answer.code(), expected, "at {instant}");
         if expected.is_empty() {
             assert_eq!(answer.status, StatusCode::ACCEPTED);
-            // the request is stamped with the same clock
+            // the request is stamped with the same clock: its order id carries the time
+            let order_id = answer.order_id().expect("order id");
+            assert_eq!(
+                seckill_edge::gate::order_millis(order_id),
+                Some(instant.timestamp_millis())
+            );
             let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
                 .arg(harness.gate.keys(voucher).stream)
                 .arg("-")
@@ -150,7 +155,7 @@ async fn the_sale_window_is_judged_by_the_edges_clock_to_the_millisecond() -> an
                 .query_async(&mut harness.redis.clone())
                 .await?;
             let fields: HashMap<String, String> = entries[0].1.iter().cloned().collect();
-            assert_eq!(fields["t"], instant.timestamp_millis().to_string());
+            assert_eq!(fields["o"], order_id.to_string());
             assert_eq!(fields["u"], user);
         }
     }
