@@ -32,6 +32,9 @@ use seckill_edge::{gate::ADMIT_LUA, keys::VoucherKeys};
 use serde_json::json;
 use uuid::Uuid;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Baseline {
     redis: ConnectionManager,
     script: Script,
