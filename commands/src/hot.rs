@@ -14,7 +14,8 @@ use std::{
     time::Duration,
 };
 
-use redis::{Script, aio::ConnectionManager};
+use platform::kv::{Kv, KvClient};
+use redis::Script;
 use uuid::Uuid;
 
 const ACQUIRE: &str = "local n = redis.call('INCR', KEYS[1])
@@ -28,7 +29,7 @@ return n";
 
 #[derive(Clone)]
 pub struct ProductSemaphore {
-    redis: Arc<OnceLock<ConnectionManager>>,
+    redis: Arc<OnceLock<Kv>>,
     prefix: String,
     limit: u32,
     fuse: Duration,
@@ -53,12 +54,12 @@ pub struct Busy(pub Uuid);
 
 impl ProductSemaphore {
     /// Connects in the background; until then every order passes.
-    pub fn connect(client: redis::Client, prefix: impl Into<String>, limit: u32, fuse: Duration) -> Self {
+    pub fn connect(client: KvClient, prefix: impl Into<String>, limit: u32, fuse: Duration) -> Self {
         let semaphore = Self::unconnected(prefix, limit, fuse);
         let slot = semaphore.redis.clone();
         tokio::spawn(async move {
             loop {
-                match ConnectionManager::new(client.clone()).await {
+                match client.connect().await {
                     Ok(connection) => {
                         let _ = slot.set(connection);
                         return;
@@ -74,12 +75,7 @@ impl ProductSemaphore {
     }
 
     /// A gate over an existing connection (tests).
-    pub fn with_connection(
-        connection: ConnectionManager,
-        prefix: impl Into<String>,
-        limit: u32,
-        fuse: Duration,
-    ) -> Self {
+    pub fn with_connection(connection: Kv, prefix: impl Into<String>, limit: u32, fuse: Duration) -> Self {
         let semaphore = Self::unconnected(prefix, limit, fuse);
         let _ = semaphore.redis.set(connection);
         semaphore
@@ -101,8 +97,9 @@ impl ProductSemaphore {
     }
 
     /// Takes one unit of each product (all or none), in one round trip: a
-    /// pipeline of the script per product (each key may live on its own
-    /// node of a cluster, so no single script spans them).
+    /// pipeline of the script per product on one server; on a cluster, where
+    /// each key may live on its own node and a pipeline may not span slots,
+    /// the scripts run side by side instead.
     pub async fn acquire(&self, products: &[Uuid]) -> Result<(), Busy> {
         let Some(connection) = self.redis.get() else {
             return Ok(());
@@ -111,12 +108,27 @@ impl ProductSemaphore {
         products.sort_unstable();
         products.dedup();
         let fuse = u64::try_from(self.fuse.as_millis()).unwrap_or(u64::MAX);
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.acquire).ignore();
-        for product in &products {
-            pipe.invoke_script(self.acquire.key(self.key(*product)).arg(self.limit).arg(fuse));
-        }
-        let outcome: Result<Vec<i64>, _> = pipe.query_async(&mut connection.clone()).await;
+        let outcome: Result<Vec<i64>, redis::RedisError> = if connection.is_cluster() {
+            futures::future::try_join_all(products.iter().map(|product| {
+                let mut connection = connection.clone();
+                async move {
+                    self.acquire
+                        .key(self.key(*product))
+                        .arg(self.limit)
+                        .arg(fuse)
+                        .invoke_async(&mut connection)
+                        .await
+                }
+            }))
+            .await
+        } else {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&self.acquire).ignore();
+            for product in &products {
+                pipe.invoke_script(self.acquire.key(self.key(*product)).arg(self.limit).arg(fuse));
+            }
+            pipe.query_async(&mut connection.clone()).await
+        };
         match outcome {
             Ok(granted) => {
                 let taken: Vec<Uuid> = products
@@ -151,12 +163,26 @@ impl ProductSemaphore {
         if products.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.release).ignore();
-        for product in products {
-            pipe.invoke_script(&self.release.key(self.key(*product))).ignore();
-        }
-        let released: Result<(), _> = pipe.query_async(&mut connection.clone()).await;
+        let released: Result<(), redis::RedisError> = if connection.is_cluster() {
+            futures::future::try_join_all(products.iter().map(|product| {
+                let mut connection = connection.clone();
+                async move {
+                    self.release
+                        .key(self.key(*product))
+                        .invoke_async::<i64>(&mut connection)
+                        .await
+                }
+            }))
+            .await
+            .map(drop)
+        } else {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&self.release).ignore();
+            for product in products {
+                pipe.invoke_script(&self.release.key(self.key(*product))).ignore();
+            }
+            pipe.query_async(&mut connection.clone()).await
+        };
         if let Err(error) = released {
             tracing::warn!(%error, products = products.len(), "hot-product gate: release failed; the fuse will clear it");
         }

@@ -272,7 +272,7 @@ pub async fn run(
         None => tracing::warn!("PAYMENT_WEBHOOK_SECRET is not set: payments are off"),
     }
     if config.hot_product_limit > 0 {
-        let client = redis::Client::open(config.redis.redis_url.expose())?;
+        let client = platform::kv::KvClient::open(&config.redis)?;
         state = state.with_hot_products(hot::ProductSemaphore::connect(
             client,
             format!("{}:", namespace.as_str()),

@@ -53,6 +53,8 @@ pub struct PostgresConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct RedisConfig {
+    /// One server's URL, or with `REDIS_CLUSTER=true` the URLs of one or
+    /// more cluster nodes, comma-separated (the rest is discovered).
     #[arg(
         long,
         env = "REDIS_URL",
@@ -61,6 +63,9 @@ pub struct RedisConfig {
         hide_default_value = true
     )]
     pub redis_url: Secret,
+    /// Talk to a Redis Cluster through the cluster-aware client.
+    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_cluster: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -7,7 +7,8 @@
 //! - [`telemetry`]: tracing subscriber, optional OTLP trace export, the Prometheus
 //!   registry behind `/metrics`, and W3C trace-context helpers for HTTP and NATS headers.
 //! - [`pg`], [`kv`], [`bus`]: connecting to Postgres (plus the embedded migrations),
-//!   Redis and NATS, waiting for them at start-up.
+//!   Redis (one server or a Redis Cluster, [`kv::Kv`]) and NATS, waiting for
+//!   them at start-up.
 //! - [`http`]: the API error body, JSON/path/query extractors that answer in that
 //!   format, the JWT auth and role extractors, `/health` and `/metrics`, request
 //!   tracing, and serving with timeouts, a connection cap and graceful shutdown.

@@ -40,8 +40,8 @@ use platform::{
     clock::SystemClock,
     config::Secret,
     http::{JwtKeys, Role},
+    kv::{Kv, KvClient},
 };
-use redis::aio::ConnectionManager;
 use seckill_edge::{
     forwarder::{Forwarder, ForwarderConfig},
     gate::Gate,
@@ -134,8 +134,8 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn redis(url: &str) -> anyhow::Result<ConnectionManager> {
-    Ok(ConnectionManager::new(redis::Client::open(url)?).await?)
+async fn redis(url: &str) -> anyhow::Result<Kv> {
+    Ok(KvClient::from_urls(url, false)?.connect().await?)
 }
 
 async fn jetstream(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {
@@ -381,7 +381,7 @@ struct ForwarderBench {
 
 async fn forward_round(
     bench: &ForwarderBench,
-    redis: &mut ConnectionManager,
+    redis: &mut Kv,
     namespace: &Namespace,
 ) -> anyhow::Result<(f64, f64, (String, f64))> {
     let voucher_id = Uuid::now_v7();
@@ -417,7 +417,7 @@ async fn forward_round(
     eprintln!("prefilled {entries} entries in {:.1} s", filled.elapsed().as_secs_f64());
 
     let forwarder = Forwarder::new(
-        redis::Client::open(bench.redis_url.as_str())?,
+        KvClient::from_urls(&bench.redis_url, false)?,
         bench.gate.prefix(),
         Publisher::new(bench.js.clone(), 4_096),
         namespace.clone(),

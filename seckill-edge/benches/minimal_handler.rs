@@ -27,7 +27,8 @@ use axum::{
     routing::{get, post},
 };
 use platform::config::{RedisConfig, Secret};
-use redis::{Script, aio::ConnectionManager};
+use platform::kv::Kv;
+use redis::Script;
 use seckill_edge::{gate::ADMIT_LUA, keys::VoucherKeys};
 use serde_json::json;
 use uuid::Uuid;
@@ -36,7 +37,7 @@ use uuid::Uuid;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Baseline {
-    redis: ConnectionManager,
+    redis: Kv,
     script: Script,
     prefix: String,
 }
@@ -59,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     // the edge's connection: one multiplexed, auto-reconnecting connection
     let config = RedisConfig {
         redis_url: Secret::new(redis_url),
+        redis_cluster: false,
     };
     let redis = platform::kv::connect(&config, Duration::from_secs(10)).await?;
     let script = Script::new(ADMIT_LUA);

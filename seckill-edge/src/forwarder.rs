@@ -19,10 +19,12 @@ use bytes::Bytes;
 use chrono::{TimeZone as _, Utc};
 use cp_nats::{Outgoing, Publisher};
 use events::{Namespace, OrderRequested, subjects::MSG_ID};
-use platform::telemetry::TraceHeaders;
+use platform::{
+    kv::{Kv, KvClient},
+    telemetry::TraceHeaders,
+};
 use redis::{
     AsyncCommands as _,
-    aio::{ConnectionManager, ConnectionManagerConfig},
     streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply},
 };
 use tokio_util::sync::CancellationToken;
@@ -86,7 +88,7 @@ pub enum ForwardError {
 
 #[derive(Clone)]
 pub struct Forwarder {
-    client: redis::Client,
+    client: KvClient,
     prefix: String,
     publisher: Publisher,
     namespace: Namespace,
@@ -105,7 +107,7 @@ impl std::fmt::Debug for Forwarder {
 
 impl Forwarder {
     pub fn new(
-        client: redis::Client,
+        client: KvClient,
         prefix: impl Into<String>,
         publisher: Publisher,
         namespace: Namespace,
@@ -121,17 +123,14 @@ impl Forwarder {
     }
 
     /// A connection of its own: blocking reads would stall the shared one.
-    pub async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(None);
-        ConnectionManager::new_with_config(self.client.clone(), config).await
+    pub async fn connection(&self) -> Result<Kv, redis::RedisError> {
+        self.client.connect_with(None).await
     }
 
     /// Forwards every registered voucher's stream until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tasks: HashMap<Uuid, tokio::task::JoinHandle<()>> = HashMap::new();
-        let mut connection: Option<ConnectionManager> = None;
+        let mut connection: Option<Kv> = None;
         while !shutdown.is_cancelled() {
             if connection.is_none() {
                 match self.connection().await {
@@ -225,7 +224,7 @@ impl Forwarder {
     /// Reads this consumer's own pending entries (`backlog`) or new ones.
     pub async fn read(
         &self,
-        connection: &mut ConnectionManager,
+        connection: &mut Kv,
         keys: &VoucherKeys,
         backlog: bool,
     ) -> Result<Vec<StreamId>, redis::RedisError> {
@@ -247,7 +246,7 @@ impl Forwarder {
     /// Takes over and forwards entries other consumers left pending too long.
     pub async fn reclaim(
         &self,
-        connection: &mut ConnectionManager,
+        connection: &mut Kv,
         keys: &VoucherKeys,
         voucher_id: Uuid,
     ) -> Result<usize, ForwardError> {
@@ -301,7 +300,7 @@ impl Forwarder {
     /// Publishes, then acknowledges and deletes exactly what JetStream stored.
     pub async fn forward(
         &self,
-        connection: &mut ConnectionManager,
+        connection: &mut Kv,
         keys: &VoucherKeys,
         voucher_id: Uuid,
         entries: &[StreamId],
@@ -353,7 +352,7 @@ impl Forwarder {
     /// Updates the backlog gauge; true when the voucher should no longer be read.
     async fn housekeeping(
         &self,
-        connection: &mut ConnectionManager,
+        connection: &mut Kv,
         keys: &VoucherKeys,
         voucher_id: Uuid,
     ) -> Result<bool, ForwardError> {

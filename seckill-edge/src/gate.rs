@@ -11,8 +11,9 @@ use std::{
 };
 
 use chrono::{DateTime, TimeZone as _, Utc};
+use platform::kv::Kv;
 use platform::{clock::SharedClock, telemetry::TraceHeaders};
-use redis::{RedisError, Script, Value, aio::ConnectionManager};
+use redis::{RedisError, Script, Value};
 use uuid::{Timestamp, Uuid, timestamp::context::ContextV7};
 
 use crate::{
@@ -74,7 +75,7 @@ pub enum GateError {
 /// Typed access to one Redis (or cluster) holding the sales.
 #[derive(Clone)]
 pub struct Gate {
-    redis: ConnectionManager,
+    redis: Kv,
     prefix: Arc<str>,
     idempotency_ttl: Duration,
     clock: SharedClock,
@@ -90,12 +91,7 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    pub fn new(
-        redis: ConnectionManager,
-        prefix: impl Into<String>,
-        idempotency_ttl: Duration,
-        clock: SharedClock,
-    ) -> Self {
+    pub fn new(redis: Kv, prefix: impl Into<String>, idempotency_ttl: Duration, clock: SharedClock) -> Self {
         Self {
             redis,
             prefix: Arc::from(prefix.into()),
@@ -112,7 +108,7 @@ impl Gate {
         VoucherKeys::new(&self.prefix, voucher_id)
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Kv {
         self.redis.clone()
     }
 

@@ -159,7 +159,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let timeout = config.startup.timeout();
     let redis = platform::kv::connect(&config.redis, timeout).await?;
-    let redis_client = redis::Client::open(config.redis.redis_url.expose())?;
+    let redis_client = platform::kv::KvClient::open(&config.redis)?;
     let nats = platform::bus::connect(&config.nats, SERVICE, timeout).await?;
     let namespace = Namespace::new(&config.nats.nats_namespace)?;
     let js = cp_nats::jetstream(nats.clone(), 5_000);

@@ -18,6 +18,9 @@ use uuid::Uuid;
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:55433/postgres";
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:54223";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:56380/";
+/// The first of the test cluster's six nodes (47001–47006; cluster bus +10000).
+pub const DEFAULT_REDIS_CLUSTER_URL: &str =
+    "redis://127.0.0.1:47001/,redis://127.0.0.1:47002/,redis://127.0.0.1:47003/";
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -33,6 +36,22 @@ pub fn nats_url() -> String {
 
 pub fn redis_url() -> String {
     env_or("TEST_REDIS_URL", DEFAULT_REDIS_URL)
+}
+
+/// The test Redis Cluster's seed nodes (comma-separated), as `./dev
+/// test-infra up` starts it: three primaries with a replica each.
+pub fn redis_cluster_urls() -> String {
+    env_or("TEST_REDIS_CLUSTER_URL", DEFAULT_REDIS_CLUSTER_URL)
+}
+
+/// A client of the shared test Redis.
+pub fn kv_client() -> platform::kv::KvClient {
+    platform::kv::KvClient::from_urls(&redis_url(), false).expect("TEST_REDIS_URL is a Redis URL")
+}
+
+/// A client of the test Redis Cluster.
+pub fn kv_cluster_client() -> platform::kv::KvClient {
+    platform::kv::KvClient::from_urls(&redis_cluster_urls(), true).expect("TEST_REDIS_CLUSTER_URL lists Redis URLs")
 }
 
 /// A short random lowercase id, usable in database names, NATS names and keys.

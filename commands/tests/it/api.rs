@@ -532,6 +532,15 @@ async fn creating_under_an_existing_id_falls_back_to_the_aggregate_rules() -> an
 
 #[tokio::test]
 async fn a_hot_product_answers_503_once_its_in_flight_limit_is_reached() -> anyhow::Result<()> {
+    hot_product_limit(testkit::kv_client()).await
+}
+
+#[tokio::test]
+async fn a_hot_product_is_limited_on_a_redis_cluster_too() -> anyhow::Result<()> {
+    hot_product_limit(testkit::kv_cluster_client()).await
+}
+
+async fn hot_product_limit(redis: platform::kv::KvClient) -> anyhow::Result<()> {
     let db = testkit::TestDb::new().await?;
     let keys = JwtKeys::new(&platform::Secret::new("api-test-secret"));
     let ops = Ops {
@@ -539,7 +548,7 @@ async fn a_hot_product_answers_503_once_its_in_flight_limit_is_reached() -> anyh
         metrics: platform::telemetry::metrics_handle(),
     };
     let gate = commands::hot::ProductSemaphore::with_connection(
-        testkit::redis().await?,
+        redis.connect().await?,
         testkit::unique_prefix(),
         2,
         Duration::from_secs(10),
@@ -564,5 +573,15 @@ async fn a_hot_product_answers_503_once_its_in_flight_limit_is_reached() -> anyh
     // the saga gives a unit back once it has tried the product
     gate.release(&[hot]).await;
     assert_eq!(api.post("/orders", ann, order(hot)).await.0, StatusCode::ACCEPTED);
+    // an order of both products takes a unit of each, or none: hot is full again
+    let both = Some(
+        json!({"items": [{"product_id": hot, "quantity": 1}, {"product_id": cold, "quantity": 1}], "coupon_id": null}),
+    );
+    assert_eq!(api.post("/orders", ann, both).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    gate.release(&[hot, cold]).await;
+    let both = Some(
+        json!({"items": [{"product_id": hot, "quantity": 1}, {"product_id": cold, "quantity": 1}], "coupon_id": null}),
+    );
+    assert_eq!(api.post("/orders", ann, both).await.0, StatusCode::ACCEPTED);
     Ok(())
 }

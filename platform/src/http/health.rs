@@ -54,7 +54,7 @@ impl Health {
         })
     }
 
-    pub fn redis(self, connection: redis::aio::ConnectionManager) -> Self {
+    pub fn redis(self, connection: crate::kv::Kv) -> Self {
         self.with("redis", move || {
             let connection = connection.clone();
             async move { crate::kv::ping(&connection).await }

@@ -125,7 +125,7 @@ async fn the_sale_window_is_judged_by_the_edges_clock_to_the_millisecond() -> an
         (closes, "dan", "sale_ended"),
     ] {
         let harness = Harness::on_at(
-            testkit::redis_url(),
+            testkit::kv_client(),
             NO_RATE_LIMIT,
             testkit::unreachable_pool(),
             at(instant),
@@ -406,7 +406,8 @@ async fn identities_outside_the_rules_are_401_and_take_nothing() -> anyhow::Resu
 #[tokio::test]
 async fn the_scripts_are_reloaded_after_redis_forgets_them() -> anyhow::Result<()> {
     let server = testkit::RedisServer::start().await?;
-    let harness = Harness::on(server.url(), NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
+    let client = platform::kv::KvClient::from_urls(&server.url(), false)?;
+    let harness = Harness::on(client, NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
     let voucher = harness.open_sale(3).await?.to_string();
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")

@@ -2,6 +2,7 @@
 //! binary per file: each links the whole workspace once, not 5 times).
 
 mod admission;
+mod cluster;
 mod forwarder;
 mod rewarm;
 mod service;

@@ -13,6 +13,7 @@ use http::{Request, StatusCode};
 use platform::{
     clock::{SharedClock, SystemClock},
     http::{Health, JwtKeys, Ops, Role},
+    kv::{Kv, KvClient},
 };
 use seckill_edge::{
     AppState, Edge,
@@ -35,8 +36,8 @@ pub const NO_RATE_LIMIT: RateLimit = RateLimit::OFF;
 pub struct Harness {
     pub prefix: String,
     pub namespace: Namespace,
-    pub redis: redis::aio::ConnectionManager,
-    pub redis_url: String,
+    pub redis: Kv,
+    pub client: KvClient,
     pub gate: Gate,
     pub flags: Arc<VoucherFlags>,
     pub warmer: Arc<Warmer>,
@@ -49,21 +50,24 @@ pub struct Harness {
 impl Harness {
     /// On the shared test Redis, with a pool that only a re-warm would use.
     pub async fn new(rate: RateLimit, pool: PgPool) -> anyhow::Result<Self> {
-        Self::on(testkit::redis_url(), rate, pool).await
+        Self::on(testkit::kv_client(), rate, pool).await
     }
 
-    pub async fn on(redis_url: String, rate: RateLimit, pool: PgPool) -> anyhow::Result<Self> {
-        Self::on_at(redis_url, rate, pool, Arc::new(SystemClock)).await
+    /// On the test Redis Cluster (three primaries, a replica each).
+    pub async fn on_cluster(rate: RateLimit, pool: PgPool) -> anyhow::Result<Self> {
+        Self::on(testkit::kv_cluster_client(), rate, pool).await
+    }
+
+    pub async fn on(client: KvClient, rate: RateLimit, pool: PgPool) -> anyhow::Result<Self> {
+        Self::on_at(client, rate, pool, Arc::new(SystemClock)).await
     }
 
     /// With the gate stamping attempts by `clock`.
-    pub async fn on_at(redis_url: String, rate: RateLimit, pool: PgPool, clock: SharedClock) -> anyhow::Result<Self> {
+    pub async fn on_at(client: KvClient, rate: RateLimit, pool: PgPool, clock: SharedClock) -> anyhow::Result<Self> {
         let prefix = testkit::unique_prefix();
         let namespace = Namespace::new(testkit::unique_namespace())?;
         // generous: the whole suite shares two cores, and a timeout answers 503
-        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
-        let client = redis::Client::open(redis_url.as_str())?;
-        let redis = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        let redis = client.connect_with(Some(Duration::from_secs(10))).await?;
         let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
         cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
         let gate = Gate::new(redis.clone(), prefix.clone(), Duration::from_secs(3_600), clock);
@@ -86,7 +90,7 @@ impl Harness {
             prefix,
             namespace,
             redis,
-            redis_url,
+            client,
             gate,
             flags,
             warmer,
@@ -124,7 +128,7 @@ impl Harness {
     pub fn forwarder(&self, consumer: &str, claim_idle: Duration) -> anyhow::Result<Forwarder> {
         let publisher = Publisher::new(self.js.clone(), 1_000);
         Ok(Forwarder::new(
-            redis::Client::open(self.redis_url.as_str())?,
+            self.client.clone(),
             self.prefix.clone(),
             publisher,
             self.namespace.clone(),
