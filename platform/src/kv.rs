@@ -110,6 +110,33 @@ impl Kv {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
     }
+
+    /// `WAIT replicas timeout` on the server that owns `key` (on a cluster,
+    /// the primary of its slot: the cluster client would otherwise ask every
+    /// primary). Answers how many replicas acknowledged every write this
+    /// connection made before it, so after a write it says whether the write
+    /// survives the loss of its primary. A replica that has it is one a
+    /// failover can promote.
+    pub async fn wait_replicas(&self, key: &str, replicas: u16, timeout: Duration) -> redis::RedisResult<i64> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas)
+            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        match self {
+            Self::Single(connection) => wait.query_async(&mut connection.clone()).await,
+            Self::Cluster(connection) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+                let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let answer = connection
+                    .clone()
+                    .route_command(
+                        wait,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(answer)?)
+            }
+        }
+    }
 }
 
 impl ConnectionLike for Kv {

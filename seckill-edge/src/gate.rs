@@ -70,6 +70,11 @@ pub enum GateError {
     Redis(#[from] RedisError),
     #[error("the admission script answered {0:?}")]
     UnexpectedAnswer(String),
+    /// The admission is on the primary but fewer replicas than required
+    /// acknowledged it in time: a failover now could lose it, so it is not
+    /// promised with a 202.
+    #[error("the admission reached {acknowledged} of {required} replicas in time")]
+    NotReplicated { acknowledged: i64, required: u16 },
 }
 
 /// Typed access to one Redis (or cluster) holding the sales.
@@ -79,6 +84,9 @@ pub struct Gate {
     prefix: Arc<str>,
     idempotency_ttl: Duration,
     clock: SharedClock,
+    /// Replicas that must hold an admission before it is answered (0: none).
+    replicas: u16,
+    replica_timeout: Duration,
 }
 
 impl std::fmt::Debug for Gate {
@@ -97,7 +105,21 @@ impl Gate {
             prefix: Arc::from(prefix.into()),
             idempotency_ttl,
             clock,
+            replicas: 0,
+            replica_timeout: Duration::from_millis(200),
         }
+    }
+
+    /// Every admission waits (`WAIT`) until `replicas` replicas of its
+    /// voucher's primary hold it, at most `timeout`, before it is answered:
+    /// Redis replicates asynchronously, and a failover promotes a replica,
+    /// so without this an admission already answered 202 can vanish with
+    /// its primary. Not reached in time: the attempt fails with
+    /// [`GateError::NotReplicated`] (the user is told to retry).
+    pub fn with_replicas(mut self, replicas: u16, timeout: Duration) -> Self {
+        self.replicas = replicas;
+        self.replica_timeout = timeout;
+        self
     }
 
     pub fn prefix(&self) -> &str {
@@ -163,6 +185,26 @@ impl Gate {
             invocation.arg(u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX));
         }
         let answer: Value = invocation.invoke_async(&mut self.redis.clone()).await?;
+        let admission = Self::admission_of_answer(answer, order_id, now)?;
+        if self.replicas > 0 && matches!(admission, Admission::Admitted { .. }) {
+            key.truncate(base);
+            key.push_str(keys::META);
+            let acknowledged = self
+                .redis
+                .wait_replicas(&key, self.replicas, self.replica_timeout)
+                .await?;
+            if acknowledged < i64::from(self.replicas) {
+                metrics::counter!("seckill_unreplicated_admissions_total").increment(1);
+                return Err(GateError::NotReplicated {
+                    acknowledged,
+                    required: self.replicas,
+                });
+            }
+        }
+        Ok(admission)
+    }
+
+    fn admission_of_answer(answer: Value, order_id: Uuid, now: i64) -> Result<Admission, GateError> {
         match answer {
             Value::Int(code) => admission_of(code, order_id, now),
             // an Idempotency-Key seen before: "<code> <order id> <requested ms>"

@@ -66,6 +66,17 @@ pub struct Config {
     /// How long this process answers 404 for an id the event store does not know.
     #[arg(long, env = "SECKILL_UNKNOWN_TTL_MS", default_value_t = 2_000)]
     pub unknown_ttl_ms: u64,
+    /// Replicas of the voucher's Redis primary that must hold an admission
+    /// before it is answered 202 (`WAIT`); 0 answers at once. Set it to 1 on
+    /// a replicated Redis (a cluster), so a failover loses no promised order.
+    #[arg(long, env = "SECKILL_ADMIT_REPLICAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=16))]
+    pub admit_replicas: u16,
+    /// How long an admission waits for those replicas before the attempt is
+    /// answered 503 (retry) instead.
+    #[arg(long, env = "SECKILL_ADMIT_REPLICA_TIMEOUT_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub admit_replica_timeout_ms: u64,
     /// How long an `Idempotency-Key`'s answer is kept.
     #[arg(long, env = "SECKILL_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
@@ -175,6 +186,10 @@ pub async fn run(
         config.key_prefix.clone(),
         Duration::from_secs(config.idempotency_ttl_secs),
         Arc::new(platform::clock::SystemClock),
+    )
+    .with_replicas(
+        config.admit_replicas,
+        Duration::from_millis(config.admit_replica_timeout_ms),
     );
     let limiter = Arc::new(AttemptLimiter::new(config.rate_limit()));
     gate.load_scripts().await?;

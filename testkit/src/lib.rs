@@ -382,6 +382,308 @@ impl RedisServer {
     }
 }
 
+/// A Redis Cluster of this test's own: three primaries with a replica each
+/// (`redis-server` and `redis-cli --cluster create` from `PATH`, no
+/// persistence, `cluster-node-timeout` 1 s, free ports on 127.0.0.1), for
+/// tests that kill a node. Every node is stopped by its PID on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: std::path::PathBuf,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    port: u16,
+    bus: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("cp-rcluster-{}", short_id()));
+        let mut nodes = Vec::new();
+        // hold every listener until all ports are chosen, so none repeats
+        let listeners = (0..12)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ports = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(listeners);
+        for pair in ports.chunks(2) {
+            nodes.push(ClusterNode {
+                port: pair[0],
+                bus: pair[1],
+                child: None,
+            });
+        }
+        let mut cluster = Self { nodes, dir };
+        for index in 0..cluster.nodes.len() {
+            cluster.spawn(index)?;
+        }
+        for node in &cluster.nodes {
+            wait_ping(node.port).await?;
+        }
+        let status = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("redis-cli --cluster create (install the Debian package redis-tools)")?;
+        anyhow::ensure!(status.success(), "redis-cli --cluster create failed");
+        cluster.wait_healthy(Duration::from_secs(20)).await?;
+        cluster.wait_replicas_synced(Duration::from_secs(20)).await?;
+        Ok(cluster)
+    }
+
+    /// The seed URLs, comma-separated, for `REDIS_URL` with `REDIS_CLUSTER=true`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The port of the primary that owns `key`'s slot.
+    pub async fn primary_of(&self, key: &str) -> anyhow::Result<u16> {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let Ok(mut connection) = connect_node(node.port).await else {
+                continue;
+            };
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut connection)
+                .await?;
+            let Ok(slots) = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Vec<redis::Value>>(&mut connection)
+                .await
+            else {
+                continue;
+            };
+            for range in slots {
+                let redis::Value::Array(parts) = range else { continue };
+                if let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to)), Some(redis::Value::Array(primary))) =
+                    (parts.first(), parts.get(1), parts.get(2))
+                    && (*from..=*to).contains(&slot)
+                    && let Some(redis::Value::Int(port)) = primary.get(1)
+                {
+                    return Ok(u16::try_from(*port)?);
+                }
+            }
+        }
+        anyhow::bail!("no node knows who owns {key}")
+    }
+
+    /// `CLUSTER NODES` as the first live node sees it (for failure messages).
+    pub async fn nodes_view(&self) -> String {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            if let Ok(mut connection) = connect_node(node.port).await
+                && let Ok(view) = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async::<String>(&mut connection)
+                    .await
+            {
+                return view;
+            }
+        }
+        "no live node answers".to_owned()
+    }
+
+    /// The port of a replica of the primary on `primary`.
+    pub async fn replica_of(&self, primary: u16) -> anyhow::Result<u16> {
+        let view = self.nodes_view().await;
+        let id = view
+            .lines()
+            .find(|line| {
+                line.split(' ')
+                    .nth(1)
+                    .is_some_and(|a| a.starts_with(&format!("127.0.0.1:{primary}@")))
+            })
+            .and_then(|line| line.split(' ').next())
+            .ok_or_else(|| anyhow::anyhow!("node {primary} unknown"))?;
+        view.lines()
+            .find(|line| line.split(' ').nth(3) == Some(id))
+            .and_then(|line| line.split(' ').nth(1))
+            .and_then(|address| address.split(['@', ':']).nth(1))
+            .and_then(|port| port.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no replica of {primary}"))
+    }
+
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the node on `port`: a
+    /// frozen replica falls behind its primary, as a slow one would.
+    pub fn freeze(&self, port: u16, frozen: bool) -> anyhow::Result<()> {
+        let pid = self
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .and_then(|n| n.child.as_ref())
+            .map(std::process::Child::id)
+            .ok_or_else(|| anyhow::anyhow!("no running node on port {port}"))?;
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+
+    /// Kills the node on `port` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, port: u16) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .ok_or_else(|| anyhow::anyhow!("no node on port {port}"))?;
+        if let Some(mut child) = node.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the node on `port` again (after [`Self::kill`]), empty: it
+    /// rejoins the cluster from its `nodes.conf`, as a replica of whoever
+    /// took its slots over.
+    pub async fn restart(&mut self, port: u16) -> anyhow::Result<()> {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.port == port)
+            .ok_or_else(|| anyhow::anyhow!("no node on port {port}"))?;
+        anyhow::ensure!(self.nodes[index].child.is_none(), "node {port} is running");
+        self.spawn(index)?;
+        wait_ping(port).await
+    }
+
+    /// Until every live node sees the cluster as whole (`cluster_state:ok`).
+    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut healthy = true;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let info: String = match connect_node(node.port).await {
+                    Ok(mut connection) => redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut connection)
+                        .await
+                        .unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                healthy &= info.contains("cluster_state:ok");
+            }
+            if healthy {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the redis cluster is not healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Until every replica has its primary's data: a replica that never
+    /// synced refuses to take over (its data counts as too old).
+    async fn wait_replicas_synced(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (mut replicas, mut synced) = (0, 0);
+            for node in &self.nodes {
+                let mut connection = connect_node(node.port).await?;
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut connection)
+                    .await?;
+                if info.contains("role:slave") {
+                    replicas += 1;
+                    synced += usize::from(info.contains("master_link_status:up"));
+                }
+            }
+            if replicas == 3 && synced == 3 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{synced} of {replicas} replicas synced with their primary"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[index];
+        let dir = self.dir.join(node.port.to_string());
+        std::fs::create_dir_all(&dir)?;
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &node.port.to_string()])
+            .args(["--cluster-enabled", "yes", "--cluster-port", &node.bus.to_string()])
+            .args(["--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--maxmemory",
+                "64mb",
+            ])
+            // a replica syncs at once (the default waits 5 s for company)
+            .args(["--repl-diskless-sync-delay", "0"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting redis-server (install the Debian package redis-server)")?;
+        node.child = Some(child);
+        Ok(())
+    }
+}
+
+async fn connect_node(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    tokio::time::timeout(Duration::from_secs(1), client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+}
+
+async fn wait_ping(port: u16) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut connection) = connect_node(port).await
+            && redis::cmd("PING").query_async::<String>(&mut connection).await.is_ok()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "redis-server on port {port} never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();

@@ -3,6 +3,7 @@
 
 mod admission;
 mod cluster;
+mod failover;
 mod forwarder;
 mod rewarm;
 mod service;
