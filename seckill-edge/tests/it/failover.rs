@@ -6,9 +6,9 @@
 //! buyers hash.
 //!
 //! Without `WAIT` (replicas 0) the same scenario lost 2,732 and 8,356 of the
-//! admissions answered 202 in two of four runs, and none in the other two
-//! (the frozen replica's socket buffer sometimes held the whole backlog), so
-//! the loss is measured there but not asserted (docs/BENCHMARKS.md).
+//! admissions answered 202 in two of three runs, and none in the third (the
+//! frozen replica's socket buffer can hold the whole backlog), so that loss
+//! is measured (docs/BENCHMARKS.md, "Failover") but not asserted.
 
 use std::{
     collections::HashSet,
