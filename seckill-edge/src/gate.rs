@@ -2,8 +2,10 @@
 //!
 //! Scripts are loaded once at start-up and run by SHA; `redis::Script`
 //! reloads one the server answers NOSCRIPT to (after a restart or a
-//! `SCRIPT FLUSH`). Attempts are stamped with the injected [`Clock`], which
-//! the script judges the sale window by.
+//! `SCRIPT FLUSH`). Attempts are stamped with the injected clock, which the
+//! script judges the sale window by. With replicas required
+//! ([`Gate::with_replicas`]), an admission is answered only once a replica
+//! holds it (`WAIT`), so a failover loses no 202.
 
 use std::{
     sync::{Arc, LazyLock, Mutex},

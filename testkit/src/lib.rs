@@ -450,33 +450,15 @@ impl RedisCluster {
             .join(",")
     }
 
-    /// The port of the primary that owns `key`'s slot.
+    /// The port of the primary that owns `key`'s slot, as the first live
+    /// node that answers sees it.
     pub async fn primary_of(&self, key: &str) -> anyhow::Result<u16> {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             let Ok(mut connection) = connect_node(node.port).await else {
                 continue;
             };
-            let slot: i64 = redis::cmd("CLUSTER")
-                .arg("KEYSLOT")
-                .arg(key)
-                .query_async(&mut connection)
-                .await?;
-            let Ok(slots) = redis::cmd("CLUSTER")
-                .arg("SLOTS")
-                .query_async::<Vec<redis::Value>>(&mut connection)
-                .await
-            else {
-                continue;
-            };
-            for range in slots {
-                let redis::Value::Array(parts) = range else { continue };
-                if let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to)), Some(redis::Value::Array(primary))) =
-                    (parts.first(), parts.get(1), parts.get(2))
-                    && (*from..=*to).contains(&slot)
-                    && let Some(redis::Value::Int(port)) = primary.get(1)
-                {
-                    return Ok(u16::try_from(*port)?);
-                }
+            if let Ok(port) = primary_port(&mut connection, key).await {
+                return Ok(port);
             }
         }
         anyhow::bail!("no node knows who owns {key}")
@@ -647,6 +629,28 @@ impl RedisCluster {
         node.child = Some(child);
         Ok(())
     }
+}
+
+/// The port of the Redis Cluster primary that owns `key`'s slot, from
+/// `CLUSTER KEYSLOT` and `CLUSTER SLOTS` on `connection`.
+pub async fn primary_port(connection: &mut impl redis::aio::ConnectionLike, key: &str) -> anyhow::Result<u16> {
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(connection)
+        .await?;
+    let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(connection).await?;
+    for range in slots {
+        let redis::Value::Array(parts) = range else { continue };
+        if let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to)), Some(redis::Value::Array(primary))) =
+            (parts.first(), parts.get(1), parts.get(2))
+            && (*from..=*to).contains(&slot)
+            && let Some(redis::Value::Int(port)) = primary.get(1)
+        {
+            return Ok(u16::try_from(*port)?);
+        }
+    }
+    anyhow::bail!("no primary owns slot {slot} of {key}")
 }
 
 async fn connect_node(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {

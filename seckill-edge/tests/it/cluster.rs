@@ -9,40 +9,11 @@ use std::{
     time::Duration,
 };
 
-use crate::support::{Harness, NO_RATE_LIMIT, attempt, occurrences, record_voucher_events};
-use chrono::{Duration as Span, Utc};
-use events::{VoucherEvent, VoucherKind};
+use crate::support::{Harness, NO_RATE_LIMIT, accepted, attempt, created, occurrences, record_voucher_events};
 use http::StatusCode;
 use seckill_edge::gate::Settlement;
 use testkit::eventually;
 use uuid::Uuid;
-
-/// The cluster node (its port) that owns a key's slot.
-async fn owner(harness: &Harness, key: &str) -> anyhow::Result<u16> {
-    let slot: i64 = redis::cmd("CLUSTER")
-        .arg("KEYSLOT")
-        .arg(key)
-        .query_async(&mut harness.redis.clone())
-        .await?;
-    let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async(&mut harness.redis.clone())
-        .await?;
-    for range in slots {
-        let redis::Value::Array(parts) = range else { continue };
-        let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to)), Some(redis::Value::Array(primary))) =
-            (parts.first(), parts.get(1), parts.get(2))
-        else {
-            continue;
-        };
-        if (*from..=*to).contains(&slot)
-            && let Some(redis::Value::Int(port)) = primary.get(1)
-        {
-            return Ok(u16::try_from(*port)?);
-        }
-    }
-    anyhow::bail!("no primary owns slot {slot}")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sales_spread_over_the_primaries_never_oversell_and_forward_each_request_once() -> anyhow::Result<()> {
@@ -57,7 +28,7 @@ async fn sales_spread_over_the_primaries_never_oversell_and_forward_each_request
     }
     let mut primaries = HashSet::new();
     for voucher in &vouchers {
-        primaries.insert(owner(&harness, &harness.gate.keys(*voucher).meta).await?);
+        primaries.insert(testkit::primary_port(&mut harness.redis.clone(), &harness.gate.keys(*voucher).meta).await?);
     }
     assert!(
         primaries.len() >= 2,
@@ -142,31 +113,10 @@ async fn a_lost_voucher_is_rebuilt_on_the_cluster_and_settles_once() -> anyhow::
     let harness = Harness::on_cluster(NO_RATE_LIMIT, db.pool.clone()).await?;
     let voucher = Uuid::now_v7();
     let (ann, bob) = (Uuid::now_v7(), Uuid::now_v7());
-    let now = Utc::now();
-    let accepted = |order_id, user: &str| VoucherEvent::SeckillClaimAccepted {
-        order_id,
-        user_id: user.into(),
-        requested_at: now,
-    };
     record_voucher_events(
         &db.pool,
         voucher,
-        &[
-            VoucherEvent::VoucherCreated {
-                voucher_id: voucher,
-                merchant_id: "m-1".into(),
-                title: "Hotpot for two".into(),
-                kind: VoucherKind::Seckill,
-                price_cents: 990,
-                value_cents: 5_000,
-                min_spend_cents: 0,
-                stock: Some(3),
-                begins_at: now - Span::minutes(5),
-                ends_at: now + Span::hours(1),
-            },
-            accepted(ann, "ann"),
-            accepted(bob, "bob"),
-        ],
+        &[created(voucher, 3), accepted(ann, "ann"), accepted(bob, "bob")],
     )
     .await?;
     let router = harness.router();

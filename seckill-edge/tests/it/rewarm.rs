@@ -4,12 +4,10 @@
 
 use std::time::Duration;
 
-use crate::support::{Harness, NO_RATE_LIMIT, attempt, record_voucher_events, snapshot};
+use crate::support::{Harness, NO_RATE_LIMIT, accepted, attempt, created, record_voucher_events, snapshot};
 use chrono::{Duration as Span, Utc};
 use cp_nats::{ConsumerRunner, ConsumerSpec, Outgoing, Publisher, RunnerConfig};
-use events::{
-    ClaimRejection, EventEnvelope, EventMetadata, VoucherEvent, VoucherKind, subjects::SECKILL_EDGE_CONSUMER,
-};
+use events::{ClaimRejection, EventEnvelope, EventMetadata, VoucherEvent, subjects::SECKILL_EDGE_CONSUMER};
 use http::StatusCode;
 use platform::telemetry::TraceHeaders;
 use seckill_edge::{
@@ -19,30 +17,6 @@ use seckill_edge::{
 use testkit::eventually;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn created(voucher_id: Uuid, stock: u32) -> VoucherEvent {
-    let now = Utc::now();
-    VoucherEvent::VoucherCreated {
-        voucher_id,
-        merchant_id: "m-1".into(),
-        title: "Hotpot for two".into(),
-        kind: VoucherKind::Seckill,
-        price_cents: 990,
-        value_cents: 5_000,
-        min_spend_cents: 0,
-        stock: Some(stock),
-        begins_at: now - Span::minutes(5),
-        ends_at: now + Span::hours(1),
-    }
-}
-
-fn accepted(order_id: Uuid, user: &str) -> VoucherEvent {
-    VoucherEvent::SeckillClaimAccepted {
-        order_id,
-        user_id: user.into(),
-        requested_at: Utc::now(),
-    }
-}
 
 async fn admit(harness: &Harness, voucher: Uuid, user: &str) -> anyhow::Result<Uuid> {
     match harness
@@ -152,24 +126,20 @@ async fn a_lost_voucher_is_rebuilt_from_the_event_store_decisions() -> anyhow::R
             .status,
         StatusCode::ACCEPTED
     );
-    // units were rebuilt as held for the orders still holding one, and only those
-    assert_eq!(
-        harness.gate.settle(voucher, ann, "ann", true).await?,
-        Settlement::NothingHeld
-    );
-    assert_eq!(
-        harness.gate.settle(voucher, bob, "bob", true).await?,
-        Settlement::Recredited
-    );
-    assert_eq!(
-        harness.gate.settle(voucher, bob, "bob", true).await?,
-        Settlement::NothingHeld
-    );
-    // an order is settled only as its own buyer's
-    assert_eq!(
-        harness.gate.settle(voucher, cat, "bob", true).await?,
-        Settlement::NothingHeld
-    );
+    // units were rebuilt as held for the orders still holding one, and only
+    // those; an order is settled only as its own buyer's
+    for (order, user, expected) in [
+        (ann, "ann", Settlement::NothingHeld),
+        (bob, "bob", Settlement::Recredited),
+        (bob, "bob", Settlement::NothingHeld),
+        (cat, "bob", Settlement::NothingHeld),
+    ] {
+        assert_eq!(
+            harness.gate.settle(voucher, order, user, true).await?,
+            expected,
+            "{user}"
+        );
+    }
     assert_eq!(harness.gate.left(voucher).await?, Some(7));
     db.drop_database().await
 }

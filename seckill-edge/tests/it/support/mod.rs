@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_nats::jetstream;
 use chrono::{DateTime, Duration as Span, Utc};
 use cp_nats::{Publisher, Topology};
-use events::{Namespace, OrderRequested, VoucherEvent};
+use events::{Namespace, OrderRequested, VoucherEvent, VoucherKind};
 use http::{Request, StatusCode};
 use platform::{
     clock::{SharedClock, SystemClock},
@@ -191,6 +191,32 @@ impl Harness {
             let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut redis).await?;
         }
         Ok(())
+    }
+}
+
+/// A seckill voucher of `stock`, on sale from 5 minutes ago for an hour.
+pub fn created(voucher_id: Uuid, stock: u32) -> VoucherEvent {
+    let now = Utc::now();
+    VoucherEvent::VoucherCreated {
+        voucher_id,
+        merchant_id: "m-1".into(),
+        title: "Hotpot for two".into(),
+        kind: VoucherKind::Seckill,
+        price_cents: 990,
+        value_cents: 5_000,
+        min_spend_cents: 0,
+        stock: Some(stock),
+        begins_at: now - Span::minutes(5),
+        ends_at: now + Span::hours(1),
+    }
+}
+
+/// The store's acceptance of `user`'s claim.
+pub fn accepted(order_id: Uuid, user: &str) -> VoucherEvent {
+    VoucherEvent::SeckillClaimAccepted {
+        order_id,
+        user_id: user.into(),
+        requested_at: Utc::now(),
     }
 }
 
