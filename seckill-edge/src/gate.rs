@@ -175,7 +175,7 @@ impl Gate {
             invocation.key(key.as_str());
         }
         if let Some(idempotency_key) = idempotency_key {
-            invocation.key(self.keys(voucher_id).idempotency(user_id, idempotency_key));
+            invocation.key(keys::idempotency(&key[..base], user_id, idempotency_key));
         }
         invocation
             .arg(user_id)

@@ -17,6 +17,11 @@ pub const BUYERS: &str = ":users";
 pub const RELEASED: &str = ":released";
 pub const STREAM: &str = ":stream";
 
+/// One user's `Idempotency-Key` answer on a voucher: `<base>:idem:<user>:<key>`.
+pub fn idempotency(base: &str, user_id: &str, key: &str) -> String {
+    format!("{base}:idem:{user_id}:{key}")
+}
+
 /// The keys of one seckill voucher.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VoucherKeys {
@@ -51,7 +56,7 @@ impl VoucherKeys {
 
     /// The stored answer of one user's `Idempotency-Key`.
     pub fn idempotency(&self, user_id: &str, key: &str) -> String {
-        format!("{}:idem:{user_id}:{key}", self.base)
+        idempotency(&self.base, user_id, key)
     }
 
     /// Held by the one edge instance that is re-warming this voucher.
