@@ -201,8 +201,15 @@ tokio::task_local! {
 
 /// Runs `future` (a request without a span) so that what it injects into
 /// outgoing carriers is `parent`, the caller's context, passed on as is.
+/// Without a caller's span there is nothing to pass on, and no scope is
+/// set: a task-local scope costs on every poll.
 pub async fn with_remote_parent<F: Future>(parent: Context, future: F) -> F::Output {
-    REMOTE_PARENT.scope(parent, future).await
+    use opentelemetry::trace::TraceContextExt as _;
+    if parent.span().span_context().is_valid() {
+        REMOTE_PARENT.scope(parent, future).await
+    } else {
+        future.await
+    }
 }
 
 /// The context to pass on: the current span's, or, where no span is

@@ -2,12 +2,15 @@
 //! trip (or none, for a voucher this process knows is sold out, or a user
 //! over this process's rate limit).
 
-use std::sync::{Arc, LazyLock};
+use std::{
+    borrow::Cow,
+    sync::{Arc, LazyLock},
+};
 
 use axum::{
     Json,
-    extract::State,
-    http::{HeaderMap, StatusCode},
+    extract::{FromRequestParts, State},
+    http::{HeaderMap, HeaderValue, StatusCode, request::Parts},
 };
 use platform::{
     http::{ApiPath, Authorized, Customers, NoBody},
@@ -39,17 +42,18 @@ pub struct Edge {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Queued {
     pub order_id: Uuid,
-    pub status: String,
+    /// Always "queued": borrowed, so an admission allocates nothing for it.
+    pub status: Cow<'static, str>,
 }
 
 pub async fn attempt(
     State(edge): State<Arc<Edge>>,
     user: Authorized<Customers>,
     ApiPath(voucher_id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     _: NoBody,
 ) -> Result<(StatusCode, Json<Queued>), ApiError> {
-    let idempotency_key = idempotency_key(&headers)?;
+    let idempotency_key = idempotency_key.as_ref().map(|key| key.as_str());
     // A keyed retry must get its stored answer, which only Redis has.
     if idempotency_key.is_none() && edge.flags.is_sold_out(voucher_id) {
         ATTEMPTS.sold_out_cached.increment(1);
@@ -71,8 +75,14 @@ pub async fn attempt(
     };
     let mut admission = admit().await.map_err(ApiError::unavailable)?;
     if admission == Admission::Cold {
-        admission = match edge.warmer.ensure(voucher_id).await.map_err(ApiError::unavailable)? {
-            Warmth::Ready => admit().await.map_err(ApiError::unavailable)?,
+        // Boxed: the warm-up's future (event store reads) is far larger than
+        // the rest of the attempt, and every attempt's future would carry,
+        // move and drop its space.
+        admission = match Box::pin(edge.warmer.ensure(voucher_id))
+            .await
+            .map_err(ApiError::unavailable)?
+        {
+            Warmth::Ready => Box::pin(admit()).await.map_err(ApiError::unavailable)?,
             Warmth::Unknown => {
                 edge.flags.mark_unknown(voucher_id);
                 return Err(ApiError::VoucherNotFound);
@@ -86,7 +96,7 @@ pub async fn attempt(
             StatusCode::ACCEPTED,
             Json(Queued {
                 order_id,
-                status: "queued".to_owned(),
+                status: Cow::Borrowed("queued"),
             }),
         )),
         Admission::SoldOut => {
@@ -141,6 +151,30 @@ impl Attempts {
     }
 }
 
+/// The optional `Idempotency-Key` header, checked ([`idempotency_key`]).
+/// Extracted on its own rather than through a `HeaderMap`, which would copy
+/// every header of every attempt.
+pub struct IdempotencyKey(pub Option<CheckedKey>);
+
+/// A header value that is visible ASCII, 1–255 bytes.
+pub struct CheckedKey(HeaderValue);
+
+impl CheckedKey {
+    pub fn as_str(&self) -> &str {
+        // checked to be visible ASCII when extracted
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        idempotency_key(&parts.headers)?;
+        Ok(Self(parts.headers.get(IDEMPOTENCY_KEY).cloned().map(CheckedKey)))
+    }
+}
+
 /// The optional `Idempotency-Key`: visible ASCII only, as it becomes part of a Redis key.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
@@ -157,8 +191,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use axum::http::HeaderValue;
-
     use super::*;
 
     fn with_key(value: &[u8]) -> HeaderMap {

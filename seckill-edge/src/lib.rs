@@ -139,12 +139,30 @@ fn rate_per_second(value: &str) -> Result<f64, String> {
     }
 }
 
-#[derive(Debug, Clone, FromRef)]
+#[derive(Debug, Clone)]
 pub struct AppState {
-    /// Shared: axum clones the state for every request.
     pub edge: Arc<Edge>,
     pub jwt: JwtKeys,
     pub ops: Ops,
+}
+
+/// The routes' state: axum clones it for every request (more than once), so
+/// it is one reference count. Cloning [`AppState`] itself also cloned the
+/// health checks' Redis and NATS clients, and dropping those clones cost
+/// more than the rate limit (docs/BENCHMARKS.md, "Seckill edge").
+#[derive(Debug, Clone)]
+struct Routes(Arc<AppState>);
+
+impl FromRef<Routes> for Arc<Edge> {
+    fn from_ref(routes: &Routes) -> Self {
+        routes.0.edge.clone()
+    }
+}
+
+impl FromRef<Routes> for JwtKeys {
+    fn from_ref(routes: &Routes) -> Self {
+        routes.0.jwt.clone()
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -152,7 +170,7 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/seckill/{voucher_id}", post(admission::attempt))
         .route("/openapi.json", axum::routing::get(openapi))
-        .with_state(state);
+        .with_state(Routes(Arc::new(state)));
     platform::http::service_router(routes, ops)
 }
 

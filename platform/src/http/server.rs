@@ -13,6 +13,7 @@
 
 use std::{
     collections::HashMap,
+    convert::Infallible,
     future::Future,
     io,
     pin::pin,
@@ -24,7 +25,6 @@ use std::{
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, MatchedPath, Request, State},
-    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -78,7 +78,47 @@ pub fn service_router(app: Router, ops: Ops) -> Router {
         .fallback(|| async { CommonError::RouteNotFound })
         .method_not_allowed_fallback(|| async { CommonError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .layer(middleware::from_fn(track))
+        .layer(TrackLayer)
+}
+
+/// Wraps every route in [`track`]. Hand-written rather than
+/// `middleware::from_fn(track)`, which boxes the inner service again and
+/// clones it into a `Next` on every request.
+#[derive(Debug, Clone, Copy)]
+struct TrackLayer;
+
+impl<S> tower::Layer<S> for TrackLayer {
+    type Service = Track<S>;
+
+    fn layer(&self, inner: S) -> Track<S> {
+        Track { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Track<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for Track<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // the clone that was made ready is the one that is called
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move { Ok(track(request, ready).await) })
+    }
 }
 
 async fn health(State(ops): State<Ops>) -> Response {
@@ -140,7 +180,10 @@ struct RequestTimeout(Duration);
 /// on every error ([`with_contract_body`]); and the RED metrics, labelled
 /// only with bounded sets: the method (the standard ones, else `other`),
 /// the route template (or `unmatched`) and the status code.
-async fn track(request: Request, next: Next) -> Response {
+async fn track<S>(request: Request, inner: S) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
     // a reference count, not a copy of the template
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
@@ -167,7 +210,7 @@ async fn track(request: Request, next: Next) -> Response {
     let response = if uri_bytes > MAX_URI_BYTES {
         CommonError::UriTooLong { limit: MAX_URI_BYTES }.into_response()
     } else {
-        match tokio::time::timeout(deadline, telemetry::with_remote_parent(parent, next.run(request)))
+        match tokio::time::timeout(deadline, telemetry::with_remote_parent(parent, run(inner, request)))
             .instrument(span.clone())
             .await
         {
@@ -194,6 +237,17 @@ async fn track(request: Request, next: Next) -> Response {
     duration.record(elapsed.as_secs_f64());
     requests.increment(1);
     response
+}
+
+/// Calls `ready`, a service [`Track::poll_ready`] made ready.
+async fn run<S>(mut ready: S, request: Request) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    match ready.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
 }
 
 /// The RED metric handles of each (route, method, status), registered on the
