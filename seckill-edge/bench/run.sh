@@ -14,6 +14,13 @@
 #   sold_out   every attempt on a sold-out voucher, edge only (the in-process flag).
 #   forwarder  300,000 admitted requests in a voucher's Redis stream drained into
 #              JetStream by Forwarder::forward_voucher (benches/edge_bench.rs).
+#   durable    the cost of "admitted means durable" on the dev Redis Cluster
+#              (./dev starts it: 3 primaries, a replica each), admitted path as
+#              above, per round: the edge without and with SECKILL_ADMIT_REPLICAS=1
+#              (the group WAIT), and the alternative design measured on the minimal
+#              handler: without and with a JetStream publish acknowledged before
+#              the 202 (minimal_handler --jetstream). Reports each design's
+#              throughput and p99 against its own baseline.
 # The admitted scenario first measures a machine reference: wrk GET /ok on a bare
 # axum route, redis-benchmark PING, and one JwtKeys::verify.
 #
@@ -27,6 +34,7 @@
 #
 # Environment (defaults in brackets):
 #   BENCH_REDIS_URL [redis://127.0.0.1:56379/]   BENCH_NATS_URL [nats://127.0.0.1:54222]
+#   BENCH_REDIS_CLUSTER_URLS [the dev cluster: redis://127.0.0.1:46001/,…46002/,…46003/]
 #   BENCH_DATABASE_URL [postgres://citypicks@127.0.0.1:55432/citypicks] (edge, lazy: re-warm only)
 #   BENCH_ROUNDS [3]  BENCH_DURATION [10s]  BENCH_CONNECTIONS [64]  BENCH_THREADS [2]
 #   BENCH_TOKENS [800000]  BENCH_RB_REQUESTS [300000]  BENCH_RB_CLIENTS [50]
@@ -51,6 +59,7 @@ ROOT="$(cd "$HERE/../.." && pwd -P)"
 cd "$ROOT"
 
 REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:56379/}
+CLUSTER_URLS=${BENCH_REDIS_CLUSTER_URLS:-redis://127.0.0.1:46001/,redis://127.0.0.1:46002/,redis://127.0.0.1:46003/}
 NATS_URL=${BENCH_NATS_URL:-nats://127.0.0.1:54222}
 DATABASE_URL=${BENCH_DATABASE_URL:-postgres://citypicks@127.0.0.1:55432/citypicks}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -91,15 +100,15 @@ rcli() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" "$@"; }
 hex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
 
 SCENARIOS=("$@")
-((${#SCENARIOS[@]} > 0)) || SCENARIOS=(admitted sold_out forwarder)
+((${#SCENARIOS[@]} > 0)) || SCENARIOS=(admitted sold_out durable forwarder)
 for s in "${SCENARIOS[@]}"; do
     case $s in
-    admitted | sold_out | forwarder) ;;
+    admitted | sold_out | durable | forwarder) ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
         exit 0
         ;;
-    *) die "unknown scenario '$s' (admitted, sold_out, forwarder)" ;;
+    *) die "unknown scenario '$s' (admitted, sold_out, durable, forwarder)" ;;
     esac
 done
 wants() {
@@ -140,6 +149,7 @@ JWT_SECRET=$(hex 32)
 export JWT_SECRET
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/seckill-bench.XXXXXX")
 EDGE_PID="" MINIMAL_PID=""
+DURABLE_PIDS=()
 helper() { "$HELPER_BIN" --redis-url "$REDIS_URL" --nats-url "$NATS_URL" --prefix "$PREFIX" "$@"; }
 
 # stop PID...: SIGTERM, wait up to 10 s, then SIGKILL
@@ -163,8 +173,9 @@ CLEANED=0
 cleanup() {
     ((CLEANED)) && return 0
     CLEANED=1
-    stop "$EDGE_PID" "$MINIMAL_PID"
-    EDGE_PID="" MINIMAL_PID=""
+    stop "$EDGE_PID" "$MINIMAL_PID" "${DURABLE_PIDS[@]}"
+    EDGE_PID="" MINIMAL_PID="" DURABLE_PIDS=()
+    if wants durable; then cluster_cleanup; fi
     helper cleanup >&2 || printf 'warning: could not delete the keys under %s\n' "$PREFIX" >&2
     helper drop-namespace "$NAMESPACE" >&2 ||
         printf 'warning: could not delete the JetStream streams of %s\n' "$NAMESPACE" >&2
@@ -191,17 +202,17 @@ wait_http() {
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
-# CPU ticks (user + system) of a process
+# CPU ticks (user + system) of processes: PIDs separated by spaces, in one word
 proc_ticks() {
-    local stat f
-    if [[ -z ${1:-} ]] || ! stat=$(cat "/proc/$1/stat" 2>/dev/null); then
-        echo 0
-        return
-    fi
-    stat=${stat##*) }
-    # after "pid (comm) ": field 3 is the state, utime/stime are fields 14/15 of the line
-    read -r -a f <<<"$stat"
-    echo $((f[11] + f[12]))
+    local stat f pid total=0
+    for pid in ${1:-}; do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        stat=${stat##*) }
+        # after "pid (comm) ": field 3 is the state, utime/stime are fields 14/15 of the line
+        read -r -a f <<<"$stat"
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
 }
 # busy, total and interrupt (irq + softirq: loopback TCP mostly runs there,
 # charged to no process) ticks of the whole machine
@@ -348,12 +359,14 @@ fi
 START_LOAD=$(loadavg)
 log "key prefix $PREFIX, NATS namespace $NAMESPACE, work dir $WORK, load average $START_LOAD"
 
+if wants admitted || wants sold_out || wants durable; then
+    log "signing $TOKENS customer JWTs"
+    helper tokens "$TOKENS" "$WORK/tokens" --split "$THREADS"
+fi
 if wants admitted || wants sold_out; then
     for port in "$EDGE_PORT" "$MINIMAL_PORT"; do
         ! port_busy "$port" || die "127.0.0.1:$port is in use (BENCH_EDGE_PORT / BENCH_MINIMAL_PORT)"
     done
-    log "signing $TOKENS customer JWTs"
-    helper tokens "$TOKENS" "$WORK/tokens" --split "$THREADS"
 
     log "starting the edge on 127.0.0.1:$EDGE_PORT (forwarder and sale events off: admission only)"
     SECKILL_EDGE_ADDR=127.0.0.1:$EDGE_PORT SECKILL_KEY_PREFIX=$PREFIX \
@@ -559,6 +572,116 @@ fi
 
 stop "$EDGE_PID" "$MINIMAL_PID"
 EDGE_PID="" MINIMAL_PID=""
+
+# ---------------------------------------------------- durable (cluster)
+
+# host:port of the cluster's seed nodes, for redis-cli
+CLUSTER_PORTS=()
+for url in ${CLUSTER_URLS//,/ }; do
+    hostport=${url#redis://}
+    CLUSTER_PORTS+=("${hostport%%/*}")
+done
+# every node (primaries and replicas) the seed nodes know
+cluster_nodes() {
+    redis-cli -h "${CLUSTER_PORTS[0]%:*}" -p "${CLUSTER_PORTS[0]##*:}" cluster nodes |
+        awk '{ split($2, a, "@"); print a[1] }'
+}
+# the primary holding KEY (host:port)
+cluster_primary_of() {
+    local node
+    for node in $(cluster_nodes); do
+        if [[ $(redis-cli -h "${node%:*}" -p "${node##*:}" exists "$1" 2>/dev/null) == 1 ]]; then
+            echo "$node"
+            return 0
+        fi
+    done
+    return 1
+}
+cluster_cleanup() {
+    local node key
+    for node in $(cluster_nodes 2>/dev/null); do
+        redis-cli -h "${node%:*}" -p "${node##*:}" --scan --pattern "$PREFIX*" 2>/dev/null |
+            while read -r key; do
+                redis-cli -h "${node%:*}" -p "${node##*:}" unlink "$key" >/dev/null 2>&1 || true
+            done
+    done
+}
+
+durable_run() { # SERVER PORT PID ROUND
+    local attempt
+    for ((attempt = 1; ; attempt++)); do
+        wait_quiet
+        durable_run_once "$@"
+        repeat_if_disturbed "$attempt" "$1 round $4" || break
+    done
+}
+
+durable_run_once() { # SERVER PORT PID ROUND
+    local server=$1 port=$2 pid=$3 round=$4 out primary left
+    out=$(helper --redis-url "$CLUSTER_URLS" seed "$STOCK") || die "could not load a voucher into the cluster"
+    eval "$out"
+    primary=$(cluster_primary_of "$META") || die "no primary holds $META"
+    # CPU attributed to "redis": every node of the cluster (the primary and
+    # the replica it streams to, mostly)
+    REDIS_PID=$(for node in $(cluster_nodes); do
+        redis-cli -h "${node%:*}" -p "${node##*:}" info server | tr -d '\r' | sed -n 's/^process_id://p'
+    done | tr '\n' ' ')
+    run_wrk "durable.$server.$round" "$port" "$pid" "$VOUCHER"
+    sleep 0.5 # answers in flight when wrk stopped
+    left=$(redis-cli -h "${primary%:*}" -p "${primary##*:}" hget "$META" left)
+    print_run "$server" "round $round" "$((STOCK - left))" " (primary $primary)"
+    R[durable.$server.$round.rps]=$W_rps
+    R[durable.$server.$round.p99]=$W_p99_ms
+    R[durable.$server.$round.non2xx]=$W_non_2xx
+    R[durable.$server.$round.server_us]=$(per_request "$CPU_server" "$W_rps")
+    redis-cli -h "${primary%:*}" -p "${primary##*:}" unlink "$META" "$BUYERS" "$RELEASED" "$STREAM" >/dev/null
+}
+
+if wants durable; then
+    [[ $(redis-cli -h "${CLUSTER_PORTS[0]%:*}" -p "${CLUSTER_PORTS[0]##*:}" cluster info 2>/dev/null) == *cluster_state:ok* ]] ||
+        die "no Redis Cluster at $CLUSTER_URLS (./dev redis-cluster up; ./dev bench seckill_edge starts it)"
+    DURABLE_SERVERS=(edge edge_wait minimal minimal_js)
+    declare -A DPORT=([edge]=$((EDGE_PORT + 1)) [edge_wait]=$((EDGE_PORT + 2)) [minimal]=$((MINIMAL_PORT + 1)) [minimal_js]=$((MINIMAL_PORT + 2)))
+    declare -A DPID=()
+    for server in "${DURABLE_SERVERS[@]}"; do
+        ! port_busy "${DPORT[$server]}" || die "127.0.0.1:${DPORT[$server]} is in use"
+        case $server in
+        edge | edge_wait)
+            replicas=0
+            [[ $server == edge_wait ]] && replicas=1
+            SECKILL_EDGE_ADDR=127.0.0.1:${DPORT[$server]} SECKILL_KEY_PREFIX=$PREFIX SECKILL_ADMIT_REPLICAS=$replicas \
+                SECKILL_FORWARDER_ENABLED=false SECKILL_SALE_EVENTS_ENABLED=false \
+                REDIS_CLUSTER=true REDIS_URL=$CLUSTER_URLS NATS_URL=$NATS_URL NATS_NAMESPACE=$NAMESPACE \
+                DATABASE_URL=$DATABASE_URL RUST_LOG=$EDGE_RUST_LOG LOG_FORMAT=text STARTUP_TIMEOUT_SECS=30 \
+                "$EDGE_BIN" </dev/null >"$WORK/$server.log" 2>&1 &
+            ;;
+        minimal) "$MINIMAL_BIN" --addr "127.0.0.1:${DPORT[$server]}" --redis-url "$CLUSTER_URLS" --prefix "$PREFIX" \
+            </dev/null >"$WORK/$server.log" 2>&1 & ;;
+        minimal_js) "$MINIMAL_BIN" --addr "127.0.0.1:${DPORT[$server]}" --redis-url "$CLUSTER_URLS" --prefix "$PREFIX" \
+            --jetstream "$NATS_URL" </dev/null >"$WORK/$server.log" 2>&1 & ;;
+        esac
+        DPID[$server]=$!
+        DURABLE_PIDS+=("$!")
+        wait_http "http://127.0.0.1:${DPORT[$server]}/seckill/00000000-0000-0000-0000-000000000000" '^[1-5]' \
+            "${DPID[$server]}" POST || {
+            cat "$WORK/$server.log" >&2
+            die "$server did not start on the cluster"
+        }
+    done
+    log "durable: $ROUNDS rounds on the Redis Cluster $CLUSTER_URLS (wrk -t$THREADS -c$CONNECTIONS -d$DURATION)"
+    SINGLE_REDIS_PID=$REDIS_PID # run_wrk's "redis" is the cluster's here
+    for ((round = 1; round <= ROUNDS; round++)); do
+        order=("${DURABLE_SERVERS[@]}")
+        # alternate the order, as the admitted scenario does
+        ((round % 2 == 0)) && order=(minimal_js minimal edge_wait edge)
+        for server in "${order[@]}"; do
+            durable_run "$server" "${DPORT[$server]}" "${DPID[$server]}" "$round"
+        done
+    done
+    stop "${DURABLE_PIDS[@]}"
+    DURABLE_PIDS=()
+    REDIS_PID=$SINGLE_REDIS_PID
+fi
 rm -f "$WORK"/tokens.*
 
 # ------------------------------------------------------------ forwarder
@@ -628,6 +751,27 @@ if wants sold_out; then
     # shellcheck disable=SC2046
     echo "  edge cpu per request (median): $(median $(collect sold_out edge server_us)) µs"
     for ((r = 1; r <= ROUNDS; r++)); do echo "  cpu% round $r (of 200): ${R[sold_out.edge.$r.cpu]}"; done
+fi
+if wants durable; then
+    # shellcheck disable=SC2046
+    {
+        de=$(median $(collect durable edge rps))
+        dw=$(median $(collect durable edge_wait rps))
+        dm=$(median $(collect durable minimal rps))
+        dj=$(median $(collect durable minimal_js rps))
+    }
+    echo "durable 202 on the Redis Cluster (wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $ROUNDS rounds, medians):"
+    for server in edge edge_wait minimal minimal_js; do
+        # shellcheck disable=SC2046
+        printf '  %-28s %9s req/s  p99 %6s ms  non-2xx %s  server %s µs/request   rounds: %s\n' \
+            "$(case $server in edge) echo "edge, no WAIT" ;; edge_wait) echo "edge, WAIT 1 (group)" ;;
+                minimal) echo "minimal handler" ;; minimal_js) echo "minimal + JetStream ack" ;; esac)" \
+            "$(fmt "$(median $(collect durable "$server" rps))")" "$(median $(collect durable "$server" p99))" \
+            "$(collect durable "$server" non2xx | tr ' ' '+')" "$(median $(collect durable "$server" server_us))" \
+            "$(collect durable "$server" rps)"
+    done
+    echo "  WAIT's cost: edge with / without   $(ratio "$dw" "$de")"
+    echo "  JetStream's cost: minimal with / without   $(ratio "$dj" "$dm")"
 fi
 if [[ -n $FORWARDER_MEDIAN ]]; then
     echo "forwarder: $(fmt "$FORWARDER_MEDIAN") requests/s (median of $ROUNDS x $FORWARDER_ENTRIES)   target >= 30,000/s: $(verdict "$FORWARDER_MEDIAN" 30000 ge)"

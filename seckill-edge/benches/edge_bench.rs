@@ -17,7 +17,8 @@
 //! edge_bench drop-namespace NS             delete the JetStream streams of namespace NS
 //! ```
 //! Common options: `--redis-url` (default $REDIS_URL or the dev Redis),
-//! `--nats-url` ($NATS_URL or the dev NATS), `--prefix` (Redis key prefix).
+//! `--nats-url` ($NATS_URL or the dev NATS), `--prefix` (Redis key prefix);
+//! several comma-separated `--redis-url`s are a Redis Cluster.
 //! `forwarder --watch redis=PID,nats=PID` also prints the CPU those processes,
 //! this one and the whole machine used while the stream drained (Linux /proc);
 //! `--quiet-max-busy P --quiet-wait-secs S` wait before each round until the
@@ -134,8 +135,9 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Several comma-separated URLs: a Redis Cluster.
 async fn redis(url: &str) -> anyhow::Result<Kv> {
-    Ok(KvClient::from_urls(url, false)?.connect().await?)
+    Ok(KvClient::from_urls(url, url.contains(','))?.connect().await?)
 }
 
 async fn jetstream(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {

@@ -15,7 +15,14 @@
 //! ```sh
 //! minimal_handler --addr 127.0.0.1:18091 --redis-url redis://127.0.0.1:56379/ --prefix bench1234:
 //! ```
-//! Stops on SIGINT or SIGTERM.
+//! Several comma-separated `--redis-url`s: a Redis Cluster (the cluster-aware
+//! client, as the edge with `REDIS_CLUSTER=true`).
+//!
+//! `--jetstream NATS_URL`: the other way to make a 202 survive a Redis
+//! failover (ARCHITECTURE.md "Admitted means durable"), measured against
+//! the edge's `WAIT`: every admission is published to a JetStream stream
+//! (file storage, created at start, deleted at exit) and answered 202 only
+//! once JetStream acknowledged it. Stops on SIGINT or SIGTERM.
 
 use std::{sync::Arc, time::Duration};
 
@@ -40,6 +47,8 @@ struct Baseline {
     redis: Kv,
     script: Script,
     prefix: String,
+    /// `--jetstream`: where each admission is published before its 202.
+    jetstream: Option<(async_nats::jetstream::Context, String)>,
 }
 
 #[tokio::main]
@@ -47,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let mut addr = "127.0.0.1:18091".to_owned();
     let mut redis_url = "redis://127.0.0.1:56379/".to_owned();
     let mut prefix = "bench:".to_owned();
+    let mut nats_url = None;
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"));
@@ -54,18 +64,28 @@ async fn main() -> anyhow::Result<()> {
             "--addr" => addr = value()?,
             "--redis-url" => redis_url = value()?,
             "--prefix" => prefix = value()?,
+            "--jetstream" => nats_url = Some(value()?),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
     // the edge's connection: one multiplexed, auto-reconnecting connection
     let config = RedisConfig {
+        redis_cluster: redis_url.contains(','),
         redis_url: Secret::new(redis_url),
-        redis_cluster: false,
     };
     let redis = platform::kv::connect(&config, Duration::from_secs(10)).await?;
     let script = Script::new(ADMIT_LUA);
     script.prepare_invoke().load_async(&mut redis.clone()).await?;
-    let state = Arc::new(Baseline { redis, script, prefix });
+    let jetstream = match nats_url {
+        Some(url) => Some(admissions_stream(&url, &prefix).await?),
+        None => None,
+    };
+    let state = Arc::new(Baseline {
+        redis,
+        script,
+        prefix,
+        jetstream: jetstream.clone(),
+    });
     let app = Router::new()
         .route("/seckill/{voucher_id}", post(attempt))
         .route("/ok", get(|| async { "ok" }))
@@ -75,7 +95,28 @@ async fn main() -> anyhow::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(platform::shutdown::signal())
         .await?;
+    if let Some((js, stream)) = jetstream {
+        js.delete_stream(&stream).await?;
+    }
     Ok(())
+}
+
+/// A file-storage stream of its own for `--jetstream`; answers the
+/// context and the stream's name (also its subject).
+async fn admissions_stream(url: &str, prefix: &str) -> anyhow::Result<(async_nats::jetstream::Context, String)> {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let name: String = format!("bench_admissions_{prefix}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![name.clone()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    Ok((js, name))
 }
 
 async fn attempt(State(state): State<Arc<Baseline>>, Path(voucher_id): Path<Uuid>, headers: HeaderMap) -> Response {
@@ -100,6 +141,16 @@ async fn attempt(State(state): State<Arc<Baseline>>, Path(voucher_id): Path<Uuid
     // the codes of lua/admit.lua
     let (status, code) = match answer {
         Ok(0) => {
+            if let Some((js, subject)) = &state.jetstream {
+                let request = format!("{voucher_id} {user_id} {order_id}");
+                let acked = match js.publish(subject.clone(), request.into()).await {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                };
+                if !acked {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "jetstream").into_response();
+                }
+            }
             let body = json!({"order_id": order_id, "status": "queued"});
             return (StatusCode::ACCEPTED, Json(body)).into_response();
         }

@@ -21,6 +21,7 @@ use uuid::{Timestamp, Uuid, timestamp::context::ContextV7};
 use crate::{
     keys::{self, VoucherKeys},
     ledger::VoucherSnapshot,
+    replication::ReplicaWaits,
 };
 
 pub const ADMIT_LUA: &str = include_str!("../lua/admit.lua");
@@ -88,7 +89,8 @@ pub struct Gate {
     clock: SharedClock,
     /// Replicas that must hold an admission before it is answered (0: none).
     replicas: u16,
-    replica_timeout: Duration,
+    /// Present when `replicas > 0`.
+    replication: Option<ReplicaWaits>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -108,7 +110,7 @@ impl Gate {
             idempotency_ttl,
             clock,
             replicas: 0,
-            replica_timeout: Duration::from_millis(200),
+            replication: None,
         }
     }
 
@@ -117,10 +119,11 @@ impl Gate {
     /// Redis replicates asynchronously, and a failover promotes a replica,
     /// so without this an admission already answered 202 can vanish with
     /// its primary. Not reached in time: the attempt fails with
-    /// [`GateError::NotReplicated`] (the user is told to retry).
+    /// [`GateError::NotReplicated`] (the user is told to retry). The
+    /// admissions of a voucher share their `WAIT`s ([`ReplicaWaits`]).
     pub fn with_replicas(mut self, replicas: u16, timeout: Duration) -> Self {
         self.replicas = replicas;
-        self.replica_timeout = timeout;
+        self.replication = (replicas > 0).then(|| ReplicaWaits::new(self.redis.clone(), replicas, timeout));
         self
     }
 
@@ -188,13 +191,13 @@ impl Gate {
         }
         let answer: Value = invocation.invoke_async(&mut self.redis.clone()).await?;
         let admission = Self::admission_of_answer(answer, order_id, now)?;
-        if self.replicas > 0 && matches!(admission, Admission::Admitted { .. }) {
+        if let Some(replication) = &self.replication
+            && matches!(admission, Admission::Admitted { .. })
+        {
             key.truncate(base);
             key.push_str(keys::META);
-            let acknowledged = self
-                .redis
-                .wait_replicas(&key, self.replicas, self.replica_timeout)
-                .await?;
+            // no answer: the wait's task died; not known to be replicated
+            let acknowledged = replication.acknowledged(&key).await.transpose()?.unwrap_or(0);
             if acknowledged < i64::from(self.replicas) {
                 metrics::counter!("seckill_unreplicated_admissions_total").increment(1);
                 return Err(GateError::NotReplicated {

@@ -6,7 +6,9 @@
 //!   sold-out and unknown-voucher flags of [`flags`] and the per-user rate
 //!   limit of [`limiter`];
 //! - [`gate`]: the Lua scripts (`lua/`) and typed calls to them; [`keys`]:
-//!   the key layout, one hash tag per voucher;
+//!   the key layout, one hash tag per voucher; [`replication`]: the `WAIT`
+//!   an admission's 202 waits for on a replicated Redis, one per group of
+//!   admissions;
 //! - [`forwarder`]: Redis streams → JetStream `OrderRequested`;
 //! - [`ledger`] (pure) and [`warmup`]: rebuilding a voucher's gate from the
 //!   event store, and the consumer of Voucher events (warm-up, re-credit);
@@ -21,6 +23,7 @@ pub mod gate;
 pub mod keys;
 pub mod ledger;
 pub mod limiter;
+pub mod replication;
 pub mod warmup;
 
 use std::{future::Future, sync::Arc, time::Duration};

@@ -162,3 +162,49 @@ async fn the_scripts_are_reloaded_after_the_primaries_forget_them() -> anyhow::R
     harness.forget_everything().await?;
     Ok(())
 }
+
+/// With replicas required, concurrent admissions of a voucher share their
+/// `WAIT`s: fewer `WAIT`s reach the voucher's primary than admissions are
+/// answered 202, and every admission is still answered only after one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_admissions_share_their_replication_waits() -> anyhow::Result<()> {
+    const USERS: usize = 400;
+    let mut harness = Harness::on_cluster(NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
+    harness.gate = harness.gate.clone().with_replicas(1, Duration::from_secs(2));
+    let router = harness.router();
+    let voucher = harness.open_sale(USERS as u32).await?;
+    let port = testkit::primary_port(&mut harness.redis.clone(), &harness.gate.keys(voucher).meta).await?;
+    let mut primary = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let waits_before = wait_calls(&mut primary).await?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for user in 0..USERS {
+        let (router, token) = (router.clone(), harness.token(&format!("user-{user}")));
+        let voucher = voucher.to_string();
+        tasks.spawn(async move { attempt(&router, &voucher, Some(&token), None).await.status });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status?, StatusCode::ACCEPTED);
+    }
+    let waits = wait_calls(&mut primary).await? - waits_before;
+    assert!(
+        (1..USERS as u64 / 2).contains(&waits),
+        "{waits} WAITs for {USERS} admissions"
+    );
+    assert_eq!(harness.gate.left(voucher).await?, Some(0));
+    harness.forget_everything().await?;
+    Ok(())
+}
+
+/// `WAIT`s this Redis node has run (`INFO commandstats`).
+async fn wait_calls(node: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(node).await?;
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_wait:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0))
+}
