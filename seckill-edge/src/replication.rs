@@ -11,6 +11,17 @@
 //! whose script had returned when it was sent: admissions register here
 //! after their script answered, a task per voucher sends one `WAIT` for all
 //! those registered, and those that register meanwhile wait for the next.
+//!
+//! A `WAIT` counts the writes of the connection it arrives on. If the
+//! connection is re-made between an admission's script and its `WAIT` (its
+//! primary died, a replica was promoted), the `WAIT` reaches a connection
+//! that wrote nothing and answers at once: had the promoted node a replica
+//! of its own by then, an admission the dead primary never replicated
+//! would be confirmed. A promotion takes at least the cluster's
+//! `cluster-node-timeout`, so an answer that comes more than
+//! [`LATE_FACTOR`] × the wait's timeout after the script is not counted:
+//! keep that well below `cluster-node-timeout` (200 ms × 3 against 1 s
+//! locally; Redis's default is 15 s).
 
 use std::{
     collections::HashMap,
@@ -24,6 +35,12 @@ use tokio::sync::oneshot;
 
 /// What one `WAIT` answered: the replicas that acknowledged.
 type Answer = Result<i64, RedisError>;
+
+/// An answer later than this many wait timeouts after the admission's
+/// script is not counted (see the module doc). Two timeouts can pass
+/// legitimately: the `WAIT` in flight when the admission registered, then
+/// its own.
+pub const LATE_FACTOR: u32 = 3;
 
 /// The replication waits of one edge, shared by its requests.
 #[derive(Clone)]
@@ -63,8 +80,10 @@ impl ReplicaWaits {
 
     /// How many replicas of `key`'s primary hold every write this edge made
     /// to it before the call (at most the required number, after at most
-    /// the timeout). `None` if the wait's task ended without an answer.
+    /// the timeout); 0 for an answer too late to trust. `None` if the
+    /// wait's task ended without an answer.
     pub async fn acknowledged(&self, key: &str) -> Option<Answer> {
+        let registered = tokio::time::Instant::now();
         let (sender, answer) = oneshot::channel();
         let start = {
             let mut waiting = self
@@ -88,7 +107,11 @@ impl ReplicaWaits {
             // strand the admissions that joined its wait
             tokio::spawn(self.clone().run(key.to_owned()));
         }
-        answer.await.ok()
+        let answer = answer.await.ok()?;
+        if registered.elapsed() > self.inner.timeout * LATE_FACTOR {
+            return Some(Ok(0));
+        }
+        Some(answer)
     }
 
     /// Sends one `WAIT` for everything registered, until nothing is.
