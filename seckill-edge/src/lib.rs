@@ -204,6 +204,11 @@ pub async fn run(
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(config.postgres.database_url.expose())?;
 
+    if config.redis.redis_cluster && config.admit_replicas == 0 {
+        tracing::warn!(
+            "SECKILL_ADMIT_REPLICAS=0 on a Redis Cluster: a failover can lose admissions already answered 202; set it to 1"
+        );
+    }
     let gate = Gate::new(
         redis.clone(),
         config.key_prefix.clone(),

@@ -130,11 +130,17 @@ impl ReplicaWaits {
                 }
                 std::mem::take(group)
             };
-            let answer = self
-                .inner
-                .redis
-                .wait_replicas(&key, self.inner.replicas, self.inner.timeout)
-                .await;
+            // Bounded here too: a `WAIT` stuck on a dead connection would
+            // hold every later admission of the voucher, and an answer this
+            // late is not counted anyway.
+            let answer = tokio::time::timeout(
+                self.inner.timeout * LATE_FACTOR,
+                self.inner
+                    .redis
+                    .wait_replicas(&key, self.inner.replicas, self.inner.timeout),
+            )
+            .await
+            .unwrap_or(Ok(0));
             metrics::histogram!("seckill_replica_wait_group_size").record(group.len() as f64);
             for waiter in group {
                 // a waiter that gave up (its request was dropped) needs no answer
