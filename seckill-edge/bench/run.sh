@@ -20,7 +20,12 @@
 #              (the group WAIT), and the alternative design measured on the minimal
 #              handler: without and with a JetStream publish acknowledged before
 #              the 202 (minimal_handler --jetstream). Reports each design's
-#              throughput and p99 against its own baseline.
+#              throughput and p99 against its own baseline. Then the 202s lost
+#              when the voucher's primary dies mid-sale, without and with WAIT:
+#              ROUNDS runs each of the failover scenario of the edge's tests
+#              (tests/it/failover.rs: a cluster of its own, replica frozen
+#              0.3 s, primary SIGKILLed, replica promoted), their counts read
+#              from its log.
 # The admitted scenario first measures a machine reference: wrk GET /ok on a bare
 # axum route, redis-benchmark PING, and one JwtKeys::verify.
 #
@@ -681,6 +686,26 @@ if wants durable; then
     stop "${DURABLE_PIDS[@]}"
     DURABLE_PIDS=()
     REDIS_PID=$SINGLE_REDIS_PID
+
+    # 202s lost when the primary dies: the failover scenario of the tests
+    log "durable: 202s lost when the voucher's primary dies mid-sale ($ROUNDS runs without and with WAIT)"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for mode in no_wait wait; do
+            case $mode in
+            no_wait) test=failover::the_edge_admits_again_soon_after_a_promotion_while_the_dead_primary_stays_down ;;
+            wait) test=failover::no_admission_answered_202_is_lost_when_the_vouchers_primary_dies ;;
+            esac
+            out=$(SQLX_OFFLINE=true TEST_NATS_URL=$NATS_URL RUST_LOG=warn,it=info \
+                cargo test -q -p seckill-edge --test it -- --exact "$test" --nocapture 2>&1 |
+                sed 's/\x1b\[[0-9;]*m//g' | grep 'sale through a failover' || true)
+            answered=$(sed -n 's/.*answered=\([0-9]*\).*/\1/p' <<<"$out")
+            lost=$(sed -n 's/.* lost=\([0-9]*\).*/\1/p' <<<"$out")
+            [[ -n $answered && -n $lost ]] || die "the failover scenario ($mode) printed no counts"
+            printf '  failover %-8s round %s: answered 202 %s, lost %s\n' "$mode" "$round" "$answered" "$lost"
+            R[failover.$mode.$round.answered]=$answered
+            R[failover.$mode.$round.lost]=$lost
+        done
+    done
 fi
 rm -f "$WORK"/tokens.*
 
@@ -772,6 +797,11 @@ if wants durable; then
     done
     echo "  WAIT's cost: edge with / without   $(ratio "$dw" "$de")"
     echo "  JetStream's cost: minimal with / without   $(ratio "$dj" "$dm")"
+    echo "  202s lost when the voucher's primary dies (runs): without WAIT $(collect failover no_wait lost | tr ' ' '/') of $(collect failover no_wait answered | tr ' ' '/');" \
+        "with WAIT $(collect failover wait lost | tr ' ' '/') of $(collect failover wait answered | tr ' ' '/')"
+    lost_with=0
+    for v in $(collect failover wait lost); do lost_with=$((lost_with + v)); done
+    echo "  target: 0 lost with WAIT: $( ((lost_with == 0)) && echo met || echo "NOT met")"
 fi
 if [[ -n $FORWARDER_MEDIAN ]]; then
     echo "forwarder: $(fmt "$FORWARDER_MEDIAN") requests/s (median of $ROUNDS x $FORWARDER_ENTRIES)   target >= 30,000/s: $(verdict "$FORWARDER_MEDIAN" 30000 ge)"

@@ -77,8 +77,8 @@ pub struct Config {
     pub admit_replicas: u16,
     /// How long an admission waits for those replicas before the attempt is
     /// answered 503 (retry) instead. An acknowledgement later than
-    /// [`replication::LATE_FACTOR`] times this is not trusted: keep that
-    /// well below the cluster's `cluster-node-timeout`.
+    /// [`replication::LATE_FACTOR`] times this (at most 3 s) is not
+    /// trusted: keep that well below the cluster's `cluster-node-timeout`.
     #[arg(long, env = "SECKILL_ADMIT_REPLICA_TIMEOUT_MS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub admit_replica_timeout_ms: u64,

@@ -21,7 +21,10 @@
 //! `cluster-node-timeout`, so an answer that comes more than
 //! [`LATE_FACTOR`] × the wait's timeout after the script is not counted:
 //! keep that well below `cluster-node-timeout` (200 ms × 3 against 1 s
-//! locally; Redis's default is 15 s).
+//! locally; Redis's default is 15 s). Nor is one later than
+//! `platform::kv::REBUILD_AFTER`: the edge's own connection is replaced
+//! only after failing that long with no success, and the admission's
+//! script was one.
 
 use std::{
     collections::HashMap,
@@ -108,10 +111,15 @@ impl ReplicaWaits {
             tokio::spawn(self.clone().run(key.to_owned()));
         }
         let answer = answer.await.ok()?;
-        if registered.elapsed() > self.inner.timeout * LATE_FACTOR {
+        if registered.elapsed() > self.late() {
             return Some(Ok(0));
         }
         Some(answer)
+    }
+
+    /// Past this after an admission's script, an answer is not trusted.
+    fn late(&self) -> Duration {
+        (self.inner.timeout * LATE_FACTOR).min(platform::kv::REBUILD_AFTER)
     }
 
     /// Sends one `WAIT` for everything registered, until nothing is.
@@ -134,7 +142,7 @@ impl ReplicaWaits {
             // hold every later admission of the voucher, and an answer this
             // late is not counted anyway.
             let answer = tokio::time::timeout(
-                self.inner.timeout * LATE_FACTOR,
+                self.late(),
                 self.inner
                     .redis
                     .wait_replicas(&key, self.inner.replicas, self.inner.timeout),

@@ -37,13 +37,15 @@ struct Failover {
     recovered: Option<Duration>,
 }
 
+const STOCK: u32 = 1_000_000;
+
 async fn sale_through_a_failover(replicas: u16) -> anyhow::Result<Failover> {
     testkit::init_logs();
     let mut cluster = testkit::RedisCluster::start().await?;
     let client = KvClient::from_urls(&cluster.urls(), true)?;
     let mut harness = Harness::on(client, NO_RATE_LIMIT, testkit::unreachable_pool()).await?;
     harness.gate = harness.gate.clone().with_replicas(replicas, Duration::from_millis(500));
-    let voucher = harness.open_sale(1_000_000).await?;
+    let voucher = harness.open_sale(STOCK).await?;
     let meta = harness.gate.keys(voucher).meta;
     let primary = cluster.primary_of(&meta).await?;
     let router = harness.router();
@@ -128,19 +130,33 @@ async fn sale_through_a_failover(replicas: u16) -> anyhow::Result<Failover> {
         worker?;
     }
 
-    // what the promoted replica holds: every buyer's order id (read on a new
-    // connection, which learns the cluster's slots afresh)
+    // what the promoted replica holds: every buyer's order id and the stock
+    // left (read on a new connection, which learns the cluster's slots afresh)
     let mut buyers = std::collections::HashMap::<String, String>::new();
     for attempt in 0.. {
         let read = async {
             let mut connection = harness.client.connect().await?;
-            redis::cmd("HGETALL")
-                .arg(harness.gate.keys(voucher).buyers)
+            let keys = harness.gate.keys(voucher);
+            let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(&keys.buyers)
                 .query_async(&mut connection)
-                .await
+                .await?;
+            let left: i64 = redis::cmd("HGET")
+                .arg(&keys.meta)
+                .arg("left")
+                .query_async(&mut connection)
+                .await?;
+            Ok::<_, anyhow::Error>((all, left))
         };
         match read.await {
-            Ok(all) => {
+            Ok((all, left)) => {
+                // no oversell after the failover: every unit the promoted
+                // primary counts as gone has exactly one buyer
+                anyhow::ensure!(
+                    i64::from(STOCK) - left == i64::try_from(all.len())?,
+                    "stock {STOCK}, left {left}, but {} buyers",
+                    all.len()
+                );
                 buyers = all;
                 break;
             }
@@ -148,7 +164,7 @@ async fn sale_through_a_failover(replicas: u16) -> anyhow::Result<Failover> {
                 tracing::info!(%error, "reading the buyers after the failover; again");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(error),
         }
     }
     let held: HashSet<&str> = buyers.values().map(String::as_str).collect();
@@ -192,6 +208,7 @@ async fn the_edge_admits_again_soon_after_a_promotion_while_the_dead_primary_sta
     let outcome = sale_through_a_failover(0).await?;
     tracing::info!(
         answered = outcome.answered,
+        lost = outcome.lost,
         unavailable = outcome.unavailable,
         recovered = ?outcome.recovered,
         "sale through a failover without WAIT"
