@@ -221,3 +221,27 @@ async fn the_edge_admits_again_soon_after_a_promotion_while_the_dead_primary_sta
     );
     Ok(())
 }
+
+/// A group `WAIT` stuck on an unresponsive primary answers its admissions
+/// "not replicated" once it is too late to trust, not after the client's
+/// own timeout, and the next group is not held behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_a_frozen_primary_answers_not_replicated_when_it_is_too_late_to_trust() -> anyhow::Result<()> {
+    let cluster = testkit::RedisCluster::start().await?;
+    let client = KvClient::from_urls(&cluster.urls(), true)?;
+    let kv = client.connect().await?;
+    let waits = seckill_edge::replication::ReplicaWaits::new(kv, 1, Duration::from_millis(100));
+    let key = format!("{{v{}}}:meta", Uuid::now_v7());
+    // warm: the client knows the slot's primary
+    assert!(matches!(waits.acknowledged(&key).await, Some(Ok(_))));
+    let primary = cluster.primary_of(&key).await?;
+    cluster.freeze(primary, true)?;
+    let started = tokio::time::Instant::now();
+    let answer = waits.acknowledged(&key).await;
+    let took = started.elapsed();
+    cluster.freeze(primary, false)?;
+    assert!(matches!(answer, Some(Ok(0))), "{answer:?}");
+    // 3 x 100 ms, well before the client's 2 s answer timeout
+    assert!(took < Duration::from_millis(1_000), "{took:?}");
+    Ok(())
+}
