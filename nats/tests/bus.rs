@@ -29,7 +29,11 @@ struct Bus {
 async fn bus() -> anyhow::Result<Bus> {
     let namespace = Namespace::new(testkit::unique_namespace())?;
     let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
-    ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    ensure_topology(
+        &js,
+        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
     let publisher = Publisher::new(js.clone(), 4_096);
     Ok(Bus {
         namespace,
@@ -52,7 +56,7 @@ impl Bus {
 async fn ensure_topology_twice_is_a_no_op() -> anyhow::Result<()> {
     let namespace = Namespace::new(testkit::unique_namespace())?;
     let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
-    let topology = Topology::new(namespace.clone());
+    let topology = Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas());
     let first = ensure_topology(&js, &topology).await?;
     assert!(
         first.iter().all(|(_, change)| *change == StreamChange::Created),
@@ -88,7 +92,11 @@ async fn drifted_stream_settings_are_updated() -> anyhow::Result<()> {
     let mut config = bus.js.get_stream(&name).await?.get_info().await?.config.clone();
     config.duplicate_window = Duration::from_secs(30);
     bus.js.update_stream(config).await?;
-    let report = ensure_topology(&bus.js, &Topology::new(bus.namespace.clone())).await?;
+    let report = ensure_topology(
+        &bus.js,
+        &Topology::new(bus.namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
     assert!(report.contains(&(name.clone(), StreamChange::Updated)), "{report:?}");
     let info = bus.js.get_stream(&name).await?.get_info().await?;
     assert_eq!(info.config.duplicate_window, cp_nats::topology::EVENT_DUPLICATE_WINDOW);

@@ -70,11 +70,18 @@ pub struct RedisConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct NatsConfig {
+    /// One server's URL, or the URLs of a cluster's servers, comma-separated:
+    /// the client tries them in turn and rides out the loss of one.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:54222")]
     pub nats_url: String,
     /// Prefix of every stream and subject; tests use their own to stay isolated.
     #[arg(long, env = "NATS_NAMESPACE", default_value = "cp")]
     pub nats_namespace: String,
+    /// Replicas of every JetStream stream: 1 on one server, 3 in a cluster.
+    /// Every service ensures the topology at start, so all of them must
+    /// agree (a service with 1 would scale a cluster's R3 streams down).
+    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_stream_replicas: u8,
 }
 
 #[derive(Debug, Clone, Args)]

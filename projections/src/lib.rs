@@ -170,7 +170,8 @@ pub async fn run(
     let nats = platform::bus::connect(&config.nats, SERVICE, timeout).await?;
     let namespace = Namespace::new(&config.nats.nats_namespace)?;
     let js = cp_nats::jetstream(nats.clone(), 5_000);
-    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    let topology = Topology::new(namespace.clone()).with_replicas(config.nats.nats_stream_replicas.into());
+    cp_nats::ensure_topology(&js, &topology).await?;
     let ops = Ops {
         health: Health::new().postgres(pool.clone()).nats(nats.clone()),
         metrics: platform::telemetry::metrics_handle(),

@@ -197,7 +197,8 @@ pub async fn run(
     let nats = platform::bus::connect(&config.nats, SERVICE, timeout).await?;
     let namespace = Namespace::new(&config.nats.nats_namespace)?;
     let js = cp_nats::jetstream(nats.clone(), 5_000);
-    cp_nats::ensure_topology(&js, &cp_nats::Topology::new(namespace.clone())).await?;
+    let topology = cp_nats::Topology::new(namespace.clone()).with_replicas(config.nats.nats_stream_replicas.into());
+    cp_nats::ensure_topology(&js, &topology).await?;
     // Only a re-warm reads the event store: admission keeps working while it is down.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.postgres.database_max_connections)

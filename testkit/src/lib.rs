@@ -8,6 +8,9 @@
 //! `TEST_REDIS_URL`, defaulting to its ports.
 
 pub mod bench;
+mod nats_cluster;
+
+pub use nats_cluster::{NatsCluster, nats_server_bin};
 
 use std::{future::Future, time::Duration};
 
@@ -30,8 +33,19 @@ pub fn admin_url() -> String {
     env_or("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
 }
 
+/// The test NATS: one server's URL, or with `CP_TEST_NATS=cluster` the test
+/// infra's JetStream cluster (three URLs, comma-separated).
 pub fn nats_url() -> String {
     env_or("TEST_NATS_URL", DEFAULT_NATS_URL)
+}
+
+/// Replicas for the streams tests create (`TEST_NATS_STREAM_REPLICAS`): 1,
+/// or 3 when the tests run on the test infra's NATS cluster.
+pub fn nats_stream_replicas() -> usize {
+    std::env::var("TEST_NATS_STREAM_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 pub fn redis_url() -> String {
@@ -111,7 +125,8 @@ fn replace_database(url: &str, database: &str) -> anyhow::Result<String> {
 
 pub async fn nats() -> anyhow::Result<async_nats::Client> {
     let url = nats_url();
-    async_nats::connect(&url)
+    let addrs = platform::bus::server_addrs(&url).map_err(|e| anyhow::anyhow!(e))?;
+    async_nats::connect(addrs)
         .await
         .with_context(|| format!("connecting to the test NATS at {url}"))
 }

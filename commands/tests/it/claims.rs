@@ -72,7 +72,11 @@ async fn five_thousand_requests_from_two_thousand_users_for_stock_500_place_exac
 
     let namespace = Namespace::new(testkit::unique_namespace())?;
     let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
-    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    cp_nats::ensure_topology(
+        &js,
+        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
     let publisher = Publisher::new(js.clone(), 4_096);
 
     // deterministic pseudo-random users, so some users ask several times
@@ -268,7 +272,11 @@ async fn admitted_requests_the_store_cannot_hold_end_as_rejected_orders_and_unre
     let voucher_id = seckill_voucher(&state, 10).await?;
     let namespace = Namespace::new(testkit::unique_namespace())?;
     let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
-    cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    cp_nats::ensure_topology(
+        &js,
+        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
     let publisher = Publisher::new(js.clone(), 4_096);
 
     let request = |user_id: &str| OrderRequested {

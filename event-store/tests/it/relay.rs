@@ -20,7 +20,11 @@ async fn fixture() -> anyhow::Result<Fixture> {
     let db = testkit::TestDb::new().await?;
     let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
     let namespace = Namespace::new(testkit::unique_namespace())?;
-    ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+    ensure_topology(
+        &js,
+        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
     Ok(Fixture { db, js, namespace })
 }
 
@@ -222,7 +226,11 @@ async fn of_two_relays_one_publishes_and_the_other_takes_over_when_it_dies() -> 
     let f = fixture().await?;
     // The standby publishes into its own namespace so we can see if it ever does.
     let standby_ns = Namespace::new(testkit::unique_namespace())?;
-    ensure_topology(&f.js, &Topology::new(standby_ns.clone())).await?;
+    ensure_topology(
+        &f.js,
+        &Topology::new(standby_ns.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
 
     let active = f.relay(&f.namespace, 100);
     tokio::time::sleep(Duration::from_millis(300)).await;

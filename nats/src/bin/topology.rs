@@ -9,9 +9,6 @@ use platform::config::{NatsConfig, StartupConfig, TelemetryConfig};
 struct Config {
     #[command(flatten)]
     nats: NatsConfig,
-    /// Stream replicas: 1 on one server, 3 in a cluster.
-    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1)]
-    replicas: usize,
     #[command(flatten)]
     startup: StartupConfig,
     #[command(flatten)]
@@ -25,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     let namespace = Namespace::new(&config.nats.nats_namespace)?;
     let client = platform::bus::connect(&config.nats, "citypicks-topology", config.startup.timeout()).await?;
     let js = cp_nats::jetstream(client, 1_000);
-    let topology = cp_nats::Topology::new(namespace).with_replicas(config.replicas);
+    let topology = cp_nats::Topology::new(namespace).with_replicas(config.nats.nats_stream_replicas.into());
     let report = cp_nats::ensure_topology(&js, &topology).await?;
     for (stream, change) in report {
         tracing::info!(%stream, ?change, "stream");

@@ -26,7 +26,11 @@ impl Setup {
         let db = testkit::TestDb::new().await?;
         let namespace = Namespace::new(testkit::unique_namespace())?;
         let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
-        cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+        cp_nats::ensure_topology(
+            &js,
+            &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+        )
+        .await?;
         Ok(Self {
             db,
             namespace,

@@ -69,7 +69,11 @@ impl Harness {
         // generous: the whole suite shares two cores, and a timeout answers 503
         let redis = client.connect_with(Some(Duration::from_secs(10))).await?;
         let js = cp_nats::jetstream(testkit::nats().await?, 5_000);
-        cp_nats::ensure_topology(&js, &Topology::new(namespace.clone())).await?;
+        cp_nats::ensure_topology(
+            &js,
+            &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+        )
+        .await?;
         let gate = Gate::new(redis.clone(), prefix.clone(), Duration::from_secs(3_600), clock);
         gate.load_scripts().await?;
         let flags = Arc::new(VoucherFlags::new(
