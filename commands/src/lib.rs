@@ -315,15 +315,15 @@ pub async fn run(
                 &pool,
                 claims::CLAIM_WRITER_LOCK_KEY,
                 stop.clone().cancelled_owned(),
-                || {
-                    let (writer, js, spec, publisher, namespace, runner_config, stop) = (
+                |stepping_down| {
+                    let (writer, js, spec, publisher, namespace, runner_config, pool) = (
                         writer.clone(),
                         js.clone(),
                         spec.clone(),
                         publisher.clone(),
                         namespace.clone(),
                         runner_config.clone(),
-                        stop.clone(),
+                        pool.clone(),
                     );
                     async move {
                         match cp_nats::ensure_consumer(&js, &spec).await {
@@ -334,8 +334,10 @@ pub async fn run(
                                     publisher,
                                     namespace,
                                     runner_config,
-                                );
-                                if let Err(error) = runner.run(stop.cancelled_owned()).await {
+                                )
+                                .with_probe(cp_nats::probe(move || platform::pg::answers(pool.clone())));
+                                // on lost leadership (or shutdown) it gives back what it holds
+                                if let Err(error) = runner.run(stepping_down.cancelled_owned()).await {
                                     tracing::error!(%error, "claim writer stopped");
                                 }
                             }
@@ -362,7 +364,11 @@ pub async fn run(
             ..cp_nats::RunnerConfig::default()
         };
         let runner =
-            cp_nats::ConsumerRunner::batched(consumer, lifecycle, publisher.clone(), namespace.clone(), runner_config);
+            cp_nats::ConsumerRunner::batched(consumer, lifecycle, publisher.clone(), namespace.clone(), runner_config)
+                .with_probe({
+                    let pool = pool.clone();
+                    cp_nats::probe(move || platform::pg::answers(pool.clone()))
+                });
         let stop = stop.clone();
         background.spawn(async move {
             if let Err(error) = runner.run(stop.cancelled_owned()).await {

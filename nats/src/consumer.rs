@@ -9,8 +9,22 @@
 //! succeed) is dead-lettered at once. Dead-lettering publishes a copy to the
 //! dead-letter stream — payload, original headers, the error and where it
 //! came from — then `Term`s the message so the consumer moves on.
+//!
+//! Work resumes within seconds of any fault, not after an ack wait:
+//! - a batch the handler takes long over gets progress acks every third of
+//!   the consumer's ack wait, so the ack wait can be short ([`crate::topology::DEFAULT_ACK_WAIT`])
+//!   and a dead process's messages come back quickly;
+//! - a runner with a [`Probe`] asks it, after a transient failure, whether its
+//!   dependency (the database) is away; if so it holds the failed messages
+//!   (progress-acked, so no delivery attempt is spent) and retries them as
+//!   soon as the probe answers again, instead of burning `max_deliver`
+//!   attempts and dead-lettering messages that were never wrong;
+//! - on shutdown (or lost leadership) it finishes the batch in hand and
+//!   `Nak`s what it holds, so another instance gets them at once; what the
+//!   pull had delivered but the runner had not taken yet (and everything a
+//!   killed process held) comes back after the short ack wait.
 
-use std::{future::Future, pin::pin, sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, pin::pin, sync::Arc, time::Duration};
 
 use async_nats::{
     HeaderMap,
@@ -23,6 +37,7 @@ use async_nats::{
 use events::subjects::{MSG_ID, Namespace};
 use futures::StreamExt as _;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::publisher::{Outgoing, Publisher};
@@ -53,6 +68,19 @@ pub fn permanent(error: impl Into<HandlerError>) -> HandlerError {
 /// Whether the runner will dead-letter `error` without retrying it.
 pub fn is_permanent(error: &HandlerError) -> bool {
     error.downcast_ref::<Permanent>().is_some()
+}
+
+/// Whether a runner's dependency (its database, say) answers: `true` when
+/// it does. Asked after a transient failure; bounded by the runner to 1 s.
+pub type Probe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// A [`Probe`] from an async closure.
+pub fn probe<F, Fut>(check: F) -> Probe
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    Arc::new(move || Box::pin(check()))
 }
 
 pub trait Handler: Send + Sync + 'static {
@@ -136,7 +164,6 @@ impl RunnerConfig {
     }
 }
 
-#[derive(Debug)]
 pub struct ConsumerRunner<H> {
     name: String,
     consumer: Consumer<pull::Config>,
@@ -149,6 +176,20 @@ pub struct ConsumerRunner<H> {
     processed: metrics::Counter,
     /// `nats_consumer_handle_seconds`, registered once.
     handle_seconds: metrics::Histogram,
+    /// Asked after a transient failure: is the dependency away?
+    probe: Option<Probe>,
+    /// How often held or long-handled messages get a progress ack.
+    progress_every: Duration,
+}
+
+impl<H> std::fmt::Debug for ConsumerRunner<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerRunner")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("probe", &self.probe.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +221,10 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         config: RunnerConfig,
     ) -> Self {
         let name = consumer.cached_info().name.clone();
+        let progress_every = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(100));
         Self {
+            probe: None,
+            progress_every,
             processed: metrics::counter!("nats_consumer_messages_total", "consumer" => name.clone(), "outcome" => "processed"),
             handle_seconds: metrics::histogram!("nats_consumer_handle_seconds", "consumer" => name.clone()),
             name,
@@ -192,10 +236,32 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         }
     }
 
-    /// Processes messages until `shutdown` resolves. A lost connection is
-    /// retried; only a consumer that cannot be pulled at all is an error.
+    /// Holds messages while `probe` says the dependency is away (see the module doc).
+    pub fn with_probe(mut self, probe: Probe) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    /// Processes messages until `shutdown` resolves, then finishes the batch
+    /// in hand and gives back (`Nak`) the messages it holds. A lost
+    /// connection is retried; only a consumer that cannot be pulled at all
+    /// is an error.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunnerError> {
-        let mut shutdown = pin!(shutdown);
+        let stop = CancellationToken::new();
+        let running = pin!(self.run_until(stop.clone()));
+        tokio::select! {
+            biased;
+            result = running => result,
+            // never completes: the runner returns once it has settled what it holds
+            never = async {
+                shutdown.await;
+                stop.cancel();
+                std::future::pending::<Result<(), RunnerError>>().await
+            } => never,
+        }
+    }
+
+    async fn run_until(&self, stop: CancellationToken) -> Result<(), RunnerError> {
         loop {
             let stream = self
                 .consumer
@@ -211,7 +277,10 @@ impl<H: BatchHandler> ConsumerRunner<H> {
             let mut stream = pin!(stream);
             loop {
                 let first = tokio::select! {
-                    () = &mut shutdown => return Ok(()),
+                    // What the pull delivered but the runner has not taken comes
+                    // back after the (short) ack wait: polling the stream to take
+                    // it would pull more.
+                    () = stop.cancelled() => return Ok(()),
                     next = stream.next() => next,
                 };
                 let mut batch = match first {
@@ -231,22 +300,133 @@ impl<H: BatchHandler> ConsumerRunner<H> {
                         _ => break,
                     }
                 }
-                self.process(batch).await;
+                let mut held = self.process(batch).await;
+                while !held.is_empty() {
+                    if !self.hold(&mut held, &mut stream, &stop).await {
+                        for message in &held {
+                            give_back(message).await;
+                        }
+                        return Ok(());
+                    }
+                    // the dependency answers again: retry in batches, in order
+                    let mut retry = std::mem::take(&mut held).into_iter();
+                    loop {
+                        let chunk: Vec<_> = retry.by_ref().take(self.config.batch).collect();
+                        if chunk.is_empty() {
+                            break;
+                        }
+                        held = self.process(chunk).await;
+                        if !held.is_empty() {
+                            held.extend(retry);
+                            break;
+                        }
+                    }
+                }
             }
         }
     }
 
-    async fn process(&self, batch: Vec<jetstream::Message>) {
+    /// Handles `batch` and settles it, except the messages that failed while
+    /// the dependency is away: those are returned, still unsettled, to hold.
+    async fn process(&self, batch: Vec<jetstream::Message>) -> Vec<jetstream::Message> {
         let started = Instant::now();
-        let outcomes = self.handler.handle_batch(&batch).await;
+        let outcomes = self.handle_with_progress(&batch).await;
         self.handle_seconds.record(started.elapsed().as_secs_f64());
         let mut outcomes = outcomes.into_iter();
+        let mut failed = Vec::new();
         for message in batch {
-            let outcome = outcomes
+            match outcomes
                 .next()
-                .unwrap_or_else(|| Err("the handler returned no outcome".into()));
-            self.settle(message, outcome).await;
+                .unwrap_or_else(|| Err("the handler returned no outcome".into()))
+            {
+                Err(error) if !is_permanent(&error) => failed.push((message, error)),
+                outcome => self.settle(message, outcome).await,
+            }
         }
+        if failed.is_empty() {
+            return Vec::new();
+        }
+        if self.dependency_answers().await {
+            for (message, error) in failed {
+                self.settle(message, Err(error)).await;
+            }
+            return Vec::new();
+        }
+        // The dependency is away: these messages are not at fault.
+        tracing::warn!(
+            consumer = %self.name, held = failed.len(), error = %failed[0].1,
+            "dependency unavailable; holding messages until it answers"
+        );
+        failed.into_iter().map(|(message, _)| message).collect()
+    }
+
+    /// Holds `held` until the probe answers (`true`) or `stop` (`false`):
+    /// progress acks keep them (and whatever else the pull delivers, which
+    /// joins them) from being redelivered, so no delivery attempt is spent.
+    async fn hold<S>(
+        &self,
+        held: &mut Vec<jetstream::Message>,
+        stream: &mut Pin<&mut S>,
+        stop: &CancellationToken,
+    ) -> bool
+    where
+        S: futures::Stream<Item = Result<jetstream::Message, pull::MessagesError>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        let mut next_probe = Instant::now() + delay;
+        let mut next_keep_alive = Instant::now() + self.progress_every;
+        let mut pulling = true;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    self.count_held(0);
+                    return false;
+                }
+                next = stream.next(), if pulling => match next {
+                    Some(Ok(message)) => held.push(message),
+                    Some(Err(error)) => tracing::debug!(consumer = %self.name, %error, "pull error while holding"),
+                    None => pulling = false,
+                },
+                () = tokio::time::sleep_until(next_keep_alive) => {
+                    keep_alive(held).await;
+                    next_keep_alive = Instant::now() + self.progress_every;
+                }
+                () = tokio::time::sleep_until(next_probe) => {
+                    if self.dependency_answers().await {
+                        tracing::info!(consumer = %self.name, held = held.len(), "dependency answers again; retrying held messages");
+                        self.count_held(0);
+                        return true;
+                    }
+                    self.count_held(held.len());
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                    next_probe = Instant::now() + delay;
+                }
+            }
+        }
+    }
+
+    fn count_held(&self, held: usize) {
+        metrics::gauge!("nats_consumer_held_messages", "consumer" => self.name.clone()).set(held as f64);
+    }
+
+    /// The handler's outcomes, with progress acks while it takes long.
+    async fn handle_with_progress(&self, batch: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
+        let mut handling = pin!(self.handler.handle_batch(batch));
+        let mut tick = tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
+        loop {
+            tokio::select! {
+                outcomes = &mut handling => return outcomes,
+                _ = tick.tick() => keep_alive(batch).await,
+            }
+        }
+    }
+
+    /// Whether the probe (if any) answers within 1 s.
+    async fn dependency_answers(&self) -> bool {
+        let Some(probe) = &self.probe else { return true };
+        tokio::time::timeout(Duration::from_secs(1), probe())
+            .await
+            .unwrap_or(false)
     }
 
     async fn settle(&self, message: jetstream::Message, outcome: Result<(), HandlerError>) {
@@ -338,6 +518,22 @@ impl<H: BatchHandler> ConsumerRunner<H> {
     fn count(&self, outcome: &'static str) {
         metrics::counter!("nats_consumer_messages_total", "consumer" => self.name.clone(), "outcome" => outcome)
             .increment(1);
+    }
+}
+
+/// Resets the ack wait of messages still being worked on.
+async fn keep_alive(messages: &[jetstream::Message]) {
+    for message in messages {
+        if let Err(error) = message.ack_with(AckKind::Progress).await {
+            tracing::debug!(%error, "progress ack failed");
+        }
+    }
+}
+
+/// Hands a message back for immediate redelivery (to this or another instance).
+async fn give_back(message: &jetstream::Message) {
+    if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+        tracing::debug!(%error, "nak failed; redelivery after the ack wait");
     }
 }
 

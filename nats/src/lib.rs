@@ -8,14 +8,17 @@
 //!   trace headers, pipelined under `max_ack_inflight`, every ack awaited.
 //! - [`consumer`]: the runner for durable pull consumers: ack after the handler
 //!   commits, `Nak(Some(delay))` backoff on failure, and after `max_deliver`
-//!   a copy to the dead-letter stream with the error and original headers.
+//!   a copy to the dead-letter stream with the error and original headers;
+//!   progress acks under a short ack wait, messages held (not failed) while
+//!   the dependency is away, and given back (`Nak`) on shutdown.
 
 pub mod consumer;
 pub mod publisher;
 pub mod topology;
 
 pub use consumer::{
-    BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, Permanent, RunnerConfig, is_permanent, permanent,
+    BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, Permanent, Probe, RunnerConfig, is_permanent,
+    permanent, probe,
 };
 pub use publisher::{Outgoing, PublishFailure, Publisher};
 pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology};

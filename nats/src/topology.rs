@@ -194,6 +194,11 @@ fn same_settings(current: &stream::Config, wanted: &stream::Config) -> bool {
         && current.description == wanted.description
 }
 
+/// How long a delivered message may go unacknowledged before JetStream
+/// delivers it again. Short, so the messages a crashed process held come back
+/// within seconds; the runner sends progress acks while it works on them.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(3);
+
 /// A durable pull consumer. No filter: each stream carries exactly one subject.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
@@ -211,7 +216,7 @@ impl ConsumerSpec {
             stream: stream.into(),
             durable_name: durable_name.into(),
             max_deliver: 5,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: DEFAULT_ACK_WAIT,
             max_ack_pending: 10_000,
             deliver_policy: DeliverPolicy::All,
         }

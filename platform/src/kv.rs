@@ -311,6 +311,11 @@ pub async fn connect(config: &RedisConfig, timeout: Duration) -> anyhow::Result<
     Ok(kv)
 }
 
+/// Whether Redis answers [`ping`]: a consumer's probe (`cp_nats::probe`).
+pub async fn answers(connection: Kv) -> bool {
+    ping(&connection).await.is_ok()
+}
+
 /// A health probe: PING within a second (on a cluster, every primary).
 pub async fn ping(connection: &Kv) -> Result<(), String> {
     let mut connection = connection.clone();

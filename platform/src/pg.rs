@@ -55,6 +55,12 @@ pub async fn ping(pool: &PgPool) -> Result<(), String> {
     }
 }
 
+/// Whether the database answers [`ping`]: a consumer's probe (`cp_nats::probe`)
+/// telling a database that is away from a message that is wrong.
+pub async fn answers(pool: PgPool) -> bool {
+    ping(&pool).await.is_ok()
+}
+
 /// The channel on which the projections announce, with each committed batch,
 /// which documents changed: the query API's document cache forgets them.
 pub const VIEW_CHANGES_CHANNEL: &str = "view_changes";

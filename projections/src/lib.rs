@@ -130,7 +130,11 @@ impl Daemon {
                 batch: self.batch_size,
                 ..RunnerConfig::default()
             },
-        );
+        )
+        .with_probe({
+            let pool = self.pool.clone();
+            cp_nats::probe(move || platform::pg::answers(pool.clone()))
+        });
         tracing::info!(projection = P::NAME, "projecting");
         runner.run(stop.cancelled_owned()).await?;
         Ok(())

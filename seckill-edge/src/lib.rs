@@ -243,7 +243,7 @@ pub async fn run(
         limiter: limiter.clone(),
     };
     let ops = Ops {
-        health: Health::new().redis(redis).nats(nats),
+        health: Health::new().redis(redis.clone()).nats(nats),
         metrics: platform::telemetry::metrics_handle(),
     };
     let state = AppState {
@@ -293,7 +293,9 @@ pub async fn run(
             max_deliver: 10,
             ..cp_nats::RunnerConfig::default()
         };
-        let runner = cp_nats::ConsumerRunner::new(consumer, handler, publisher, namespace, runner_config);
+        // a sale event waits while Redis is away rather than spending its deliveries
+        let runner = cp_nats::ConsumerRunner::new(consumer, handler, publisher, namespace, runner_config)
+            .with_probe(cp_nats::probe(move || platform::kv::answers(redis.clone())));
         let stop = stop.clone();
         background.spawn(async move {
             if let Err(error) = runner.run(stop.cancelled_owned()).await {

@@ -1,0 +1,284 @@
+//! The consumer runner through faults, against the real test nats-server:
+//! work resumes within seconds, not after an ack wait, and a dependency that
+//! is away spends no delivery attempt.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::jetstream;
+use cp_nats::{ConsumerRunner, ConsumerSpec, Handler, HandlerError, Outgoing, Publisher, RunnerConfig, Topology};
+use events::subjects::Namespace;
+use tokio_util::sync::CancellationToken;
+
+struct Bus {
+    namespace: Namespace,
+    js: jetstream::Context,
+    publisher: Publisher,
+}
+
+async fn bus() -> anyhow::Result<Bus> {
+    testkit::init_logs();
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
+    let topology = Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas());
+    cp_nats::ensure_topology(&js, &topology).await?;
+    let publisher = Publisher::new(js.clone(), 256);
+    Ok(Bus {
+        namespace,
+        js,
+        publisher,
+    })
+}
+
+impl Bus {
+    async fn publish(&self, count: usize) -> anyhow::Result<()> {
+        let batch: Vec<Outgoing> = (0..count)
+            .map(|i| {
+                Outgoing::new(
+                    self.namespace.events_subject("Order"),
+                    format!("m-{i}"),
+                    format!("m-{i}"),
+                )
+            })
+            .collect();
+        self.publisher.publish_all(batch).await?;
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        ack_wait: Duration,
+        max_deliver: i64,
+    ) -> anyhow::Result<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>> {
+        let spec = ConsumerSpec::new(self.namespace.events_stream("Order"), "faults")
+            .ack_wait(ack_wait)
+            .max_deliver(max_deliver);
+        Ok(cp_nats::ensure_consumer(&self.js, &spec).await?)
+    }
+
+    fn config(max_deliver: i64, batch: usize) -> RunnerConfig {
+        RunnerConfig {
+            max_deliver,
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(100),
+            batch,
+            linger: Duration::from_millis(2),
+        }
+    }
+
+    async fn dead_letters(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .js
+            .get_stream(self.namespace.dead_letter_stream())
+            .await?
+            .get_info()
+            .await?
+            .state
+            .messages)
+    }
+}
+
+/// Records every delivery (body → delivery count as JetStream reports it);
+/// fails while `down` is set, as a handler whose database is away does;
+/// sleeps `delay` per message.
+#[derive(Clone, Default)]
+struct Recorder {
+    deliveries: Arc<Mutex<HashMap<String, Vec<i64>>>>,
+    handled: Arc<Mutex<Vec<String>>>,
+    down: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+impl Recorder {
+    fn handled(&self) -> Vec<String> {
+        self.handled.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    fn deliveries_of(&self, body: &str) -> Vec<i64> {
+        self.deliveries
+            .lock()
+            .ok()
+            .and_then(|d| d.get(body).cloned())
+            .unwrap_or_default()
+    }
+}
+
+impl Handler for Recorder {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandlerError> {
+        let body = String::from_utf8(message.payload.to_vec())?;
+        let delivered = message.info()?.delivered;
+        self.deliveries
+            .lock()
+            .map_err(|_| "poisoned")?
+            .entry(body.clone())
+            .or_default()
+            .push(delivered);
+        if self.down.load(Ordering::SeqCst) {
+            return Err("connection refused (the database is away)".into());
+        }
+        tokio::time::sleep(self.delay).await;
+        self.handled.lock().map_err(|_| "poisoned")?.push(body);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn messages_are_held_not_dead_lettered_while_the_probe_says_the_dependency_is_away() -> anyhow::Result<()> {
+    let bus = bus().await?;
+    bus.publish(20).await?;
+    let recorder = Recorder::default();
+    recorder.down.store(true, Ordering::SeqCst);
+    let down = recorder.down.clone();
+    let probe = cp_nats::probe(move || {
+        let down = down.clone();
+        async move { !down.load(Ordering::SeqCst) }
+    });
+    // two deliveries at most, and an ack wait far shorter than the outage
+    let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
+    let runner = ConsumerRunner::new(
+        consumer,
+        recorder.clone(),
+        bus.publisher.clone(),
+        bus.namespace.clone(),
+        Bus::config(2, 32),
+    )
+    .with_probe(probe);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(recorder.handled().is_empty());
+    recorder.down.store(false, Ordering::SeqCst);
+    testkit::eventually(Duration::from_secs(5), || {
+        let handled = recorder.handled().len();
+        async move { Ok(handled == 20) }
+    })
+    .await?;
+    // held through an outage four times the ack wait: still the first delivery
+    for i in 0..20 {
+        let deliveries = recorder.deliveries_of(&format!("m-{i}"));
+        assert!(deliveries.iter().all(|d| *d == 1), "m-{i} delivered {deliveries:?}");
+    }
+    assert_eq!(bus.dead_letters().await?, 0);
+    stop.cancel();
+    running.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_probe_a_failing_dependency_still_ends_in_the_dead_letter_stream() -> anyhow::Result<()> {
+    // the counterpart: what the probe prevents (and what handlers without a
+    // dependency to ask still get: nothing retries forever)
+    let bus = bus().await?;
+    bus.publish(3).await?;
+    let recorder = Recorder::default();
+    recorder.down.store(true, Ordering::SeqCst);
+    let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
+    let runner = ConsumerRunner::new(
+        consumer,
+        recorder.clone(),
+        bus.publisher.clone(),
+        bus.namespace.clone(),
+        Bus::config(2, 32),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    testkit::eventually(Duration::from_secs(10), || {
+        let bus = &bus;
+        async move { Ok(bus.dead_letters().await? == 3) }
+    })
+    .await?;
+    stop.cancel();
+    running.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_long_handler_gets_progress_acks_instead_of_a_redelivery() -> anyhow::Result<()> {
+    let bus = bus().await?;
+    bus.publish(2).await?;
+    let recorder = Recorder {
+        delay: Duration::from_millis(1_500),
+        ..Recorder::default()
+    };
+    // each message takes longer than the ack wait
+    let consumer = bus.consumer(Duration::from_secs(1), 5).await?;
+    let runner = ConsumerRunner::new(
+        consumer,
+        recorder.clone(),
+        bus.publisher.clone(),
+        bus.namespace.clone(),
+        Bus::config(5, 2),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    testkit::eventually(Duration::from_secs(10), || {
+        let handled = recorder.handled().len();
+        async move { Ok(handled == 2) }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 0..2 {
+        assert_eq!(recorder.deliveries_of(&format!("m-{i}")), [1], "m-{i}");
+    }
+    stop.cancel();
+    running.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_runner_stopped_while_holding_gives_its_messages_back_so_the_next_gets_them_at_once() -> anyhow::Result<()> {
+    // as the claim writer losing its leadership when Postgres goes away:
+    // whoever leads next must not wait out the ack wait
+    let bus = bus().await?;
+    bus.publish(20).await?;
+    let consumer = bus.consumer(Duration::from_secs(30), 5).await?;
+    let first = Recorder::default();
+    first.down.store(true, Ordering::SeqCst);
+    let runner = ConsumerRunner::new(
+        consumer.clone(),
+        first.clone(),
+        bus.publisher.clone(),
+        bus.namespace.clone(),
+        Bus::config(5, 32),
+    )
+    .with_probe(cp_nats::probe(|| async { false }));
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    testkit::eventually(Duration::from_secs(5), || {
+        let tried = (0..20).all(|i| !first.deliveries_of(&format!("m-{i}")).is_empty());
+        async move { Ok(tried) }
+    })
+    .await?;
+    stop.cancel();
+    running.await??;
+    assert!(first.handled().is_empty());
+
+    let second = Recorder::default();
+    let runner = ConsumerRunner::new(
+        consumer,
+        second.clone(),
+        bus.publisher.clone(),
+        bus.namespace.clone(),
+        Bus::config(5, 32),
+    );
+    let stop = CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    testkit::eventually(Duration::from_secs(5), || {
+        let handled = second.handled().len();
+        async move { Ok(handled == 20) }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: the second runner handled {:?}", second.handled()))?;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    stop.cancel();
+    running.await??;
+    Ok(())
+}
