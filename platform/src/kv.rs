@@ -36,6 +36,8 @@ use crate::{config::RedisConfig, startup::wait_for};
 /// How long to wait for a connection, and for each answer, by default.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnect attempts after the first, on a single server.
+const RECONNECT_RETRIES: usize = 1;
 
 /// How long a cluster connection may fail every request before it is
 /// replaced: longer than a failover takes (the node timeout and an
@@ -85,9 +87,15 @@ impl KvClient {
     pub async fn connect_with(&self, response_timeout: Option<Duration>) -> RedisResult<Kv> {
         match self {
             Self::Single(client) => {
+                // One quick retry, then the request fails: every request
+                // waits for a reconnect in progress, and the crate's default
+                // (6 retries, exponential) held them for 9.5 s while Redis
+                // was down. The next request tries to reconnect again.
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECTION_TIMEOUT))
-                    .set_response_timeout(response_timeout);
+                    .set_response_timeout(response_timeout)
+                    .set_number_of_retries(RECONNECT_RETRIES)
+                    .set_max_delay(Duration::from_millis(200));
                 Ok(Kv::Single(
                     ConnectionManager::new_with_config(client.clone(), config).await?,
                 ))

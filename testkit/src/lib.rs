@@ -357,6 +357,18 @@ impl RedisServer {
         self.wait_ready().await
     }
 
+    /// Kills the server (SIGKILL) and leaves it down: Redis is away.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a stopped server again on the same port, empty.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "redis-server on {} is running", self.port);
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
