@@ -18,11 +18,15 @@
 //! - [`group`]: group commit, the appends of concurrent callers in one
 //!   statement (goods orders' submissions).
 //! - [`leader`]: one active instance among several (Postgres advisory lock).
+//! - [`reconcile`]: what the reconcilers read (the log's final position, the
+//!   aggregates a page of it touched, which aggregates exist) and their
+//!   cursor, which goes back after a server restart.
 
 pub mod checkpoint;
 pub mod group;
 pub mod leader;
 pub mod read;
+pub mod reconcile;
 pub mod relay;
 pub mod store;
 

@@ -9,12 +9,15 @@
 //! - [`daemon`]: the batch handler of each projection's durable consumer,
 //!   splitting each batch by aggregate id among workers' transactions;
 //! - [`replay`]: rebuild into a shadow table and swap (binary `replay`);
+//! - [`reconciler`]: proves every stored event reached its view and repairs
+//!   what a vanished commit left behind;
 //! - [`catalog`]: every projection by name;
 //! - [`Config`] (env), [`AppState`], [`router`] (`/health`, `/metrics`) and
 //!   [`run`] (the `projection-daemon` process).
 
 pub mod catalog;
 pub mod daemon;
+pub mod reconciler;
 pub mod replay;
 pub mod views;
 pub mod writer;
@@ -57,6 +60,10 @@ pub struct Config {
     /// (docs/BENCHMARKS.md); more workers hide more commit waits.
     #[arg(long, env = "PROJECTIONS_WORKERS", default_value_t = 4)]
     pub workers: usize,
+    /// How often the reconciler proves that every stored event is in its
+    /// view and repairs what is not ([`reconciler`]); 0 turns it off.
+    #[arg(long, env = "PROJECTIONS_RECONCILE_INTERVAL_MS", default_value_t = 1_000)]
+    pub reconcile_interval_ms: u64,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -180,6 +187,19 @@ pub async fn run(
         health: Health::new().postgres(pool.clone()).nats(nats.clone()),
         metrics: platform::telemetry::metrics_handle(),
     };
+    let stop = CancellationToken::new();
+    let reconciling = (config.reconcile_interval_ms > 0).then(|| {
+        let reconciler = reconciler::ViewReconciler::new(
+            pool.clone(),
+            js.clone(),
+            namespace.clone(),
+            reconciler::ReconcilerConfig {
+                every: Duration::from_millis(config.reconcile_interval_ms),
+                ..reconciler::ReconcilerConfig::default()
+            },
+        );
+        tokio::spawn(reconciler.run(stop.clone()))
+    });
     let daemon = Daemon {
         pool: pool.clone(),
         js,
@@ -188,7 +208,6 @@ pub async fn run(
         max_deliver: config.max_deliver.max(1),
         workers: config.workers.max(1),
     };
-    let stop = CancellationToken::new();
     let mut projecting = tokio::spawn(daemon.run(stop.clone()));
     let state = AppState { pool, nats, ops };
     let serving = platform::http::serve(listener, router(state), &config.http, shutdown);
@@ -196,6 +215,9 @@ pub async fn run(
         served = serving => {
             stop.cancel();
             projecting.await??;
+            if let Some(reconciling) = reconciling {
+                reconciling.await?;
+            }
             served?;
             Ok(())
         }

@@ -9,7 +9,7 @@ use events::{CancellationReason, OrderEvent, OrderItem, OrderKind};
 use testkit::eventually;
 use uuid::Uuid;
 
-fn placed(order: Uuid, user: &str) -> OrderEvent {
+pub(crate) fn placed(order: Uuid, user: &str) -> OrderEvent {
     OrderEvent::OrderPlaced {
         order_id: order,
         user_id: user.into(),
@@ -31,14 +31,14 @@ fn placed(order: Uuid, user: &str) -> OrderEvent {
     }
 }
 
-fn payment_started(payment: Uuid) -> OrderEvent {
+pub(crate) fn payment_started(payment: Uuid) -> OrderEvent {
     OrderEvent::OrderPaymentStarted {
         payment_id: payment,
         amount_cents: 990,
     }
 }
 
-fn paid(payment: Uuid) -> OrderEvent {
+pub(crate) fn paid(payment: Uuid) -> OrderEvent {
     OrderEvent::OrderPaid {
         payment_id: payment,
         amount_cents: 990,
@@ -47,7 +47,7 @@ fn paid(payment: Uuid) -> OrderEvent {
 }
 
 /// Stores three events for each of `n` orders; returns their envelopes in order.
-async fn paid_orders(setup: &Setup, n: usize) -> anyhow::Result<Vec<events::EventEnvelope>> {
+pub(crate) async fn paid_orders(setup: &Setup, n: usize) -> anyhow::Result<Vec<events::EventEnvelope>> {
     let mut envelopes = Vec::new();
     for i in 0..n {
         let (order, payment) = (Uuid::now_v7(), Uuid::now_v7());

@@ -2,6 +2,7 @@
 //! binary per file: each links the whole workspace once, not 5 times).
 
 mod daemon;
+mod reconciler;
 mod replay;
 mod service;
 mod support;

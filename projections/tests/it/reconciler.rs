@@ -1,0 +1,125 @@
+//! The views' reconciler against real Postgres and NATS: a document left
+//! behind with nothing left to redeliver (a commit that vanished, an event
+//! that never reached the stream) is caught up and counted; a document the
+//! daemon is still getting to is left to it until the reconciler's patience
+//! runs out; current documents are left alone.
+
+use std::time::Duration;
+
+use crate::{
+    daemon::paid_orders,
+    support::{Setup, at},
+};
+use events::OrderEvent;
+use projections::{
+    Projection,
+    reconciler::{ReconcilerConfig, ViewReconciler},
+    replay::{ReplayOptions, Silent},
+};
+
+fn config(patience: Duration) -> ReconcilerConfig {
+    ReconcilerConfig {
+        grace: Duration::ZERO,
+        patience,
+        ..ReconcilerConfig::default()
+    }
+}
+
+async fn replay_differences(setup: &Setup) -> anyhow::Result<u64> {
+    let options = ReplayOptions {
+        batch: 100,
+        dry_run: true,
+        document_cache: 100,
+    };
+    let report = Projection::Orders.replay(&setup.db.pool, &options, &mut Silent).await?;
+    let differences = report
+        .differences
+        .ok_or_else(|| anyhow::anyhow!("a dry run compares"))?;
+    Ok(differences.changed + differences.missing_live + differences.missing_replay)
+}
+
+#[tokio::test]
+async fn documents_behind_the_store_with_nothing_pending_are_caught_up_and_counted() -> anyhow::Result<()> {
+    let mut setup = Setup::new().await?;
+    let envelopes = paid_orders(&setup, 20).await?;
+    for envelope in &envelopes {
+        setup.publish(envelope, false).await?;
+    }
+    setup.start_daemon(5);
+    setup.wait_caught_up().await?;
+
+    // the commit that created one document vanished after its batch was acked
+    let lost = envelopes[0].aggregate_id.clone();
+    sqlx::query("DELETE FROM order_view WHERE id = $1")
+        .bind(&lost)
+        .execute(&setup.db.pool)
+        .await?;
+    // an event is in the store that never reached the stream
+    let unpublished = envelopes[3].aggregate_id.clone();
+    setup
+        .store(&unpublished, 4, &OrderEvent::OrderPreparationStarted { at: at(120) })
+        .await?;
+    assert!(replay_differences(&setup).await? > 0);
+
+    // the daemon has nothing pending: a long patience does not hold the repair back
+    let mut reconciler = ViewReconciler::new(
+        setup.db.pool.clone(),
+        setup.js.clone(),
+        setup.namespace.clone(),
+        config(Duration::from_secs(600)),
+    )
+    .starting_at(0);
+    let report = reconciler.pass().await?;
+    assert_eq!(report.repaired, 2, "{report:?}");
+    assert_eq!(replay_differences(&setup).await?, 0);
+    let status = setup
+        .doc("order_view", &unpublished)
+        .await?
+        .map(|d| d["status"].clone());
+    assert_eq!(status, Some("preparing".into()));
+
+    // nothing new: nothing to repair, and every suspect was settled
+    let again = reconciler.pass().await?;
+    assert_eq!((again.repaired, again.waiting), (0, 0), "{again:?}");
+    setup.finish().await
+}
+
+#[tokio::test]
+async fn a_document_the_daemon_has_not_reached_is_left_to_it_until_patience_runs_out() -> anyhow::Result<()> {
+    let mut setup = Setup::new().await?;
+    let envelopes = paid_orders(&setup, 1).await?;
+    // the daemon's consumer exists and holds the events, but nothing consumes them yet
+    setup.start_daemon(5);
+    setup.stop_daemon().await?;
+    for envelope in &envelopes {
+        setup.publish(envelope, false).await?;
+    }
+
+    let mut patient = ViewReconciler::new(
+        setup.db.pool.clone(),
+        setup.js.clone(),
+        setup.namespace.clone(),
+        config(Duration::from_secs(600)),
+    )
+    .starting_at(0);
+    let report = patient.pass().await?;
+    assert_eq!((report.repaired, report.waiting), (0, 1), "{report:?}");
+
+    let mut impatient = ViewReconciler::new(
+        setup.db.pool.clone(),
+        setup.js.clone(),
+        setup.namespace.clone(),
+        config(Duration::ZERO),
+    )
+    .starting_at(0);
+    assert_eq!(impatient.pass().await?.repaired, 1);
+
+    // the daemon comes back: its events are duplicates now, the view stays right
+    setup.start_daemon(5);
+    setup.wait_caught_up().await?;
+    assert_eq!(replay_differences(&setup).await?, 0);
+    let rows = setup.rows("order_view").await?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, 3);
+    setup.finish().await
+}
