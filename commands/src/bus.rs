@@ -94,7 +94,12 @@ where
         let (appends, decided) = decide().await.map_err(UnitError::Decide)?;
         match store.append(&appends).await {
             Ok(()) => return Ok(decided),
-            Err(StoreError::Conflict) => {
+            Err(error @ (StoreError::Conflict | StoreError::SequenceGap { .. })) => {
+                if let StoreError::SequenceGap { .. } = error {
+                    // decided on a cached state the store does not have (it
+                    // lost commits): the next attempt loads what it has
+                    tracing::warn!(%error, label, "decided on a state the store does not have; deciding again");
+                }
                 metrics::counter!("command_conflicts_total", "aggregate" => label).increment(1);
                 if attempt >= retry.attempts {
                     return Err(UnitError::Conflict { attempts: attempt });

@@ -112,6 +112,12 @@ impl ClaimWriter {
         }
     }
 
+    /// Forgets the cached vouchers (the store restarted and may have lost
+    /// decisions they include).
+    pub fn forget_cached(&self) {
+        self.vouchers.clear();
+    }
+
     /// Records a decision and an order for each claim of one voucher.
     /// Returns how many claims were newly decided (0 on a pure redelivery).
     pub async fn process(
@@ -335,7 +341,7 @@ struct RequestIds {
 /// order and voucher becomes a claim with no usable user id, which the
 /// voucher refuses as `invalid_request`: the admitted request still ends as
 /// one (rejected) order and its unit goes back to the sale.
-fn decode_request(payload: &[u8]) -> Result<(Uuid, SeckillClaim), UnreadableRequest> {
+pub(crate) fn decode_request(payload: &[u8]) -> Result<(Uuid, SeckillClaim), UnreadableRequest> {
     match serde_json::from_slice::<OrderRequested>(payload) {
         Ok(request) => Ok((
             request.voucher_id,
@@ -374,7 +380,7 @@ impl std::fmt::Display for DisplayChain<'_> {
     }
 }
 
-fn trace_of(headers: &async_nats::HeaderMap) -> TraceHeaders {
+pub(crate) fn trace_of(headers: &async_nats::HeaderMap) -> TraceHeaders {
     let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
     TraceHeaders {
         traceparent: get(events::subjects::TRACEPARENT),

@@ -8,7 +8,11 @@
 //! - [`api`]: the HTTP handlers and their error type.
 //! - the outbox relay (`event_store::relay`) and the leader election
 //!   (`event_store::leader`) run in this process.
-//! - [`claims`]: the seckill claim writer, JetStream → voucher + orders.
+//! - [`claims`]: the seckill claim writer, JetStream → voucher + orders;
+//!   [`reconciler`]: beside it, proves every acknowledged request has an
+//!   order and re-drives the ones a lost commit left without one.
+//! - every cached aggregate is forgotten when Postgres restarted (it may
+//!   have lost commits they include).
 //! - [`lifecycle`]: the order lifecycle reactor; [`saga`]: the goods
 //!   reservation saga's pure decision, which the reactor executes.
 //! - [`Config`], [`AppState`], [`router`] (for in-process tests) and [`run`].
@@ -20,6 +24,7 @@ pub mod domain;
 pub mod hot;
 pub mod lifecycle;
 pub mod payments;
+pub mod reconciler;
 pub mod saga;
 pub mod timeouts;
 
@@ -66,6 +71,10 @@ pub struct Config {
     /// Most OrderRequested messages decided in one voucher append.
     #[arg(long, env = "CLAIM_BATCH_SIZE", default_value_t = 1_000)]
     pub claim_batch_size: usize,
+    /// How often the claim writer's reconciler checks that every acknowledged
+    /// request has an order ([`reconciler`]); 0 turns it off.
+    #[arg(long, env = "CLAIM_RECONCILE_INTERVAL_MS", default_value_t = 1_000)]
+    pub claim_reconcile_interval_ms: u64,
     /// Run the order lifecycle reactor (deadlines, coupons, compensation) here.
     #[arg(long, env = "LIFECYCLE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub lifecycle_enabled: bool,
@@ -295,6 +304,7 @@ pub async fn run(
     }
     if config.claim_writer_enabled {
         let writer = state.claim_writer();
+        let reconcile_interval_ms = config.claim_reconcile_interval_ms;
         let spec = cp_nats::ConsumerSpec::new(namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER)
             .max_deliver(10)
             .max_ack_pending(i64::try_from(config.claim_batch_size * 20).unwrap_or(20_000));
@@ -316,6 +326,7 @@ pub async fn run(
                 claims::CLAIM_WRITER_LOCK_KEY,
                 stop.clone().cancelled_owned(),
                 |stepping_down| {
+                    let reconcile_every = Duration::from_millis(reconcile_interval_ms);
                     let (writer, js, spec, publisher, namespace, runner_config, pool) = (
                         writer.clone(),
                         js.clone(),
@@ -328,6 +339,20 @@ pub async fn run(
                     async move {
                         match cp_nats::ensure_consumer(&js, &spec).await {
                             Ok(consumer) => {
+                                // beside the writer, in the same term: it re-drives through it
+                                let reconciling = (!reconcile_every.is_zero()).then(|| {
+                                    let reconciler = reconciler::RequestReconciler::new(
+                                        pool.clone(),
+                                        js.clone(),
+                                        namespace.clone(),
+                                        writer.clone(),
+                                        reconciler::ReconcilerConfig {
+                                            every: reconcile_every,
+                                            ..reconciler::ReconcilerConfig::default()
+                                        },
+                                    );
+                                    tokio::spawn(reconciler.run(stepping_down.clone()))
+                                });
                                 let runner = cp_nats::ConsumerRunner::batched(
                                     consumer,
                                     writer,
@@ -337,8 +362,12 @@ pub async fn run(
                                 )
                                 .with_probe(cp_nats::probe(move || platform::pg::answers(pool.clone())));
                                 // on lost leadership (or shutdown) it gives back what it holds
-                                if let Err(error) = runner.run(stepping_down.cancelled_owned()).await {
+                                if let Err(error) = runner.run(stepping_down.clone().cancelled_owned()).await {
                                     tracing::error!(%error, "claim writer stopped");
+                                }
+                                if let Some(reconciling) = reconciling {
+                                    reconciling.abort();
+                                    let _ = reconciling.await;
                                 }
                             }
                             Err(error) => tracing::error!(%error, "claim writer consumer unavailable"),
@@ -376,6 +405,7 @@ pub async fn run(
             }
         });
     }
+    background.spawn(watch_store(pool.clone(), state.api.clone(), stop.clone()));
     if config.timeouts_enabled {
         let poller = timeouts::TimeoutPoller::new(
             pool.clone(),
@@ -391,4 +421,20 @@ pub async fn run(
     while background.join_next().await.is_some() {}
     served?;
     Ok(())
+}
+
+/// Forgets the cached aggregates whenever Postgres restarted (checked every
+/// second): it may have lost commits they include.
+async fn watch_store(pool: sqlx::PgPool, api: Api, stop: CancellationToken) {
+    let mut watch = event_store::reconcile::ServerWatch::default();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    while stop.run_until_cancelled(every.tick()).await.is_some() {
+        if let Ok(started) = event_store::reconcile::server_started(&pool).await
+            && watch.restarted(started)
+        {
+            tracing::warn!("Postgres restarted: forgetting the cached aggregates, which may hold lost commits");
+            metrics::counter!("aggregate_cache_flushes_total").increment(1);
+            api.forget_cached();
+        }
+    }
 }

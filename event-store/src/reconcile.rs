@@ -25,6 +25,22 @@ use sqlx::{PgExecutor, Row as _};
 /// How far a [`Cursor`] goes back when the server restarted.
 pub const REWIND: Duration = Duration::from_secs(60);
 
+/// Notices that the server restarted: `pg_postmaster_start_time()` changed.
+#[derive(Debug, Clone, Default)]
+pub struct ServerWatch {
+    started: Option<DateTime<Utc>>,
+}
+
+impl ServerWatch {
+    /// Whether `started` differs from the start time seen before (the first
+    /// one seen is only recorded).
+    pub fn restarted(&mut self, started: DateTime<Utc>) -> bool {
+        self.started
+            .replace(started)
+            .is_some_and(|previous| previous != started)
+    }
+}
+
 /// A reconciler's position (a global position, or a stream sequence) with
 /// the history it needs to go back [`REWIND`] after a server restart.
 #[derive(Debug, Clone)]
@@ -33,7 +49,7 @@ pub struct Cursor {
     /// (when, position) samples, oldest first; the first is the newest one
     /// at least `window` old (or the oldest there is).
     history: VecDeque<(Instant, i64)>,
-    server_started: Option<DateTime<Utc>>,
+    server: ServerWatch,
     window: Duration,
 }
 
@@ -46,7 +62,7 @@ impl Cursor {
         Self {
             position,
             history: VecDeque::from([(now, position)]),
-            server_started: None,
+            server: ServerWatch::default(),
             window,
         }
     }
@@ -76,8 +92,7 @@ impl Cursor {
     /// the cursor goes back to where it stood `window` ago (returning the
     /// position it left, `None` if nothing changed).
     pub fn observe_server(&mut self, started: DateTime<Utc>, now: Instant) -> Option<i64> {
-        let previous = self.server_started.replace(started);
-        if previous.is_none_or(|p| p == started) {
+        if !self.server.restarted(started) {
             return None;
         }
         let left = self.position;

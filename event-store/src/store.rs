@@ -39,8 +39,11 @@ pub enum StoreError {
     /// Another writer appended to one of the aggregates first.
     #[error("optimistic lock conflict")]
     Conflict,
-    /// A programming error, never retried: the events were decided on a
-    /// state the store does not have.
+    /// The events were decided on a state the store does not have: a
+    /// programming error, or a cached aggregate ahead of a store that lost
+    /// commits (a Postgres crash with `synchronous_commit = off`, a failover
+    /// to a lagging replica). Deciding again on the stored state cures the
+    /// second, so it is retried like a conflict (`commands::bus::unit_of_work`).
     #[error(
         "appending {aggregate_type}/{aggregate_id} at sequence {sequence} would leave a gap: its previous event is not stored"
     )]
@@ -73,9 +76,9 @@ impl StoreError {
     /// database that is away).
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Conflict | Self::WriterStopped => false,
+            Self::Conflict | Self::WriterStopped | Self::SequenceGap { .. } => false,
             Self::Database(error) => database_error_is_permanent(error),
-            Self::SequenceGap { .. } | Self::Serialize(_) | Self::Corrupt { .. } => true,
+            Self::Serialize(_) | Self::Corrupt { .. } => true,
         }
     }
 }
@@ -571,6 +574,14 @@ impl<A> AggregateCache<A> {
 
     pub fn len(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    /// Forgets every entry: the store may have lost commits the entries
+    /// include (it restarted), so each is loaded again from what it holds.
+    pub fn clear(&self) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.clear();
+        }
     }
 
     pub fn is_empty(&self) -> bool {

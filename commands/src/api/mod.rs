@@ -61,6 +61,24 @@ pub struct Api {
     pub hot_products: Option<crate::hot::ProductSemaphore>,
 }
 
+impl Api {
+    /// Forgets every cached aggregate: after the store restarted it may have
+    /// lost commits the cached states include, and deciding on those would
+    /// write on a state the store does not have.
+    pub fn forget_cached(&self) {
+        self.voucher_cache.clear();
+        if let Some(cache) = self.products.cache() {
+            cache.clear();
+        }
+        if let Some(cache) = self.orders.cache() {
+            cache.clear();
+        }
+        if let Some(cache) = self.coupons.cache() {
+            cache.clear();
+        }
+    }
+}
+
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Api").finish_non_exhaustive()

@@ -13,7 +13,7 @@ use events::{EventMetadata, Namespace, OrderRequested, OrderStatus, VoucherKind}
 use platform::http::{Health, JwtKeys, Ops};
 use uuid::Uuid;
 
-fn state(db: &testkit::TestDb) -> AppState {
+pub(crate) fn state(db: &testkit::TestDb) -> AppState {
     let ops = Ops {
         health: Health::new(),
         metrics: platform::telemetry::metrics_handle(),
@@ -22,7 +22,7 @@ fn state(db: &testkit::TestDb) -> AppState {
     AppState::with_clock(db.pool.clone(), JwtKeys::new(&platform::Secret::new("s")), ops, clock)
 }
 
-async fn seckill_voucher(state: &AppState, stock: u32) -> anyhow::Result<Uuid> {
+pub(crate) async fn seckill_voucher(state: &AppState, stock: u32) -> anyhow::Result<Uuid> {
     let voucher_id = Uuid::now_v7();
     let now = Utc::now();
     state
@@ -48,7 +48,7 @@ async fn seckill_voucher(state: &AppState, stock: u32) -> anyhow::Result<Uuid> {
     Ok(voucher_id)
 }
 
-async fn order_statuses(pool: &sqlx::PgPool) -> anyhow::Result<HashMap<String, (String, String)>> {
+pub(crate) async fn order_statuses(pool: &sqlx::PgPool) -> anyhow::Result<HashMap<String, (String, String)>> {
     // (status-deciding event, user) per order, straight from the event store
     let rows: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
         "SELECT aggregate_id, event_type, payload FROM events WHERE aggregate_type = 'Order' AND sequence = 1",

@@ -5,4 +5,5 @@ mod api;
 mod bus;
 mod claims;
 mod lifecycle;
+mod reconciler;
 mod service;

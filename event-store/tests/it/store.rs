@@ -31,7 +31,9 @@ async fn the_store_refuses_an_append_that_would_leave_a_gap_in_a_sequence() -> a
         matches!(&refused, Err(StoreError::SequenceGap { aggregate_id, sequence: 3, .. }) if aggregate_id == "p-1"),
         "{refused:?}"
     );
-    assert!(refused.as_ref().is_err_and(StoreError::is_permanent));
+    // not permanent: after a lost commit a cached aggregate is ahead of the
+    // store, and deciding again on the stored state succeeds
+    assert!(refused.as_ref().is_err_and(|e| !e.is_permanent()));
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&db.pool)
         .await?;

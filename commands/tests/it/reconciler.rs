@@ -1,0 +1,133 @@
+//! The requests' reconciler against real Postgres and NATS: admitted
+//! requests the claim writer acknowledged but whose commit vanished (the
+//! voucher's last decisions and their orders gone from the store, the
+//! writer's cache still holding them) are found and re-driven into exactly
+//! one order each; a second pass finds nothing.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use commands::{
+    CLAIM_WRITER_CONSUMER,
+    reconciler::{ReconcilerConfig, RequestReconciler},
+};
+use cp_nats::{ConsumerRunner, ConsumerSpec, Outgoing, Publisher, RunnerConfig, Topology, ensure_consumer};
+use events::{Namespace, OrderRequested};
+use uuid::Uuid;
+
+use crate::claims::{order_statuses, seckill_voucher, state};
+
+#[tokio::test]
+async fn acknowledged_requests_whose_orders_vanished_are_re_driven_into_one_order_each() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let voucher_id = seckill_voucher(&state, 100).await?;
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
+    cp_nats::ensure_topology(
+        &js,
+        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
+    let publisher = Publisher::new(js.clone(), 256);
+    let consumer = ensure_consumer(
+        &js,
+        &ConsumerSpec::new(namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER),
+    )
+    .await?;
+    let runner = ConsumerRunner::batched(
+        consumer.clone(),
+        state.claim_writer(),
+        publisher.clone(),
+        namespace.clone(),
+        RunnerConfig::default(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+
+    let publish = |users: std::ops::Range<usize>| {
+        let publisher = publisher.clone();
+        let subject = namespace.seckill_requests_subject();
+        async move {
+            let requests: Vec<OrderRequested> = users
+                .map(|u| OrderRequested {
+                    order_id: Uuid::now_v7(),
+                    voucher_id,
+                    user_id: format!("user-{u}"),
+                    requested_at: Utc::now(),
+                })
+                .collect();
+            let messages: Vec<Outgoing> = requests
+                .iter()
+                .map(|r| {
+                    Outgoing::new(
+                        subject.clone(),
+                        r.order_id.to_string(),
+                        serde_json::to_vec(r).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            publisher.publish_all(messages).await?;
+            anyhow::Ok(requests)
+        }
+    };
+    let acked = |count: u64| {
+        let consumer = consumer.clone();
+        async move {
+            let mut consumer = consumer;
+            Ok(consumer.info().await?.ack_floor.stream_sequence == count)
+        }
+    };
+    publish(0..30).await?;
+    testkit::eventually(Duration::from_secs(20), || acked(30)).await?;
+    let voucher_version: i64 =
+        sqlx::query_scalar("SELECT max(sequence) FROM events WHERE aggregate_type = 'Voucher' AND aggregate_id = $1")
+            .bind(voucher_id.to_string())
+            .fetch_one(&db.pool)
+            .await?;
+    let lost = publish(30..60).await?;
+    testkit::eventually(Duration::from_secs(20), || acked(60)).await?;
+    stop.cancel();
+    running.await??;
+    assert_eq!(order_statuses(&db.pool).await?.len(), 60);
+
+    // the second batch's commit vanishes: its decisions and orders are gone,
+    // while its requests stay acknowledged and the writer's cache holds them
+    let lost_ids: Vec<String> = lost.iter().map(|r| r.order_id.to_string()).collect();
+    sqlx::query("DELETE FROM events WHERE aggregate_type = 'Order' AND aggregate_id = ANY($1)")
+        .bind(&lost_ids)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("DELETE FROM events WHERE aggregate_type = 'Voucher' AND aggregate_id = $1 AND sequence > $2")
+        .bind(voucher_id.to_string())
+        .bind(voucher_version)
+        .execute(&db.pool)
+        .await?;
+    assert_eq!(order_statuses(&db.pool).await?.len(), 30);
+
+    let mut reconciler = RequestReconciler::new(
+        db.pool.clone(),
+        js.clone(),
+        namespace.clone(),
+        state.claim_writer(),
+        ReconcilerConfig::default(),
+    )
+    .starting_at(0);
+    let report = reconciler.pass().await?;
+    assert_eq!(
+        (report.checked, report.missing, report.repaired),
+        (60, 30, 30),
+        "{report:?}"
+    );
+    let orders = order_statuses(&db.pool).await?;
+    assert_eq!(orders.len(), 60);
+    for request in &lost {
+        let (event, user) = &orders[&request.order_id.to_string()];
+        assert_eq!((event.as_str(), user), ("OrderPlaced", &request.user_id));
+    }
+
+    let again = reconciler.pass().await?;
+    assert_eq!((again.missing, again.repaired), (0, 0), "{again:?}");
+    assert_eq!(order_statuses(&db.pool).await?.len(), 60);
+    Ok(())
+}
