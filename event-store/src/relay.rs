@@ -12,6 +12,10 @@
 //!   pipelined within the publisher's window, every ack awaited. After a
 //!   full batch the next one is read while this one is published (used only
 //!   once this one is wholly out), so reading and publishing overlap.
+//! - **Durable first**: before a batch is published, a synchronous commit of
+//!   the relay's own flushes the WAL past every commit the batch came from
+//!   ([`make_durable`]): nothing reaches JetStream that a crash of Postgres
+//!   with `synchronous_commit = off` can take back.
 //! - **Cursor**: stored only after the acks, and only forwards. A crash between
 //!   publish and cursor write re-publishes the batch; JetStream drops the
 //!   duplicates by id.
@@ -157,6 +161,9 @@ impl Relay {
             return Ok(());
         };
         tracing::info!(relay = %self.config.name, "relay is active");
+        // this session's commits are durable (and on synchronous standbys)
+        // before they return, whatever the writers' setting: see make_durable
+        sqlx::query("SET synchronous_commit = on").execute(&mut conn).await?;
         metrics::gauge!("relay_active").set(1.0);
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("events_appended").await?;
@@ -196,6 +203,7 @@ impl Relay {
                     continue;
                 }
             }
+            make_durable(&mut conn, &self.config.name).await?;
             let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= self.config.batch_size;
             metrics::gauge!("relay_lag_seconds")
                 .set((Utc::now() - rows[0].recorded_at).num_milliseconds().max(0) as f64 / 1000.0);
@@ -294,6 +302,28 @@ impl Relay {
             Err(failure) => Err((last, failure.into())),
         }
     }
+}
+
+/// Makes every commit a batch came from durable before the batch leaves.
+///
+/// With `synchronous_commit = off` a commit is visible (and read here)
+/// before its WAL is flushed, and a failover to a lagging replica loses
+/// commits that were flushed only locally. An event published from such a
+/// commit and then lost from the store would be a phantom: consumers act on
+/// it, and its aggregate's sequence is later reused for another event with
+/// the same id, which JetStream's dedupe then drops (measured by the fault
+/// suite: an order view left at the phantom's content). A commit of this
+/// session, with `synchronous_commit = on`, flushes the WAL up to its own
+/// record (and waits for synchronous standbys, if any), which follows the
+/// commit record of every row the batch read.
+async fn make_durable(conn: &mut PgConnection, name: &str) -> Result<(), RelayError> {
+    let started = Instant::now();
+    sqlx::query("UPDATE relay_cursor SET updated_at = now() WHERE relay_name = $1")
+        .bind(name)
+        .execute(conn)
+        .await?;
+    metrics::histogram!("relay_durable_wait_seconds").record(started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 async fn set_listening(conn: &mut PgConnection, listening: bool) -> Result<(), RelayError> {

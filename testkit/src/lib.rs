@@ -9,8 +9,10 @@
 
 pub mod bench;
 mod nats_cluster;
+pub mod postgres_server;
 
 pub use nats_cluster::{NatsCluster, nats_server_bin};
+pub use postgres_server::PostgresServer;
 
 use std::{future::Future, time::Duration};
 

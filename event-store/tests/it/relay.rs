@@ -289,3 +289,63 @@ async fn published_messages_carry_id_trace_and_routing_headers() -> anyhow::Resu
     assert_eq!(published[0].metadata.correlation_id, meta.correlation_id);
     Ok(())
 }
+
+/// On a Postgres of the test's own with `synchronous_commit = off` and its
+/// WAL writer frozen: events are appended and published, then the server
+/// stops at once. Every event that reached JetStream must still be in the
+/// store after crash recovery; without the relay's durable commit before
+/// publishing, all of them were published and lost (a phantom each).
+#[tokio::test]
+async fn nothing_published_is_lost_when_postgres_crashes_with_synchronous_commit_off() -> anyhow::Result<()> {
+    testkit::init_logs();
+    let mut server = testkit::PostgresServer::start(testkit::postgres_server::Durability::LoseRecentCommits).await?;
+    let admin = PgPool::connect(&server.url("postgres")).await?;
+    sqlx::query("CREATE DATABASE relay_crash").execute(&admin).await?;
+    admin.close().await;
+    let pool = PgPool::connect(&server.url("relay_crash")).await?;
+    platform::pg::migrate(&pool).await?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    ensure_topology(
+        &js,
+        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
+    let relay = Relay::new(
+        pool.clone(),
+        Publisher::new(js.clone(), 1_024),
+        namespace.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_millis(20),
+            ..RelayConfig::default()
+        },
+    );
+    let relaying = tokio::spawn(relay.run(std::future::pending()));
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&pool).await?;
+    assert_eq!(setting, "off");
+    // from here on, the commits' WAL stays in memory: the crash takes them back
+    server.stall_wal_writer().await?;
+    for i in 0..50 {
+        insert(&pool, &format!("order-{i}"), 1).await?;
+    }
+    let stream = js.get_stream(namespace.events_stream("Order")).await?;
+    testkit::eventually(Duration::from_secs(10), || {
+        let stream = stream.clone();
+        async move {
+            let mut stream = stream;
+            Ok(stream.info().await?.state.messages == 50)
+        }
+    })
+    .await?;
+    relaying.abort();
+    pool.close().await;
+
+    server.stop_immediately()?;
+    server.start_again().await?;
+    let pool = PgPool::connect(&server.url("relay_crash")).await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(stored, 50, "every published event survived the crash");
+    Ok(())
+}
