@@ -62,10 +62,13 @@ pub enum Fault {
     Postgres,
     /// SIGKILL of the Redis Cluster primary that holds the voucher.
     RedisPrimary,
+    /// No kill: every buyer pays through the simulated provider around the
+    /// moment its order's payment deadline fires (3 s after placing).
+    PaymentTimeoutRace,
 }
 
 impl Fault {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Edge,
         Self::CommandApi,
         Self::ProjectionDaemon,
@@ -73,6 +76,7 @@ impl Fault {
         Self::NatsNode,
         Self::Postgres,
         Self::RedisPrimary,
+        Self::PaymentTimeoutRace,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -84,6 +88,7 @@ impl Fault {
             Self::NatsNode => "kill -9 one NATS node (the requests stream's leader)",
             Self::Postgres => "Postgres immediate stop, the last 0.5 s of commits lost",
             Self::RedisPrimary => "kill -9 the voucher's Redis primary",
+            Self::PaymentTimeoutRace => "payments racing their 3 s deadline",
         }
     }
 }
@@ -142,6 +147,7 @@ pub struct Outcome {
     pub rejected: usize,
     /// 202s without an order in the store.
     pub lost: usize,
+    /// More units held (placed minus released) than the stock.
     pub oversold: bool,
     /// Users holding more than one placed order.
     pub users_twice: usize,
@@ -155,9 +161,29 @@ pub struct Outcome {
     pub consistent_after: Option<Duration>,
     /// Repairs the reconcilers counted (requests, views).
     pub repairs: (u64, u64),
+    /// The payment race: orders paid, timed out, and ending otherwise than
+    /// with exactly one of the two (a payment after the timeout refunded
+    /// once, the unit released once).
+    pub race: Option<Race>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Race {
+    pub paid: usize,
+    pub timed_out: usize,
+    pub refunded: usize,
+    pub violations: usize,
+}
+
+/// The goal: consistent again this soon after the failed part is back.
+pub const GOAL: Duration = Duration::from_secs(5);
+
 impl Outcome {
+    /// Every invariant held, and consistency came back within `goal`.
+    pub fn met(&self, goal: Duration) -> bool {
+        self.passed() && self.consistent_after.is_some_and(|after| after <= goal)
+    }
+
     /// Every invariant held.
     pub fn passed(&self) -> bool {
         self.lost == 0
@@ -166,6 +192,7 @@ impl Outcome {
             && self.voucher_view_consistent
             && self.replay_equal
             && self.consistent_after.is_some()
+            && self.race.is_none_or(|race| race.violations == 0)
     }
 }
 
@@ -282,7 +309,13 @@ struct Stack {
 }
 
 impl Stack {
-    async fn start(infra: &Infra, bins: &Path, logs: &Path, label: &str) -> anyhow::Result<Self> {
+    async fn start(
+        infra: &Infra,
+        bins: &Path,
+        logs: &Path,
+        label: &str,
+        payment_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let database = format!("chaos_{}", testkit::short_id());
         let admin = PgPool::connect(&infra.postgres.url("postgres")).await?;
         sqlx::query(&format!(r#"CREATE DATABASE "{database}""#))
@@ -330,6 +363,7 @@ impl Stack {
             ("PAYMENT_WEBHOOK_SECRET".to_owned(), WEBHOOK_SECRET.to_owned()),
             ("PAYMENT_PUBLIC_URL".to_owned(), public.clone()),
             ("PAYMENT_WEBHOOK_URL".to_owned(), format!("{public}/webhooks/payments")),
+            ("PAYMENT_TIMEOUT_SECS".to_owned(), payment_timeout.as_secs().to_string()),
         ]);
         let edge = service(
             "seckill-edge",
@@ -380,7 +414,7 @@ impl Stack {
             Fault::CommandApi => Some(&mut self.commands),
             Fault::ProjectionDaemon => Some(&mut self.projections),
             Fault::QueryApi => Some(&mut self.queries),
-            Fault::NatsNode | Fault::Postgres | Fault::RedisPrimary => None,
+            Fault::NatsNode | Fault::Postgres | Fault::RedisPrimary | Fault::PaymentTimeoutRace => None,
         }
     }
 
@@ -465,8 +499,8 @@ async fn views_behind(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(behind)
 }
 
-/// The crowd's record: order ids answered 202, with their users.
-type Admitted = Arc<Mutex<HashMap<Uuid, String>>>;
+/// The crowd's record: order ids answered 202, with their users and when.
+type Admitted = Arc<Mutex<HashMap<Uuid, (String, Instant)>>>;
 
 /// What the crowd needs of the stack (which the fault changes meanwhile).
 #[derive(Clone)]
@@ -525,7 +559,7 @@ async fn crowd(client: Client, voucher: Uuid, config: SaleConfig, admitted: Admi
                 && let Some(order) = body["order_id"].as_str().and_then(|id| id.parse().ok())
                 && let Ok(mut admitted) = admitted.lock()
             {
-                admitted.insert(order, user);
+                admitted.insert(order, (user, Instant::now()));
             }
         });
     }
@@ -573,7 +607,9 @@ async fn strike(fault: Fault, stack: &mut Stack, infra: &mut Infra, voucher: Uui
             infra.redis.kill(port)?;
             Ok(Some(usize::from(port)))
         }
-        Fault::Edge | Fault::CommandApi | Fault::ProjectionDaemon | Fault::QueryApi => Ok(None),
+        Fault::Edge | Fault::CommandApi | Fault::ProjectionDaemon | Fault::QueryApi | Fault::PaymentTimeoutRace => {
+            Ok(None)
+        }
     }
 }
 
@@ -592,6 +628,80 @@ async fn recover(fault: Fault, stack: &mut Stack, infra: &mut Infra, struck: Opt
         }
         _ => Ok(()),
     }
+}
+
+/// The payment deadline of the race scenario.
+const RACE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Every buyer pays (`POST /orders/{id}/pay`, then the simulated provider's
+/// checkout, which calls the signed webhook) at a moment spread from 1 s
+/// before to 1 s after its order's deadline, as measured from its 202.
+async fn pay_around_deadlines(stack: &Stack, admitted: &HashMap<Uuid, (String, Instant)>) -> anyhow::Result<()> {
+    let mut payments = tokio::task::JoinSet::new();
+    let count = admitted.len().max(1);
+    for (i, (order, (user, at))) in admitted.iter().enumerate() {
+        let offset = -1.0 + 2.0 * i as f64 / count as f64;
+        let due = *at + RACE_DEADLINE;
+        let due = if offset < 0.0 {
+            due.checked_sub(Duration::from_secs_f64(-offset)).unwrap_or(due)
+        } else {
+            due + Duration::from_secs_f64(offset)
+        };
+        let (http, commands) = (stack.http.clone(), stack.commands.addr);
+        let token = stack.token(user, Role::Customer)?;
+        let order = *order;
+        payments.spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
+            // an order already timed out refuses the payment (409): that is one outcome too
+            let response = http
+                .post(format!("http://{commands}/orders/{order}/pay"))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            if response.status() != 200 {
+                return anyhow::Ok(());
+            }
+            let body: serde_json::Value = response.json().await?;
+            let checkout = body["checkout_url"].as_str().unwrap_or_default().to_owned();
+            http.post(checkout).bearer_auth(&token).send().await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = payments.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// How each order of the race ended, from its events.
+async fn race(pool: &PgPool) -> anyhow::Result<Race> {
+    let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT aggregate_id, array_agg(event_type ORDER BY sequence) FROM events
+          WHERE aggregate_type = 'Order' GROUP BY aggregate_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut race = Race {
+        paid: 0,
+        timed_out: 0,
+        refunded: 0,
+        violations: 0,
+    };
+    for (_, events) in rows {
+        if events.first().map(String::as_str) != Some("OrderPlaced") {
+            continue;
+        }
+        let count = |name: &str| events.iter().filter(|e| *e == name).count();
+        let (paid, timed_out, refunded) = (count("OrderPaid"), count("OrderTimedOut"), count("OrderRefunded"));
+        race.paid += paid.min(1);
+        race.timed_out += timed_out.min(1);
+        race.refunded += refunded.min(1);
+        // exactly one outcome, and money that came too late went back once
+        if paid + timed_out != 1 || refunded > 1 || (paid == 1 && refunded == 1) {
+            race.violations += 1;
+        }
+    }
+    Ok(race)
 }
 
 /// Sums a counter over the services' `/metrics` (every label set).
@@ -624,12 +734,17 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     std::fs::create_dir_all(logs)?;
     let label = format!("{fault:?}").to_lowercase();
-    let mut stack = Stack::start(infra, bins, logs, &label).await?;
+    let payment_timeout = if fault == Fault::PaymentTimeoutRace {
+        RACE_DEADLINE
+    } else {
+        Duration::from_secs(900)
+    };
+    let mut stack = Stack::start(infra, bins, logs, &label, payment_timeout).await?;
     let voucher = stack.create_sale(config.stock).await?;
 
     let admitted: Admitted = Arc::default();
     if let (Some((order, user)), Ok(mut admitted)) = (stack.wait_warm(voucher).await?, admitted.lock()) {
-        admitted.insert(order, user);
+        admitted.insert(order, (user, Instant::now()));
     }
     let client = Client {
         edge: stack.edge.addr,
@@ -638,21 +753,32 @@ pub async fn run(
     };
     let sale_started = Instant::now();
     let crowd = tokio::spawn(crowd(client, voucher, config.clone(), admitted.clone()));
-    // the fault strikes while the crowd goes on
-    tokio::time::sleep_until((sale_started + config.fault_at).into()).await;
-    let struck = strike(fault, &mut stack, infra, voucher).await?;
-    tokio::time::sleep(config.down_for).await;
-    recover(fault, &mut stack, infra, struck).await?;
-    let back_at = Instant::now();
-    let attempts = crowd.await??;
+    let (attempts, back_at) = if fault == Fault::PaymentTimeoutRace {
+        let attempts = crowd.await??;
+        let admitted = admitted.lock().map(|a| a.clone()).unwrap_or_default();
+        pay_around_deadlines(&stack, &admitted).await?;
+        (attempts, Instant::now())
+    } else {
+        // the fault strikes while the crowd goes on
+        tokio::time::sleep_until((sale_started + config.fault_at).into()).await;
+        let struck = strike(fault, &mut stack, infra, voucher).await?;
+        tokio::time::sleep(config.down_for).await;
+        recover(fault, &mut stack, infra, struck).await?;
+        let back_at = Instant::now();
+        (crowd.await??, back_at)
+    };
     let wait_until = Instant::now() + Duration::from_secs(60);
-    let admitted: HashMap<Uuid, String> = admitted.lock().map(|a| a.clone()).unwrap_or_default();
+    let admitted: HashMap<Uuid, String> = admitted
+        .lock()
+        .map(|a| a.iter().map(|(id, (user, _))| (*id, user.clone())).collect())
+        .unwrap_or_default();
     let mut consistent_at = None;
     while Instant::now() < wait_until {
         let ok = async {
             let stored = orders(&stack.pool).await?;
             let all_decided = admitted.keys().all(|id| stored.contains_key(id));
-            anyhow::Ok(all_decided && views_behind(&stack.pool).await? == 0)
+            let settled = fault != Fault::PaymentTimeoutRace || race(&stack.pool).await?.violations == 0;
+            anyhow::Ok(all_decided && settled && views_behind(&stack.pool).await? == 0)
         }
         .await
         .unwrap_or(false);
@@ -679,13 +805,26 @@ pub async fn run(
         .bind(voucher.to_string())
         .fetch_optional(&stack.pool)
         .await?;
+    let released: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'Voucher' AND aggregate_id = $1 AND event_type = 'SeckillStockReleased'",
+    )
+    .bind(voucher.to_string())
+    .fetch_one(&stack.pool)
+    .await?;
+    let race = if fault == Fault::PaymentTimeoutRace {
+        Some(race(&stack.pool).await?)
+    } else {
+        None
+    };
+    let released = released.unsigned_abs();
     let voucher_view_consistent = voucher_doc.is_some_and(|doc| {
-        let accepted = doc["accepted"].as_u64();
-        let claimed = doc["claimed"].as_u64();
-        let remaining = doc["remaining"].as_u64();
-        accepted == Some(placed.len() as u64)
-            && claimed == Some(placed.len() as u64)
-            && remaining == Some(u64::from(config.stock).saturating_sub(placed.len() as u64))
+        let holding = (placed.len() as u64).saturating_sub(released);
+        doc["accepted"].as_u64() == Some(placed.len() as u64)
+            && doc["released"].as_u64() == Some(released)
+            && doc["claimed"].as_u64() == Some(holding)
+            && doc["remaining"].as_u64() == Some(u64::from(config.stock).saturating_sub(holding))
+            // a unit comes back once per order that timed out, never more
+            && race.is_none_or(|race| released == race.timed_out as u64)
     });
     let mut replay_equal = true;
     let mut replay_differences = Vec::new();
@@ -721,13 +860,15 @@ pub async fn run(
         placed: placed.len(),
         rejected,
         lost,
-        oversold: placed.len() > config.stock as usize,
+        // units held: a timed-out order gave its unit back to the sale
+        oversold: (placed.len() as u64).saturating_sub(released) > u64::from(config.stock),
         users_twice: per_user.values().filter(|n| **n > 1).count(),
         voucher_view_consistent,
         replay_equal,
         replay_differences,
         consistent_after: consistent_at.map(|at| at.saturating_duration_since(back_at)),
         repairs,
+        race,
     })
 }
 
@@ -738,12 +879,12 @@ fn seconds(duration: Duration) -> String {
 /// The results as the markdown table of docs/RELIABILITY.md.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut out = String::from(
-        "| fault | attempts | 202 | placed | rejected | lost | oversell | user twice | voucher view | replay equal | consistent after back | repairs (requests / views) | result |\n\
-         |---|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|---|\n",
+        "| fault | attempts | 202 | placed | rejected | lost | oversell | user twice | voucher view | replay equal | consistent after back | repairs (requests / views) | payments: paid / timed out / refunded / wrong | result |\n\
+         |---|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|---:|---|\n",
     );
     for o in outcomes {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |\n",
             o.fault.describe(),
             o.attempts,
             o.admitted,
@@ -762,7 +903,17 @@ pub fn table(outcomes: &[Outcome]) -> String {
                 .map_or_else(|| "**not within 60 s**".to_owned(), seconds),
             o.repairs.0,
             o.repairs.1,
-            if o.passed() { "pass" } else { "**FAIL**" },
+            o.race.map_or_else(
+                || "–".to_owned(),
+                |r| format!("{} / {} / {} / {}", r.paid, r.timed_out, r.refunded, r.violations)
+            ),
+            if o.met(GOAL) {
+                "pass"
+            } else if o.passed() {
+                "**slow**"
+            } else {
+                "**FAIL**"
+            },
         ));
     }
     out

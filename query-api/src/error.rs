@@ -43,11 +43,11 @@ impl IntoResponse for ApiError {
             Self::InvalidParameter(ref message) => error_response(StatusCode::BAD_REQUEST, "invalid_query", message),
             Self::Store(ref cause) => {
                 tracing::error!(error = ?cause, "view store failure");
-                error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
+                platform::http::error::unavailable_response("store_unavailable", self.to_string())
             }
             Self::Lookup(ref cause) => {
                 tracing::error!(error = ?cause, "view lookup failure");
-                error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
+                platform::http::error::unavailable_response("store_unavailable", self.to_string())
             }
             Self::StoredDocument(ref cause) => {
                 tracing::error!(error = ?cause, "stored document does not decode");

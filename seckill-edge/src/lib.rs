@@ -10,6 +10,8 @@
 //!   an admission's 202 waits for on a replicated Redis, one per group of
 //!   admissions;
 //! - [`forwarder`]: Redis streams → JetStream `OrderRequested`;
+//!   [`reconciler`]: every admission of this gate has an order in the
+//!   store, or its request is sent again;
 //! - [`ledger`] (pure) and [`warmup`]: rebuilding a voucher's gate from the
 //!   event store, and the consumer of Voucher events (warm-up, re-credit);
 //! - [`Config`] (env), [`AppState`], [`router`] (routes, for in-process
@@ -23,6 +25,7 @@ pub mod gate;
 pub mod keys;
 pub mod ledger;
 pub mod limiter;
+pub mod reconciler;
 pub mod replication;
 pub mod warmup;
 
@@ -103,6 +106,13 @@ pub struct Config {
     /// This instance's name in the forwarder's consumer groups (default: random).
     #[arg(long, env = "SECKILL_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// How often the admissions' reconciler checks that every admitted
+    /// request has an order in the store ([`reconciler`]); 0 turns it off.
+    #[arg(long, env = "SECKILL_RECONCILE_INTERVAL_MS", default_value_t = 5_000)]
+    pub reconcile_interval_ms: u64,
+    /// How old an admission must be before the reconciler looks for its order.
+    #[arg(long, env = "SECKILL_RECONCILE_GRACE_MS", default_value_t = 30_000)]
+    pub reconcile_grace_ms: u64,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -228,7 +238,7 @@ pub async fn run(
     ));
     let warmer = Arc::new(Warmer::new(
         gate.clone(),
-        pool,
+        pool.clone(),
         js.clone(),
         namespace.clone(),
         WarmerConfig {
@@ -280,6 +290,20 @@ pub async fn run(
             forwarder_config,
         );
         background.spawn(forwarder.run(stop.clone()));
+    }
+    if config.reconcile_interval_ms > 0 {
+        let reconciler = reconciler::AdmissionReconciler::new(
+            redis.clone(),
+            config.key_prefix.clone(),
+            pool.clone(),
+            publisher.clone(),
+            namespace.clone(),
+            reconciler::ReconcilerConfig {
+                every: Duration::from_millis(config.reconcile_interval_ms),
+                grace: Duration::from_millis(config.reconcile_grace_ms),
+            },
+        );
+        background.spawn(reconciler.run(stop.clone()));
     }
     if config.sale_events_enabled {
         let spec = cp_nats::ConsumerSpec::new(

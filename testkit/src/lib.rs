@@ -285,6 +285,23 @@ pub async fn unreachable_nats() -> async_nats::Client {
         .unwrap_or_else(|e| panic!("nats client: {e}"))
 }
 
+/// Sends `request` to `router` in-process: status, headers and JSON body
+/// (`Null` when the body is not JSON).
+pub async fn respond(
+    router: axum::Router,
+    request: http::Request<axum::body::Body>,
+) -> (http::StatusCode, http::HeaderMap, serde_json::Value) {
+    use tower::ServiceExt as _;
+    let response = match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (parts.status, parts.headers, json)
+}
+
 /// GET `path` on `router` in-process and return the status.
 pub async fn status_of(router: axum::Router, path: &str) -> u16 {
     use tower::ServiceExt as _;

@@ -84,7 +84,7 @@ impl IntoResponse for ApiError {
             }
             Self::Store(ref cause) => {
                 tracing::error!(error = ?cause, "event store failure");
-                error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", self.to_string())
+                platform::http::error::unavailable_response("store_unavailable", self.to_string())
             }
         }
     }

@@ -126,3 +126,34 @@ async fn a_command_reaches_jetstream_and_an_admitted_request_becomes_an_order() 
     );
     server.stop().await
 }
+
+/// What a client sees while Postgres is away: 503 `store_unavailable` with
+/// `Retry-After`, within the pool's acquire timeout (never a hang, never a 500).
+#[tokio::test]
+async fn a_command_while_postgres_is_away_is_503_with_retry_after() -> anyhow::Result<()> {
+    use platform::http::Role;
+
+    let keys = JwtKeys::new(&platform::Secret::new("s"));
+    let ops = Ops {
+        health: Health::new().postgres(testkit::unreachable_pool()),
+        metrics: platform::telemetry::metrics_handle(),
+    };
+    let state = AppState::new(testkit::unreachable_pool(), keys.clone(), ops);
+    let token = keys.issue("shop-1", Role::Merchant, std::time::Duration::from_secs(60))?;
+    let body = serde_json::json!({
+        "title": "Hotpot for two", "kind": "seckill", "price_cents": 990, "value_cents": 5000,
+        "min_spend_cents": 0, "stock": 10,
+        "begins_at": "2030-01-01T00:00:00Z", "ends_at": "2030-01-02T00:00:00Z",
+    });
+    let request = http::Request::post("/vouchers")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(serde_json::to_vec(&body)?))?;
+    let started = std::time::Instant::now();
+    let (status, headers, body) = testkit::respond(commands::router(state), request).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    assert_eq!(headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    Ok(())
+}

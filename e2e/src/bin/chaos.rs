@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             outcome.lost,
             outcome.consistent_after,
             outcome.repairs,
-            if outcome.passed() { "pass" } else { "FAIL" }
+            if outcome.met(chaos::GOAL) { "pass" } else { "FAIL" }
         );
         for difference in &outcome.replay_differences {
             eprintln!("    replay differs: {difference}");
@@ -80,6 +80,10 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(&path, chaos::splice(&document, &stamped)?)?;
         eprintln!("==> wrote {}", path.display());
     }
-    anyhow::ensure!(outcomes.iter().all(chaos::Outcome::passed), "some scenarios failed");
+    anyhow::ensure!(
+        outcomes.iter().all(|o| o.met(chaos::GOAL)),
+        "some scenarios failed or were consistent again only after more than {:?}",
+        chaos::GOAL
+    );
     Ok(())
 }

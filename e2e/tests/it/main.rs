@@ -8,6 +8,7 @@
 //! customer's coupon, a paid goods order and a pending seckill order) so
 //! that the ids in paths exist.
 
+mod chaos;
 mod contract;
 mod hostile_input;
 mod sale;

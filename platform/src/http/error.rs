@@ -41,6 +41,20 @@ pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>
     (status, Json(body)).into_response()
 }
 
+/// How long a client should wait before retrying after a dependency was
+/// unavailable (the `Retry-After` of every such 503).
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
+
+/// A 503 for a dependency that is away (the store, the gate), with
+/// `Retry-After`: the service is alive and the request may be retried.
+pub fn unavailable_response(code: &str, message: impl Into<String>) -> Response {
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS));
+    response
+}
+
 /// [`error_response`] for an error whose message never changes for its
 /// code: the body is serialized on the first answer with that code and
 /// shared afterwards, so a hot refusal (a sold-out sale) costs no JSON
@@ -154,6 +168,11 @@ impl IntoResponse for CommonError {
             tracing::error!(error = ?cause, "internal error");
         }
         let mut response = error_response(status, code, self.to_string());
+        if let Self::Unavailable = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS));
+        }
         if let Self::RateLimited { retry_after_secs } | Self::RequestTimeout { retry_after_secs } = self {
             response
                 .headers_mut()

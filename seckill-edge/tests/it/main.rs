@@ -5,6 +5,7 @@ mod admission;
 mod cluster;
 mod failover;
 mod forwarder;
+mod reconciler;
 mod rewarm;
 mod service;
 mod support;
