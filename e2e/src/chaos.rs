@@ -159,6 +159,9 @@ pub struct Outcome {
     /// From the part being back to every invariant holding (`None`: not
     /// within the wait).
     pub consistent_after: Option<Duration>,
+    /// The same from the later of the part being back and the crowd's end
+    /// (while the crowd admits, new requests are in flight).
+    pub consistent_after_end: Option<Duration>,
     /// Repairs the reconcilers counted (requests, views).
     pub repairs: (u64, u64),
     /// The payment race: orders paid, timed out, and ending otherwise than
@@ -767,6 +770,7 @@ pub async fn run(
         let back_at = Instant::now();
         (crowd.await??, back_at)
     };
+    let ended_at = Instant::now().max(back_at);
     let wait_until = Instant::now() + Duration::from_secs(60);
     let admitted: HashMap<Uuid, String> = admitted
         .lock()
@@ -867,6 +871,7 @@ pub async fn run(
         replay_equal,
         replay_differences,
         consistent_after: consistent_at.map(|at| at.saturating_duration_since(back_at)),
+        consistent_after_end: consistent_at.map(|at| at.saturating_duration_since(ended_at)),
         repairs,
         race,
     })
@@ -879,12 +884,12 @@ fn seconds(duration: Duration) -> String {
 /// The results as the markdown table of docs/RELIABILITY.md.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut out = String::from(
-        "| fault | attempts | 202 | placed | rejected | lost | oversell | user twice | voucher view | replay equal | consistent after back | repairs (requests / views) | payments: paid / timed out / refunded / wrong | result |\n\
+        "| fault | attempts | 202 | placed | rejected | lost | oversell | user twice | voucher view | replay equal | consistent after back (after the sale's end) | repairs (requests / views) | payments: paid / timed out / refunded / wrong | result |\n\
          |---|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|---:|---|\n",
     );
     for o in outcomes {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} / {} | {} | {} |\n",
             o.fault.describe(),
             o.attempts,
             o.admitted,
@@ -901,6 +906,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
             if o.replay_equal { "yes" } else { "**no**" },
             o.consistent_after
                 .map_or_else(|| "**not within 60 s**".to_owned(), seconds),
+            o.consistent_after_end.map_or_else(|| "–".to_owned(), seconds),
             o.repairs.0,
             o.repairs.1,
             o.race.map_or_else(

@@ -2,7 +2,7 @@
 //! `e2e::chaos` on servers of its own, prints the table, and with `--write`
 //! puts it into docs/RELIABILITY.md. Exits non-zero if any scenario failed.
 
-use std::path::PathBuf;
+use std::{io::Write as _, path::PathBuf};
 
 use clap::Parser;
 use e2e::chaos::{self, Fault, Infra, SaleConfig};
@@ -74,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
         config.down_for,
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     );
-    println!("{stamped}");
+    // the table is the program's output; progress goes to stderr
+    writeln!(std::io::stdout().lock(), "{stamped}")?;
     if let Some(path) = args.write {
         let document = std::fs::read_to_string(&path)?;
         std::fs::write(&path, chaos::splice(&document, &stamped)?)?;
