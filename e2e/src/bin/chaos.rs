@@ -16,8 +16,8 @@ struct Args {
     /// The CI-sized sale instead of the full one.
     #[arg(long)]
     small: bool,
-    /// Where the service binaries are (default: target/debug, or CP_BIN_DIR).
-    #[arg(long, env = "CP_BIN_DIR")]
+    /// Where the service binaries are (default: `$CP_BIN_DIR`, else target/debug).
+    #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Where each scenario's service logs go.
     #[arg(long, default_value = ".data/chaos/logs")]
