@@ -342,7 +342,11 @@ impl Stack {
             ("NATS_NAMESPACE", namespace),
             ("NATS_STREAM_REPLICAS", "3".to_owned()),
             ("JWT_SECRET", SECRET.to_owned()),
-            ("RUST_LOG", "info".to_owned()),
+            // CHAOS_RUST_LOG: the services' log filter (default info)
+            (
+                "RUST_LOG",
+                std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            ),
             ("LOG_FORMAT", "text".to_owned()),
             ("STARTUP_TIMEOUT_SECS", "30".to_owned()),
         ];

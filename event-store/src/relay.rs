@@ -304,6 +304,21 @@ impl Relay {
     }
 }
 
+/// Whether the relay `name` has published every event of a finished
+/// transaction (nothing waits behind its cursor): a reader that finds a view
+/// behind the store can tell "not published yet" from "published and lost".
+pub async fn caught_up(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM relay_cursor c WHERE c.relay_name = $1 AND NOT EXISTS (
+             SELECT 1 FROM events e
+              WHERE (e.tx_id, e.global_position) > (c.last_tx_id, c.last_position)
+                AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())))",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+}
+
 /// Makes every commit a batch came from durable before the batch leaves.
 ///
 /// With `synchronous_commit = off` a commit is visible (and read here)

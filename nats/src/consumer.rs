@@ -267,7 +267,9 @@ impl<H: BatchHandler> ConsumerRunner<H> {
                 .consumer
                 .stream()
                 .max_messages_per_batch(self.config.batch)
-                .heartbeat(Duration::from_secs(5))
+                // a pull whose requests died with a node of the cluster is
+                // noticed after two missed heartbeats: keep that short
+                .heartbeat(Duration::from_secs(1))
                 .messages()
                 .await
                 .map_err(|source| RunnerError::Pull {

@@ -23,10 +23,18 @@ pub use consumer::{
 pub use publisher::{Outgoing, PublishFailure, Publisher};
 pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology};
 
+/// How long a JetStream API request or publish ack may take. A publish sent
+/// on a connection that then broke (its node of the cluster died) is never
+/// acknowledged: without this bound the relay sat 30 s on such an ack (the
+/// fault suite's NATS-node scenario) before it published again.
+pub const JETSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Connects JetStream on top of a NATS client with the publish settings the
 /// measured facts call for.
 pub fn jetstream(client: async_nats::Client, max_ack_inflight: usize) -> async_nats::jetstream::Context {
     async_nats::jetstream::context::ContextBuilder::new()
+        .timeout(JETSTREAM_TIMEOUT)
+        .ack_timeout(JETSTREAM_TIMEOUT)
         .max_ack_inflight(max_ack_inflight)
         .backpressure_on_inflight(true)
         .build(client)

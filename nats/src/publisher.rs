@@ -131,9 +131,22 @@ impl Publisher {
             }
         }
         // Await every outstanding ack, even after a failure: a dropped ack
-        // future would leave us guessing which messages were stored.
-        for (i, ack) in pending {
-            if let Err(e) = settle(i, ack, &mut acks).await {
+        // future would leave us guessing which messages were stored. All at
+        // once: each ack's timeout runs from when it is awaited, so awaiting
+        // them one by one after a broken connection took the timeout times
+        // the window (20 s for four requests in the fault suite).
+        let settled =
+            futures::future::join_all(pending.into_iter().map(|(i, ack)| async move { (i, ack.await) })).await;
+        for (i, result) in settled {
+            let outcome = match result {
+                Ok(ack) if acks.len() == i => {
+                    acks.push(ack);
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(error) => Err((i, error)),
+            };
+            if let Err(e) = outcome {
                 // keep the lowest failed index: everything before it is stored
                 if failure.as_ref().is_none_or(|(first, _)| e.0 < *first) {
                     failure = Some(e);

@@ -15,9 +15,10 @@
 //!    chunk) and forget the ones that are current;
 //! 3. a document still behind is caught up from the event store, through
 //!    the daemon's own writer (version rule, dead letters, the projection's
-//!    shared lock) — but only once the projection's consumer has nothing
-//!    pending (otherwise the daemon is simply busy getting there), or after
-//!    [`ReconcilerConfig::patience`] regardless. Each document caught up
+//!    shared lock) — but only once nothing is in flight towards it (the
+//!    relay has published everything and the projection's consumer has
+//!    nothing pending: otherwise the pipeline is simply busy getting there),
+//!    or after [`ReconcilerConfig::patience`] regardless. Each document caught up
 //!    counts in `reconciler_repairs_total{chain="views"}`.
 //!
 //! The cursor starts [`START_WINDOW`] events back from the end of the log
@@ -195,7 +196,7 @@ impl ViewReconciler {
                 .map(|s| now.saturating_duration_since(s.since))
                 .max()
                 .unwrap_or_default();
-            if oldest < self.config.patience && !self.consumer_idle(projection).await {
+            if oldest < self.config.patience && !self.pipeline_idle(projection).await {
                 report.waiting += behind.len();
                 continue;
             }
@@ -216,6 +217,14 @@ impl ViewReconciler {
         }
         metrics::gauge!("reconciler_suspects", "chain" => "views").set(self.suspects.len() as f64);
         Ok(report)
+    }
+
+    /// Nothing is in flight towards the projection: the relay has published
+    /// everything, and the projection's consumer has nothing pending or
+    /// unacknowledged. A document behind the store then was left behind.
+    async fn pipeline_idle(&self, projection: Projection) -> bool {
+        let relay = event_store::relay::RelayConfig::default().name;
+        event_store::relay::caught_up(&self.pool, &relay).await.unwrap_or(false) && self.consumer_idle(projection).await
     }
 
     /// The projection's consumer has nothing pending or unacknowledged.
