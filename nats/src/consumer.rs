@@ -386,7 +386,12 @@ impl<H: BatchHandler> ConsumerRunner<H> {
                 }
                 next = stream.next(), if pulling => match next {
                     Some(Ok(message)) => held.push(message),
-                    Some(Err(error)) => tracing::debug!(consumer = %self.name, %error, "pull error while holding"),
+                    // a broken pull would answer at once, again and again: stop
+                    // pulling (what it would have delivered comes back later)
+                    Some(Err(error)) => {
+                        tracing::debug!(consumer = %self.name, %error, "pull error while holding; no longer pulling");
+                        pulling = false;
+                    }
                     None => pulling = false,
                 },
                 () = tokio::time::sleep_until(next_keep_alive) => {
