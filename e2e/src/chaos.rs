@@ -469,8 +469,9 @@ impl Stack {
     }
 }
 
-/// Every order in the store: id → (deciding event, user).
-async fn orders(pool: &PgPool) -> anyhow::Result<HashMap<Uuid, (String, String)>> {
+/// Every order in the store: id → (deciding event, user). The e2e tests
+/// read orders the same way.
+pub async fn orders(pool: &PgPool) -> anyhow::Result<HashMap<Uuid, (String, String)>> {
     let rows: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
         "SELECT aggregate_id, event_type, payload FROM events WHERE aggregate_type = 'Order' AND sequence = 1",
     )

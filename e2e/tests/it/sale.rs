@@ -186,22 +186,7 @@ impl System {
 
     /// Every order in the event store: id → (how it was decided, user).
     async fn orders(&self) -> anyhow::Result<HashMap<Uuid, (String, String)>> {
-        let rows: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
-            "SELECT aggregate_id, event_type, payload FROM events WHERE aggregate_type = 'Order' AND sequence = 1",
-        )
-        .fetch_all(&self.db.pool)
-        .await?;
-        let mut orders = HashMap::new();
-        for (id, event_type, payload) in rows {
-            let body = payload
-                .as_object()
-                .and_then(|o| o.values().next())
-                .cloned()
-                .unwrap_or_default();
-            let user = body["user_id"].as_str().unwrap_or_default().to_owned();
-            orders.insert(id.parse()?, (event_type, user));
-        }
-        Ok(orders)
+        e2e::chaos::orders(&self.db.pool).await
     }
 
     async fn stop(self) -> anyhow::Result<()> {
