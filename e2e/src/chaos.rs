@@ -641,6 +641,12 @@ async fn recover(fault: Fault, stack: &mut Stack, infra: &mut Infra, struck: Opt
 /// The payment deadline of the race scenario.
 const RACE_DEADLINE: Duration = Duration::from_secs(3);
 
+/// Every buyer pays at about the same moment, and a checkout is three
+/// requests to the command API (the provider calls its webhook): on debug
+/// builds sharing two cores with the other tests one took over 5 s in CI.
+/// Slow is not wrong here; the checks are on how each order ended.
+const PAYMENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Every buyer pays (`POST /orders/{id}/pay`, then the simulated provider's
 /// checkout, which calls the signed webhook) at a moment spread from 1 s
 /// before to 1 s after its order's deadline, as measured from its 202.
@@ -664,6 +670,7 @@ async fn pay_around_deadlines(stack: &Stack, admitted: &HashMap<Uuid, (String, I
             let response = http
                 .post(format!("http://{commands}/orders/{order}/pay"))
                 .bearer_auth(&token)
+                .timeout(PAYMENT_REQUEST_TIMEOUT)
                 .send()
                 .await?;
             if response.status() != 200 {
@@ -671,7 +678,11 @@ async fn pay_around_deadlines(stack: &Stack, admitted: &HashMap<Uuid, (String, I
             }
             let body: serde_json::Value = response.json().await?;
             let checkout = body["checkout_url"].as_str().unwrap_or_default().to_owned();
-            http.post(checkout).bearer_auth(&token).send().await?;
+            http.post(checkout)
+                .bearer_auth(&token)
+                .timeout(PAYMENT_REQUEST_TIMEOUT)
+                .send()
+                .await?;
             anyhow::Ok(())
         });
     }
