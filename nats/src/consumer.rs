@@ -48,6 +48,8 @@ pub const HDR_DLQ_STREAM: &str = "Cp-Dlq-Stream";
 pub const HDR_DLQ_STREAM_SEQ: &str = "Cp-Dlq-Stream-Seq";
 pub const HDR_DLQ_SUBJECT: &str = "Cp-Dlq-Subject";
 pub const HDR_DLQ_DELIVERED: &str = "Cp-Dlq-Delivered";
+/// The parked message's own `Nats-Msg-Id` (its event or order id).
+pub const HDR_DLQ_ORIGINAL_MSG_ID: &str = "Cp-Dlq-Original-Msg-Id";
 
 /// A handler failure; the runner retries it and finally dead-letters it,
 /// unless it is [`Permanent`].
@@ -557,7 +559,7 @@ fn strip_msg_id(headers: HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, values) in headers.iter() {
         let key: &str = name.as_ref();
-        let key = if key == MSG_ID { "Cp-Dlq-Original-Msg-Id" } else { key };
+        let key = if key == MSG_ID { HDR_DLQ_ORIGINAL_MSG_ID } else { key };
         for value in values {
             out.append(key.to_owned(), value.as_str());
         }

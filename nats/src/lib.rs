@@ -11,8 +11,11 @@
 //!   a copy to the dead-letter stream with the error and original headers;
 //!   progress acks under a short ack wait, messages held (not failed) while
 //!   the dependency is away, and given back (`Nak`) on shutdown.
+//! - [`dead_letters`]: reading the dead-letter stream and re-driving an
+//!   entry to its original subject (the `citypicks-dlq` CLI's JetStream part).
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod publisher;
 pub mod topology;
 

@@ -11,12 +11,15 @@
 //! - [`replay`]: rebuild into a shadow table and swap (binary `replay`);
 //! - [`reconciler`]: proves every stored event reached its view and repairs
 //!   what a vanished commit left behind;
+//! - [`dead_letters`]: the events projectors refused, and rebuilding their
+//!   documents once the projector is fixed (the `citypicks-dlq` CLI);
 //! - [`catalog`]: every projection by name;
 //! - [`Config`] (env), [`AppState`], [`router`] (`/health`, `/metrics`) and
 //!   [`run`] (the `projection-daemon` process).
 
 pub mod catalog;
 pub mod daemon;
+pub mod dead_letters;
 pub mod reconciler;
 pub mod replay;
 pub mod views;

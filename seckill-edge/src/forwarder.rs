@@ -317,6 +317,13 @@ impl Forwarder {
                 Err(ForwardError::Publish { published, .. }) => *published,
                 Err(_) => 0,
             };
+            if !poison.is_empty() {
+                // its own command: the registry is in another cluster slot
+                // than the voucher's keys of the atomic pipeline below
+                let _: i64 = connection
+                    .sadd(crate::keys::dead_letter_registry(&self.prefix), voucher_id.to_string())
+                    .await?;
+            }
             let mut pipe = redis::pipe();
             pipe.atomic();
             for entry in &poison {

@@ -70,6 +70,12 @@ pub fn registry(prefix: &str) -> String {
     format!("{prefix}sk:vouchers")
 }
 
+/// The set of voucher ids that ever parked a dead letter: the registry
+/// above forgets a voucher when its sale is over, its dead letters stay.
+pub fn dead_letter_registry(prefix: &str) -> String {
+    format!("{prefix}sk:dead-letters")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +111,6 @@ mod tests {
         let id = Uuid::from_u128(7);
         assert_ne!(VoucherKeys::new("a:", id).meta, VoucherKeys::new("b:", id).meta);
         assert_ne!(registry("a:"), registry("b:"));
+        assert_ne!(dead_letter_registry("a:"), registry("a:"));
     }
 }

@@ -10,6 +10,8 @@
 //!   an admission's 202 waits for on a replicated Redis, one per group of
 //!   admissions;
 //! - [`forwarder`]: Redis streams → JetStream `OrderRequested`;
+//!   [`dead_letters`]: the entries it could not read (the `citypicks-dlq`
+//!   CLI lists and re-drives them);
 //!   [`reconciler`]: every admission of this gate has an order in the
 //!   store, or its request is sent again;
 //! - [`ledger`] (pure) and [`warmup`]: rebuilding a voucher's gate from the
@@ -18,6 +20,7 @@
 //!   tests) and [`run`] (connect, serve until shutdown).
 
 pub mod admission;
+pub mod dead_letters;
 pub mod error;
 pub mod flags;
 pub mod forwarder;

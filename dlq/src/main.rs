@@ -1,0 +1,25 @@
+//! `citypicks-dlq`: see the `dlq` crate.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = dlq::Cli::parse();
+    let _telemetry = match platform::telemetry::init(dlq::NAME, &cli.config.telemetry) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+    match dlq::run(&cli, &mut out, &mut err).await {
+        Ok(exit) => ExitCode::from(exit.code()),
+        Err(error) => {
+            eprintln!("error: {:#}", anyhow::Error::from(error));
+            ExitCode::FAILURE
+        }
+    }
+}
