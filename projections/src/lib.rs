@@ -9,6 +9,7 @@
 //! - [`daemon`]: the batch handler of each projection's durable consumer,
 //!   splitting each batch by aggregate id among workers' transactions;
 //! - [`replay`]: rebuild into a shadow table and swap (binary `replay`);
+//!   [`progress`]: its progress, a bar on a terminal, plain lines otherwise;
 //! - [`reconciler`]: proves every stored event reached its view and repairs
 //!   what a vanished commit left behind;
 //! - [`dead_letters`]: the events projectors refused, and rebuilding their
@@ -20,6 +21,7 @@
 pub mod catalog;
 pub mod daemon;
 pub mod dead_letters;
+pub mod progress;
 pub mod reconciler;
 pub mod replay;
 pub mod views;

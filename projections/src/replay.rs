@@ -66,7 +66,7 @@ impl Default for ReplayOptions {
 }
 
 /// How the rebuilt view differs from the live one.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Differences {
     /// Documents the replay has and the live view does not.
     pub missing_live: u64,
@@ -98,6 +98,21 @@ pub struct ReplayReport {
 impl ReplayReport {
     pub fn events_per_second(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The report for scripts (`replay --json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "projection": self.projection,
+            "events": self.events,
+            "documents": self.documents,
+            "dead_letters": self.dead_letters,
+            "elapsed_ms": u64::try_from(self.elapsed.as_millis()).unwrap_or(u64::MAX),
+            "events_per_second": self.events_per_second().round(),
+            "swapped": self.differences.is_none(),
+            "equal": self.differences.as_ref().map(Differences::is_empty),
+            "differences": self.differences,
+        })
     }
 }
 
@@ -422,91 +437,6 @@ pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Resu
         changed: row.try_get::<i64, _>("changed")?.unsigned_abs(),
         sample,
     })
-}
-
-/// Progress for people: one rewritten line on a terminal, a plain line
-/// every few seconds otherwise (logs, CI).
-#[derive(Debug)]
-pub struct LineProgress {
-    terminal: bool,
-    projection: String,
-    total: u64,
-    started: Instant,
-    last_print: Instant,
-}
-
-impl LineProgress {
-    pub fn new(terminal: bool) -> Self {
-        let now = Instant::now();
-        Self {
-            terminal,
-            projection: String::new(),
-            total: 0,
-            started: now,
-            last_print: now,
-        }
-    }
-
-    fn line(&self, done: u64) -> String {
-        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = done as f64 / elapsed;
-        let eta = if rate > 0.0 && self.total > done {
-            format!("{:.0}s", (self.total - done) as f64 / rate)
-        } else {
-            "-".to_owned()
-        };
-        let percent = if self.total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / self.total as f64
-        };
-        format!(
-            "[{}] {done}/{} events ({percent:.0}%), {rate:.0} events/s, ETA {eta}",
-            self.projection, self.total
-        )
-    }
-}
-
-impl Progress for LineProgress {
-    fn start(&mut self, projection: &str, total: u64) {
-        self.projection = projection.to_owned();
-        self.total = total;
-        self.started = Instant::now();
-        self.last_print = self.started;
-        eprintln!("[{projection}] replaying {total} events");
-    }
-
-    fn advance(&mut self, done: u64) {
-        let every = if self.terminal {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(5)
-        };
-        if self.last_print.elapsed() < every {
-            return;
-        }
-        self.last_print = Instant::now();
-        if self.terminal {
-            eprint!("\r\x1b[2K{}", self.line(done));
-        } else {
-            eprintln!("{}", self.line(done));
-        }
-    }
-
-    fn finish(&mut self, report: &ReplayReport) {
-        if self.terminal {
-            eprint!("\r\x1b[2K");
-        }
-        eprintln!(
-            "[{}] {} events into {} documents in {:.1}s ({:.0} events/s), {} dead letters",
-            report.projection,
-            report.events,
-            report.documents,
-            report.elapsed.as_secs_f64(),
-            report.events_per_second(),
-            report.dead_letters
-        );
-    }
 }
 
 #[cfg(test)]

@@ -1,17 +1,22 @@
-//! `replay --projection <name>|all [--dry-run] [--batch N]`: rebuilds views
-//! from the event store and swaps them in while the query API keeps serving
-//! (see `projections::replay`). Any error exits non-zero with a message.
+//! `replay --projection <name>|all [--dry-run] [--batch N] [--json]`:
+//! rebuilds views from the event store and swaps them in while the query API
+//! keeps serving (see `projections::replay`). Progress goes to standard
+//! error: a bar on a terminal, plain lines otherwise (`projections::progress`);
+//! `--json` prints a summary for scripts on standard output. Any error exits
+//! non-zero with a message.
 
 use std::{
     io::{IsTerminal as _, Write as _},
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::Parser;
 use platform::config::{PostgresConfig, StartupConfig, TelemetryConfig};
 use projections::{
     Projection,
-    replay::{LineProgress, ReplayOptions},
+    progress::{BarProgress, LineProgress},
+    replay::{Progress, ReplayOptions},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -35,6 +40,10 @@ struct Args {
     /// Events read from the store per page.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
+    /// Print a JSON summary (per projection: events, documents, dead
+    /// letters, time, and on a dry run the differences) instead of text.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     postgres: PostgresConfig,
     #[command(flatten)]
@@ -70,11 +79,18 @@ async fn replay(args: Args) -> anyhow::Result<ExitCode> {
         dry_run: args.dry_run,
         ..ReplayOptions::default()
     };
-    let mut progress = LineProgress::new(std::io::stderr().is_terminal());
+    let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
+        Box::new(BarProgress::new())
+    } else {
+        Box::new(LineProgress::new(std::io::stderr(), Duration::from_secs(5)))
+    };
     let mut out = std::io::stdout();
+    let mut reports = Vec::new();
     for projection in projections {
-        let report = projection.replay(&pool, &options, &mut progress).await?;
-        if let Some(differences) = report.differences {
+        let report = projection.replay(&pool, &options, progress.as_mut()).await?;
+        if args.json {
+            reports.push(report.to_json());
+        } else if let Some(differences) = report.differences {
             if differences.is_empty() {
                 writeln!(out, "{projection}: the live view equals the replay")?;
             } else {
@@ -90,6 +106,13 @@ async fn replay(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             writeln!(out, "{projection}: swapped in ({} documents)", report.documents)?;
         }
+    }
+    if args.json {
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({"dry_run": args.dry_run, "projections": reports}),
+        )?;
+        writeln!(out)?;
     }
     Ok(ExitCode::SUCCESS)
 }

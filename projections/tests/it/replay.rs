@@ -223,6 +223,35 @@ async fn the_cli_reports_and_exits_non_zero_on_failure() -> anyhow::Result<()> {
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("events/s"), "progress on stderr: {stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "not a terminal: plain lines, no bar: {stderr:?}"
+    );
+
+    let output = Command::new(binary)
+        .args(["--projection", "all", "--dry-run", "--json"])
+        .env("DATABASE_URL", &setup.db.url)
+        .env("STARTUP_TIMEOUT_SECS", "5")
+        .output()?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(summary["dry_run"], true);
+    let reports = summary["projections"].as_array().cloned().unwrap_or_default();
+    assert_eq!(reports.len(), Projection::ALL.len(), "{summary}");
+    for report in &reports {
+        assert_eq!(report["equal"], true, "{report}");
+        assert_eq!(report["swapped"], false, "{report}");
+        assert!(
+            report["events"].as_u64().is_some() && report["elapsed_ms"].as_u64().is_some(),
+            "{report}"
+        );
+    }
+    let orders = reports
+        .iter()
+        .find(|r| r["projection"] == "orders")
+        .cloned()
+        .unwrap_or_default();
+    assert!(orders["events"].as_u64().unwrap_or(0) > 0, "{orders}");
 
     let output = Command::new(binary)
         .args(["--projection", "orders"])
