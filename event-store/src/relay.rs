@@ -284,7 +284,26 @@ impl Relay {
     async fn publish(&self, rows: Vec<Row>) -> Result<Option<Cursor>, (Option<Cursor>, RelayError)> {
         let started = Instant::now();
         let cursors: Vec<(Cursor, DateTime<Utc>)> = rows.iter().map(|r| (r.cursor, r.recorded_at)).collect();
-        let result = self.publisher.publish_all(rows.into_iter().map(|r| r.message)).await;
+        // joined to the traces of the events' commands (their metadata)
+        let span = if platform::telemetry::exporting() {
+            let parents: Vec<_> = rows
+                .iter()
+                .map(|r| platform::telemetry::extract_nats(&r.message.headers))
+                .collect();
+            platform::telemetry::batch_span(&parents, || {
+                tracing::info_span!(
+                    "relay_batch",
+                    otel.name = "relay_batch",
+                    otel.kind = "producer",
+                    events = rows.len()
+                )
+            })
+        } else {
+            tracing::Span::none()
+        };
+        let result =
+            tracing::Instrument::instrument(self.publisher.publish_all(rows.into_iter().map(|r| r.message)), span)
+                .await;
         let acked = match &result {
             Ok(acks) => acks.len(),
             Err(failure) => failure.index,

@@ -104,6 +104,13 @@ pub trait BatchHandler: Send + Sync + 'static {
         &self,
         messages: &[jetstream::Message],
     ) -> impl Future<Output = Vec<Result<(), HandlerError>>> + Send;
+
+    /// Whether the handler starts a span per message itself; otherwise the
+    /// runner runs each batch in a span joined to the messages' traces
+    /// ([`platform::telemetry::batch_span`]).
+    fn traces_each_message(&self) -> bool {
+        false
+    }
 }
 
 /// Adapts a per-message [`Handler`]: messages are handled one after another.
@@ -111,6 +118,10 @@ pub trait BatchHandler: Send + Sync + 'static {
 pub struct OneByOne<H>(pub H);
 
 impl<H: Handler> BatchHandler for OneByOne<H> {
+    fn traces_each_message(&self) -> bool {
+        true
+    }
+
     async fn handle_batch(&self, messages: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
@@ -420,7 +431,24 @@ impl<H: BatchHandler> ConsumerRunner<H> {
 
     /// The handler's outcomes, with progress acks while it takes long.
     async fn handle_with_progress(&self, batch: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
-        let mut handling = pin!(self.handler.handle_batch(batch));
+        let span = if self.handler.traces_each_message() || !platform::telemetry::exporting() {
+            tracing::Span::none()
+        } else {
+            let parents: Vec<_> = batch
+                .iter()
+                .filter_map(|message| message.headers.as_ref().map(platform::telemetry::extract_nats))
+                .collect();
+            platform::telemetry::batch_span(&parents, || {
+                tracing::info_span!(
+                    "consume_batch",
+                    otel.name = "consume_batch",
+                    otel.kind = "consumer",
+                    consumer = %self.name,
+                    messages = batch.len()
+                )
+            })
+        };
+        let mut handling = pin!(self.handler.handle_batch(batch).instrument(span));
         let mut tick = tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
         loop {
             tokio::select! {

@@ -271,6 +271,76 @@ pub fn child_span(parent: &Context, make: impl FnOnce() -> tracing::Span) -> tra
     span
 }
 
+/// Whether spans are exported: callers skip reading parents for
+/// [`batch_span`] (a header parse per message) when they are not.
+pub fn exporting() -> bool {
+    SAMPLING.get().is_some_and(|s| s.exporting)
+}
+
+/// Span links a batch span carries at most (the SDK's default span limit).
+pub const MAX_LINKS: usize = 128;
+
+/// How a span over many messages relates to their traces.
+#[derive(Debug, Clone)]
+enum BatchRelation {
+    /// Not recorded.
+    None,
+    /// All messages share one parent span: a child of it, in its trace.
+    Parent(Context),
+    /// Several parents (a span has one): a new trace linking to each.
+    Links(Vec<opentelemetry::trace::SpanContext>),
+}
+
+fn relate(sampling: Option<&Sampling>, parents: &[Context], draw: impl FnOnce() -> f64) -> BatchRelation {
+    use opentelemetry::trace::TraceContextExt as _;
+    let mut valid: Vec<(opentelemetry::trace::SpanContext, &Context)> = Vec::new();
+    for parent in parents {
+        let span = parent.span();
+        let context = span.span_context();
+        if context.is_valid()
+            && !valid
+                .iter()
+                .any(|(seen, _)| seen.span_id() == context.span_id() && seen.trace_id() == context.trace_id())
+        {
+            valid.push((context.clone(), parent));
+        }
+    }
+    let recorded = if valid.is_empty() {
+        decide(sampling, &Context::new(), draw)
+    } else {
+        sampling.is_some_and(|s| s.exporting) && valid.iter().any(|(context, _)| context.is_sampled())
+    };
+    match (recorded, valid.len()) {
+        (false, _) => BatchRelation::None,
+        (true, 0) => BatchRelation::Links(Vec::new()),
+        (true, 1) => BatchRelation::Parent(valid[0].1.clone()),
+        (true, _) => BatchRelation::Links(valid.into_iter().take(MAX_LINKS).map(|(context, _)| context).collect()),
+    }
+}
+
+/// The span `make` builds for work on many messages at once (a consumer's
+/// batch, a relay batch), joined to the messages' traces: as a child when
+/// they all have one parent, else linked to each (up to [`MAX_LINKS`]).
+/// Recorded when any of their traces is (or, none carrying one, as
+/// [`sample`] decides); else no span.
+pub fn batch_span(parents: &[Context], make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    match relate(SAMPLING.get(), parents, rand::random::<f64>) {
+        BatchRelation::None => tracing::Span::none(),
+        BatchRelation::Parent(parent) => {
+            let span = make();
+            set_parent(&span, parent);
+            span
+        }
+        BatchRelation::Links(links) => {
+            let span = make();
+            for link in links {
+                span.add_link(link);
+            }
+            span
+        }
+    }
+}
+
 /// Makes `span` a child of `parent` when `parent` carries a valid remote span.
 pub fn set_parent(span: &tracing::Span, parent: Context) {
     use opentelemetry::trace::TraceContextExt as _;
@@ -346,6 +416,72 @@ mod tests {
     use super::*;
 
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn remote(traceparent: &str) -> Context {
+        TraceHeaders {
+            traceparent: Some(traceparent.to_owned()),
+            tracestate: None,
+        }
+        .context()
+    }
+
+    #[test]
+    fn a_batch_joins_one_parent_as_its_child_and_several_by_links() {
+        let on = Sampling {
+            exporting: true,
+            ratio: 0.0,
+        };
+        let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
+        let one = relate(Some(&on), &[remote(PARENT), remote(PARENT), Context::new()], || 1.0);
+        assert!(matches!(one, BatchRelation::Parent(_)), "{one:?}");
+        match relate(Some(&on), &[remote(PARENT), remote(other), remote(unsampled)], || 1.0) {
+            BatchRelation::Links(links) => {
+                let traces: Vec<String> = links.iter().map(|l| l.trace_id().to_string()).collect();
+                assert_eq!(
+                    traces,
+                    [
+                        "4bf92f3577b34da6a3ce929d0e0e4736",
+                        "0af7651916cd43dd8448eb211c80319c",
+                        "11111111111111111111111111111111"
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // recorded only when a message's trace is, and only while exporting
+        assert!(matches!(
+            relate(Some(&on), &[remote(unsampled)], || 0.0),
+            BatchRelation::None
+        ));
+        let off = Sampling {
+            exporting: false,
+            ratio: 1.0,
+        };
+        assert!(matches!(
+            relate(Some(&off), &[remote(PARENT)], || 0.0),
+            BatchRelation::None
+        ));
+        assert!(matches!(relate(None, &[remote(PARENT)], || 0.0), BatchRelation::None));
+        // no trace among them: the configured ratio decides
+        let all = Sampling {
+            exporting: true,
+            ratio: 1.0,
+        };
+        assert!(matches!(relate(Some(&all), &[Context::new()], || 0.5), BatchRelation::Links(l) if l.is_empty()));
+        assert!(matches!(
+            relate(Some(&on), &[Context::new()], || 0.5),
+            BatchRelation::None
+        ));
+        // many parents: links are bounded
+        let many: Vec<Context> = (1..=200u32)
+            .map(|i| remote(&format!("00-{:032x}-{:016x}-01", u128::from(i), u64::from(i))))
+            .collect();
+        match relate(Some(&on), &many, || 1.0) {
+            BatchRelation::Links(links) => assert_eq!(links.len(), MAX_LINKS),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn http_headers_round_trip_a_remote_parent() {

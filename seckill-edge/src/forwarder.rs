@@ -305,7 +305,24 @@ impl Forwarder {
         voucher_id: Uuid,
         entries: &[StreamId],
     ) -> Result<usize, ForwardError> {
-        let span = tracing::debug_span!("forward_batch", %voucher_id, entries = entries.len());
+        // joined to the traces of the admissions (the entries' `tp`/`ts`)
+        let span = if platform::telemetry::exporting() {
+            let parents: Vec<_> = entries
+                .iter()
+                .filter_map(|entry| request_of(voucher_id, entry).map(|(_, trace)| trace.context()))
+                .collect();
+            platform::telemetry::batch_span(&parents, || {
+                tracing::info_span!(
+                    "forward_batch",
+                    otel.name = "forward_batch",
+                    otel.kind = "producer",
+                    %voucher_id,
+                    entries = entries.len()
+                )
+            })
+        } else {
+            tracing::Span::none()
+        };
         async {
             let (good, poison): (Vec<&StreamId>, Vec<&StreamId>) = entries
                 .iter()
