@@ -7,7 +7,7 @@ CREATE TABLE dead_letter_actions
 (
     id          bigserial   PRIMARY KEY,
     entry_id    text        NOT NULL CHECK (length(entry_id) BETWEEN 1 AND 300),
-    source      text        NOT NULL CHECK (source IN ('events', 'projections', 'edge')),
+    source      text        NOT NULL CHECK (source IN ('events', 'projections', 'edge', 'timeouts')),
     action      text        NOT NULL CHECK (action IN ('redrive', 'drop')),
     outcome     text        NOT NULL CHECK (outcome IN ('redriven', 'failed_again', 'unconfirmed', 'dropped')),
     reason      text        CHECK (length(reason) <= 2000),

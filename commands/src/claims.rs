@@ -28,7 +28,10 @@
 //! (the process runs the reactor under an advisory lock); a concurrent writer
 //! (e.g. a cancellation releasing stock) only costs a retry.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock, Mutex},
+};
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
@@ -73,6 +76,64 @@ impl ClaimError {
     }
 }
 
+/// The sale's progress as the event store decides it, for the dashboard
+/// (the edge counts admissions, not what became of them):
+/// `seckill_claims_total{outcome}` ("placed" or "rejected", one per newly
+/// decided order) and `seckill_stock_remaining`, the units still for sale
+/// summed over the vouchers whose claims this writer decided and whose sale
+/// has not ended, as of its last batch for each. No voucher label: one
+/// series per voucher would grow without bound. Registered when a writer is
+/// made, so the counters start at 0 rather than at their first increment.
+struct SaleProgress {
+    placed: metrics::Counter,
+    rejected: metrics::Counter,
+    remaining: metrics::Gauge,
+    vouchers: Mutex<HashMap<Uuid, OnSale>>,
+}
+
+/// A voucher's units left and the end of its sale.
+struct OnSale {
+    left: u32,
+    ends_at: Option<DateTime<Utc>>,
+}
+
+static SALE_PROGRESS: LazyLock<SaleProgress> = LazyLock::new(|| {
+    // the handles belong to the recorder installed when they are made: the
+    // process's (installed once, whoever asks first), not a no-op one
+    platform::telemetry::metrics_handle();
+    SaleProgress {
+        placed: metrics::counter!("seckill_claims_total", "outcome" => "placed"),
+        rejected: metrics::counter!("seckill_claims_total", "outcome" => "rejected"),
+        remaining: metrics::gauge!("seckill_stock_remaining"),
+        vouchers: Mutex::default(),
+    }
+});
+
+impl SaleProgress {
+    /// Counts one voucher's newly decided claims and records what it has left.
+    fn decided(&self, voucher_id: Uuid, decided: &Decided<Voucher>, now: DateTime<Utc>) {
+        for event in &decided.events {
+            match event {
+                VoucherEvent::SeckillClaimAccepted { .. } => self.placed.increment(1),
+                VoucherEvent::SeckillClaimRejected { .. } => self.rejected.increment(1),
+                _ => {}
+            }
+        }
+        let Ok(mut vouchers) = self.vouchers.lock() else {
+            return;
+        };
+        let on_sale = OnSale {
+            left: decided.aggregate.remaining(),
+            ends_at: decided.aggregate.ends_at(),
+        };
+        vouchers.insert(voucher_id, on_sale);
+        // an ended sale has nothing left for sale (and would stay here forever)
+        vouchers.retain(|_, sale| sale.ends_at.is_none_or(|end| end > now));
+        self.remaining
+            .set(vouchers.values().map(|sale| f64::from(sale.left)).sum::<f64>());
+    }
+}
+
 /// One admitted request with what the event store needs to record it.
 #[derive(Debug, Clone)]
 struct Request {
@@ -104,6 +165,7 @@ impl ClaimWriter {
         voucher_services: <Voucher as cqrs_es::Aggregate>::Services,
         order_services: <Order as cqrs_es::Aggregate>::Services,
     ) -> Self {
+        LazyLock::force(&SALE_PROGRESS);
         Self {
             store,
             vouchers,
@@ -160,11 +222,16 @@ impl ClaimWriter {
         })?;
         match outcome {
             Some((decided, newly_decided)) => {
+                SALE_PROGRESS.decided(voucher_id, &decided, self.voucher_services.clock.now());
                 self.vouchers.put(&id, decided.into_loaded());
                 metrics::counter!("seckill_claims_decided_total").increment(newly_decided as u64);
                 Ok(newly_decided)
             }
-            None => self.reject_unknown_voucher(voucher_id, claims, traces).await,
+            None => {
+                let recorded = self.reject_unknown_voucher(voucher_id, claims, traces).await?;
+                SALE_PROGRESS.rejected.increment(recorded as u64);
+                Ok(recorded)
+            }
         }
     }
 

@@ -255,6 +255,92 @@ impl TimeoutPoller {
     }
 }
 
+/// A deadline set aside because it could not fire (`dead_lettered_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadlineLetter {
+    pub order_id: String,
+    pub due_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub last_error: String,
+    pub dead_lettered_at: DateTime<Utc>,
+}
+
+/// A row of a set-aside deadline: order id, due at, attempts, last error, set aside at.
+type DeadlineRow = (String, DateTime<Utc>, i32, String, DateTime<Utc>);
+
+/// The set-aside deadlines (read by the `citypicks-dlq` CLI), oldest first,
+/// set aside at or after `since`.
+pub async fn dead_letters(pool: &PgPool, since: Option<DateTime<Utc>>) -> Result<Vec<DeadlineLetter>, sqlx::Error> {
+    let rows: Vec<DeadlineRow> = sqlx::query_as(
+        "SELECT order_id, due_at, attempts, coalesce(last_error, ''), dead_lettered_at FROM order_deadlines
+          WHERE dead_lettered_at IS NOT NULL AND ($1::timestamptz IS NULL OR dead_lettered_at >= $1)
+          ORDER BY dead_lettered_at, order_id",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(letter).collect())
+}
+
+/// One set-aside deadline.
+pub async fn dead_letter(pool: &PgPool, order_id: &str) -> Result<Option<DeadlineLetter>, sqlx::Error> {
+    let row: Option<DeadlineRow> = sqlx::query_as(
+        "SELECT order_id, due_at, attempts, coalesce(last_error, ''), dead_lettered_at FROM order_deadlines
+          WHERE order_id = $1 AND dead_lettered_at IS NOT NULL",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(letter))
+}
+
+fn letter(row: DeadlineRow) -> DeadlineLetter {
+    let (order_id, due_at, attempts, last_error, dead_lettered_at) = row;
+    DeadlineLetter {
+        order_id,
+        due_at,
+        attempts,
+        last_error,
+        dead_lettered_at,
+    }
+}
+
+/// Puts a set-aside deadline back in line with fresh attempts: the poller
+/// fires it at its next look (its due time has passed). False when it is
+/// not set aside (fired, re-driven meanwhile, or unknown).
+pub async fn redrive_dead_letter(pool: &PgPool, order_id: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE order_deadlines SET dead_lettered_at = NULL, retry_at = NULL, attempts = 0
+          WHERE order_id = $1 AND dead_lettered_at IS NOT NULL",
+    )
+    .bind(order_id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Where a re-driven deadline is: gone (it fired), set aside again (with
+/// its error), or still waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadlineState {
+    Fired,
+    SetAside(String),
+    Waiting,
+}
+
+pub async fn deadline_state(pool: &PgPool, order_id: &str) -> Result<DeadlineState, sqlx::Error> {
+    let row: Option<(Option<DateTime<Utc>>, String)> =
+        sqlx::query_as("SELECT dead_lettered_at, coalesce(last_error, '') FROM order_deadlines WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(match row {
+        None => DeadlineState::Fired,
+        Some((Some(_), error)) => DeadlineState::SetAside(error),
+        Some((None, _)) => DeadlineState::Waiting,
+    })
+}
+
 /// Exponential backoff for the `attempts`-th failure: 1 s, 2 s, 4 s, … up to a minute.
 fn retry_delay(attempts: i32) -> Duration {
     let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 16)).unwrap_or(16);

@@ -11,10 +11,14 @@
 //! - `edge`: the entry goes back into its voucher's stream
 //!   ([`seckill_edge::dead_letters`]); the forwarder publishes it (the claim
 //!   writer dedupes by order id) or parks it again.
+//! - `timeouts`: the payment deadline goes back in line with fresh attempts
+//!   ([`commands::timeouts`]); the command API's poller fires it (the order
+//!   aggregate refuses a second time-out) or sets it aside again.
 
 use std::{collections::HashSet, time::Duration};
 
 use chrono::{DateTime, Utc};
+use commands::timeouts::{DeadlineLetter, DeadlineState};
 use cp_nats::dead_letters::{DeadLetter, DeadLetters, Outcome as BusOutcome};
 use platform::kv::Kv;
 use projections::dead_letters::{ProjectionDeadLetter, Rebuild};
@@ -70,6 +74,7 @@ enum Raw {
     Events(Box<DeadLetter>),
     Projections(ProjectionDeadLetter),
     Edge(EdgeDeadLetter),
+    Timeouts(DeadlineLetter),
 }
 
 impl Entry {
@@ -137,6 +142,23 @@ impl Entry {
         }
     }
 
+    fn timeouts(letter: DeadlineLetter) -> Option<Self> {
+        let order_id = letter.order_id.parse().ok()?;
+        Some(Self {
+            id: EntryId::Timeouts { order_id }.to_string(),
+            source: Source::Timeouts,
+            state: State::Open,
+            parked_at: letter.dead_lettered_at,
+            attempts: i64::from(letter.attempts),
+            reason: letter.last_error.clone(),
+            event_type: Some("OrderTimedOut".to_owned()),
+            place: "payment deadline of the command API".to_owned(),
+            key: Some(letter.order_id.clone()),
+            last_action: None,
+            raw: Raw::Timeouts(letter),
+        })
+    }
+
     /// Sets the state from the latest audit record.
     pub(crate) fn with_action(mut self, record: Option<Record>) -> Self {
         self.state = match record.as_ref().map(|r| r.outcome) {
@@ -144,7 +166,11 @@ impl Entry {
             Some(Outcome::Dropped) => State::Dropped,
             Some(Outcome::Redriven) => State::Redriven,
             // the original went back to its consumer: a new failure is a new entry
-            Some(Outcome::FailedAgain | Outcome::Unconfirmed) if self.source != Source::Projections => State::Redriven,
+            Some(Outcome::FailedAgain | Outcome::Unconfirmed)
+                if matches!(self.source, Source::Events | Source::Edge) =>
+            {
+                State::Redriven
+            }
             Some(Outcome::FailedAgain | Outcome::Unconfirmed) => State::Open,
         };
         self.last_action = record;
@@ -177,6 +203,13 @@ impl Entry {
                 "voucher_id": letter.voucher_id,
                 "stream_entry_id": letter.stream_entry_id,
                 "fields": letter.fields,
+            }),
+            Raw::Timeouts(letter) => json!({
+                "order_id": letter.order_id,
+                "due_at": letter.due_at,
+                "attempts": letter.attempts,
+                "last_error": letter.last_error,
+                "set_aside_at": letter.dead_lettered_at,
             }),
         }
     }
@@ -290,6 +323,15 @@ impl Sources {
                 }),
             }
         }
+        if wanted(Source::Timeouts) {
+            match commands::timeouts::dead_letters(&self.pool, filter.since).await {
+                Ok(letters) => entries.extend(letters.into_iter().filter_map(Entry::timeouts)),
+                Err(error) => unreadable.push(Unreadable {
+                    source_name: Source::Timeouts,
+                    error: error.into(),
+                }),
+            }
+        }
         let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
         let mut latest = audit::latest(&self.pool, &ids).await?;
         let mut entries: Vec<Entry> = entries
@@ -325,6 +367,9 @@ impl Sources {
                     .await?
                     .map(Entry::edge)
             }
+            EntryId::Timeouts { order_id } => commands::timeouts::dead_letter(&self.pool, &order_id.to_string())
+                .await?
+                .and_then(Entry::timeouts),
         };
         let Some(entry) = entry else { return Ok(None) };
         let record = audit::latest(&self.pool, std::slice::from_ref(&entry.id))
@@ -415,6 +460,38 @@ impl Sources {
                         outcome: Outcome::Unconfirmed,
                         detail: format!("{moved}; still unread after {wait:?} (is a forwarder running?)"),
                     },
+                }
+            }
+            Raw::Timeouts(letter) => {
+                if !commands::timeouts::redrive_dead_letter(&self.pool, &letter.order_id).await? {
+                    return Ok(Redrive {
+                        outcome: Outcome::Unconfirmed,
+                        detail: "no longer set aside: fired or re-driven meanwhile".to_owned(),
+                    });
+                }
+                let deadline = tokio::time::Instant::now() + wait;
+                loop {
+                    match commands::timeouts::deadline_state(&self.pool, &letter.order_id).await? {
+                        DeadlineState::Fired => {
+                            break Redrive {
+                                outcome: Outcome::Redriven,
+                                detail: "back in line; the poller fired it".to_owned(),
+                            };
+                        }
+                        DeadlineState::SetAside(error) => {
+                            break Redrive {
+                                outcome: Outcome::FailedAgain,
+                                detail: format!("back in line; set aside again: {error}"),
+                            };
+                        }
+                        DeadlineState::Waiting if tokio::time::Instant::now() >= deadline => {
+                            break Redrive {
+                                outcome: Outcome::Unconfirmed,
+                                detail: format!("back in line; not fired within {wait:?} (is a command API running?)"),
+                            };
+                        }
+                        DeadlineState::Waiting => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
                 }
             }
         })

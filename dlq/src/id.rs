@@ -1,6 +1,7 @@
 //! One id scheme over every place dead letters are parked:
 //! `events:<sequence in the dead-letter stream>`,
-//! `projections:<projection>:<event id>`, `edge:<voucher id>:<entry id>`.
+//! `projections:<projection>:<event id>`, `edge:<voucher id>:<entry id>`,
+//! `timeouts:<order id>`.
 
 use std::{fmt, str::FromStr};
 
@@ -18,16 +19,19 @@ pub enum Source {
     Projections,
     /// The edge's Redis `:dead` streams: entries the forwarder could not read.
     Edge,
+    /// `order_deadlines` set aside: payment timeouts that could not fire.
+    Timeouts,
 }
 
 impl Source {
-    pub const ALL: [Self; 3] = [Self::Events, Self::Projections, Self::Edge];
+    pub const ALL: [Self; 4] = [Self::Events, Self::Projections, Self::Edge, Self::Timeouts];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Events => "events",
             Self::Projections => "projections",
             Self::Edge => "edge",
+            Self::Timeouts => "timeouts",
         }
     }
 }
@@ -43,6 +47,7 @@ pub enum EntryId {
     Events { sequence: u64 },
     Projections { projection: Projection, event_id: Uuid },
     Edge { voucher_id: Uuid, entry_id: String },
+    Timeouts { order_id: Uuid },
 }
 
 impl EntryId {
@@ -51,6 +56,7 @@ impl EntryId {
             Self::Events { .. } => Source::Events,
             Self::Projections { .. } => Source::Projections,
             Self::Edge { .. } => Source::Edge,
+            Self::Timeouts { .. } => Source::Timeouts,
         }
     }
 }
@@ -61,6 +67,7 @@ impl fmt::Display for EntryId {
             Self::Events { sequence } => write!(f, "events:{sequence}"),
             Self::Projections { projection, event_id } => write!(f, "projections:{projection}:{event_id}"),
             Self::Edge { voucher_id, entry_id } => write!(f, "edge:{voucher_id}:{entry_id}"),
+            Self::Timeouts { order_id } => write!(f, "timeouts:{order_id}"),
         }
     }
 }
@@ -68,7 +75,7 @@ impl fmt::Display for EntryId {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     #[error(
-        "{0:?} is not a dead-letter id: expected events:<sequence>, projections:<projection>:<event id> or edge:<voucher id>:<entry id>"
+        "{0:?} is not a dead-letter id: expected events:<sequence>, projections:<projection>:<event id>, edge:<voucher id>:<entry id> or timeouts:<order id>"
     )]
     Shape(String),
     #[error("{0:?}: unknown projection (orders, coupons, vouchers, products)")]
@@ -111,6 +118,9 @@ impl FromStr for EntryId {
                     entry_id: entry_id.to_owned(),
                 })
             }
+            "timeouts" => Ok(Self::Timeouts {
+                order_id: rest.parse().map_err(|_| shape())?,
+            }),
             _ => Err(shape()),
         }
     }
@@ -132,6 +142,9 @@ mod tests {
                 voucher_id: Uuid::from_u128(9),
                 entry_id: "1700000000000-3".to_owned(),
             },
+            EntryId::Timeouts {
+                order_id: Uuid::from_u128(11),
+            },
         ] {
             assert_eq!(id.to_string().parse::<EntryId>(), Ok(id));
         }
@@ -152,6 +165,8 @@ mod tests {
             "edge:00000000-0000-0000-0000-000000000009:abc",
             "edge:nope:1-0",
             "jetstream:4",
+            "timeouts:",
+            "timeouts:42",
         ] {
             assert!(matches!(bad.parse::<EntryId>(), Err(IdError::Shape(_))), "{bad}");
         }

@@ -4,7 +4,7 @@
 //!
 //! Layout:
 //! - [`id`]: the ids (`events:<seq>`, `projections:<name>:<event id>`,
-//!   `edge:<voucher>:<entry>`) and [`id::Source`];
+//!   `edge:<voucher>:<entry>`, `timeouts:<order>`) and [`id::Source`];
 //! - [`entry`]: dead letters from every place in one shape, and what a
 //!   re-drive means in each place;
 //! - [`audit`]: `dead_letter_actions`, the record of every re-drive and drop
@@ -144,6 +144,7 @@ impl Selection {
                 SourceArg::Events => vec![Source::Events],
                 SourceArg::Projections => vec![Source::Projections],
                 SourceArg::Edge => vec![Source::Edge],
+                SourceArg::Timeouts => vec![Source::Timeouts],
             },
             since: self.since.map(|since| since.at(now)),
             event_type: self.event_type.clone(),
@@ -164,6 +165,7 @@ pub enum SourceArg {
     Events,
     Projections,
     Edge,
+    Timeouts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -593,7 +595,9 @@ async fn redrive(
         let entry = match target {
             Target::Found(entry) => entry,
             Target::Missing(id) => {
-                report.push(missing(sources, &id).await?);
+                let done = missing(sources, &id).await?;
+                print_done(&done, json, out)?;
+                report.push(done);
                 continue;
             }
         };

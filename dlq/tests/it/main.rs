@@ -5,6 +5,7 @@
 mod edge;
 mod projections;
 mod stream;
+mod timeouts;
 
 use chrono::Utc;
 use clap::Parser as _;

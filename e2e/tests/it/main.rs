@@ -11,7 +11,9 @@
 mod chaos;
 mod contract;
 mod hostile_input;
+mod observability;
 mod sale;
+mod traces;
 mod workload;
 
 use std::time::{Duration, Instant};
