@@ -42,17 +42,21 @@ impl Progress for BarProgress {
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         // the template is a constant: it parses, or the default style is fine
         if let Ok(style) =
-            ProgressStyle::with_template("[{prefix}] {wide_bar} {pos}/{len} events ({percent}%), {per_sec}, ETA {eta}")
+            ProgressStyle::with_template("[{prefix}] {wide_bar} {pos}/{len} events ({percent}%), {msg}, ETA {eta}")
         {
             bar.set_style(style);
         }
         bar.set_prefix(projection.to_owned());
+        bar.set_message("0 events/s");
         self.bar = Some(bar);
     }
 
     fn advance(&mut self, done: u64) {
         if let Some(bar) = &self.bar {
             bar.set_position(done);
+            // indicatif's own {per_sec} prints four decimals
+            let rate = done as f64 / bar.elapsed().as_secs_f64().max(1e-3);
+            bar.set_message(format!("{rate:.0} events/s"));
         }
     }
 
