@@ -56,11 +56,9 @@ pub struct Config {
     /// The edge's Redis key prefix (as the edge's `SECKILL_KEY_PREFIX`).
     #[arg(long, env = "SECKILL_KEY_PREFIX", default_value = "cp:")]
     pub key_prefix: String,
-    /// Who acts, for the audit (default: `$USER`).
+    /// Who acts, for the audit (default: the login name).
     #[arg(long, env = "DLQ_OPERATOR")]
     pub operator: Option<String>,
-    #[arg(long = "login-user", env = "USER", hide = true)]
-    pub login_user: Option<String>,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -74,11 +72,12 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn operator(&self) -> String {
+    /// `--operator`, else `login` (the binary passes `$USER`), else "unknown".
+    pub fn operator(&self, login: Option<String>) -> String {
         self.operator
             .clone()
-            .or_else(|| self.login_user.clone())
             .filter(|name| !name.trim().is_empty())
+            .or(login.filter(|name| !name.trim().is_empty()))
             .unwrap_or_else(|| "unknown".to_owned())
     }
 }
@@ -295,19 +294,10 @@ pub async fn connect(config: &Config) -> Result<Sources, DlqError> {
     })
 }
 
-/// Connects, then executes `cli.command`.
-pub async fn run(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<Exit, DlqError> {
+/// Connects, then executes `cli.command` as `operator`.
+pub async fn run(cli: &Cli, operator: &str, out: &mut dyn Write, err: &mut dyn Write) -> Result<Exit, DlqError> {
     let sources = connect(&cli.config).await?;
-    execute(
-        &cli.command,
-        cli.json,
-        &sources,
-        &cli.config.operator(),
-        Utc::now(),
-        out,
-        err,
-    )
-    .await
+    execute(&cli.command, cli.json, &sources, operator, Utc::now(), out, err).await
 }
 
 /// Executes one command against `sources`; `now` resolves `--since` ages.

@@ -14,8 +14,10 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let login = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).ok();
+    let operator = cli.config.operator(login);
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
-    match dlq::run(&cli, &mut out, &mut err).await {
+    match dlq::run(&cli, &operator, &mut out, &mut err).await {
         Ok(exit) => ExitCode::from(exit.code()),
         Err(error) => {
             eprintln!("error: {:#}", anyhow::Error::from(error));
