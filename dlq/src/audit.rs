@@ -114,6 +114,33 @@ pub async fn snapshot(pool: &PgPool, id: &str) -> Result<Option<serde_json::Valu
         .await
 }
 
+/// The latest record and snapshot of every entry of `sources` acted on at
+/// or after `since` and not among `present` (the entries still where they
+/// were parked): what a re-drive took away (an edge entry, a fired deadline).
+pub async fn gone(
+    pool: &PgPool,
+    sources: &[Source],
+    present: &[String],
+    since: Option<DateTime<Utc>>,
+) -> Result<Vec<(String, Record, serde_json::Value)>, sqlx::Error> {
+    let sources: Vec<&str> = sources.iter().map(|s| s.name()).collect();
+    let rows = sqlx::query(
+        "SELECT * FROM (
+             SELECT DISTINCT ON (entry_id) entry_id, action, outcome, reason, detail, operator, recorded_at, entry
+               FROM dead_letter_actions WHERE source = ANY($1) ORDER BY entry_id, id DESC
+         ) latest
+          WHERE NOT (entry_id = ANY($2)) AND ($3::timestamptz IS NULL OR recorded_at >= $3)",
+    )
+    .bind(&sources)
+    .bind(present)
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("entry_id")?, record(row)?, row.try_get("entry")?)))
+        .collect()
+}
+
 /// Serializes work on one entry across operators until the transaction ends,
 /// and returns its latest record as seen under that lock.
 pub async fn lock(conn: &mut PgConnection, id: &str) -> Result<Option<Record>, sqlx::Error> {

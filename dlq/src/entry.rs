@@ -75,6 +75,8 @@ enum Raw {
     Projections(ProjectionDeadLetter),
     Edge(EdgeDeadLetter),
     Timeouts(DeadlineLetter),
+    /// No longer where it was parked: as the audit's snapshot kept it.
+    Gone(serde_json::Value),
 }
 
 impl Entry {
@@ -159,6 +161,41 @@ impl Entry {
         })
     }
 
+    /// An entry its re-drive took away, from the audit's snapshot
+    /// ([`Entry::snapshot`]).
+    fn gone(id: String, record: Record, snapshot: &serde_json::Value) -> Option<Self> {
+        let entry = &snapshot["entry"];
+        let text = |field: &str| entry[field].as_str().map(str::to_owned);
+        let source = match entry["source"].as_str()? {
+            "events" => Source::Events,
+            "projections" => Source::Projections,
+            "edge" => Source::Edge,
+            "timeouts" => Source::Timeouts,
+            _ => return None,
+        };
+        Some(
+            Self {
+                id,
+                source,
+                state: State::Open,
+                parked_at: text("parked_at")?.parse().ok()?,
+                attempts: entry["attempts"].as_i64().unwrap_or(0),
+                reason: text("reason").unwrap_or_default(),
+                event_type: text("event_type"),
+                place: text("place").unwrap_or_default(),
+                key: text("key"),
+                last_action: None,
+                raw: Raw::Gone(snapshot["detail"].clone()),
+            }
+            .with_action(Some(record)),
+        )
+    }
+
+    /// What the audit keeps of it: the entry as listed and everything it holds.
+    pub fn snapshot(&self) -> serde_json::Value {
+        json!({"entry": self, "detail": self.detail()})
+    }
+
     /// Sets the state from the latest audit record.
     pub(crate) fn with_action(mut self, record: Option<Record>) -> Self {
         self.state = match record.as_ref().map(|r| r.outcome) {
@@ -204,6 +241,7 @@ impl Entry {
                 "stream_entry_id": letter.stream_entry_id,
                 "fields": letter.fields,
             }),
+            Raw::Gone(detail) => detail.clone(),
             Raw::Timeouts(letter) => json!({
                 "order_id": letter.order_id,
                 "due_at": letter.due_at,
@@ -333,12 +371,21 @@ impl Sources {
             }
         }
         let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        if filter.state.is_none_or(|state| state == State::Redriven) {
+            // re-driven away from where they were parked: from the audit
+            let sources: Vec<Source> = Source::ALL.into_iter().filter(|s| wanted(*s)).collect();
+            for (id, record, snapshot) in audit::gone(&self.pool, &sources, &ids, filter.since).await? {
+                entries.extend(Entry::gone(id, record, &snapshot).filter(|e| e.state == State::Redriven));
+            }
+        }
         let mut latest = audit::latest(&self.pool, &ids).await?;
         let mut entries: Vec<Entry> = entries
             .into_iter()
-            .map(|entry| {
-                let record = latest.remove(&entry.id);
-                entry.with_action(record)
+            .map(|entry| match latest.remove(&entry.id) {
+                Some(record) => entry.with_action(Some(record)),
+                // a gone entry carries its record already
+                None if entry.last_action.is_some() => entry,
+                None => entry.with_action(None),
             })
             .filter(|entry| filter.state.is_none_or(|state| entry.state == state))
             .filter(|entry| {
@@ -355,7 +402,16 @@ impl Sources {
     /// One entry where it is parked now (an edge entry re-driven is gone).
     pub async fn get(&self, id: &EntryId) -> Result<Option<Entry>, SourceError> {
         let entry = match id {
-            EntryId::Events { sequence } => self.dead_letters.get(*sequence).await?.map(Entry::events),
+            EntryId::Events { sequence } => match self.dead_letters.get(*sequence).await? {
+                // a projector's refusal is handled as its projections entry
+                // (a re-drive rebuilds the document; publishing the event
+                // again would find the document's version past it)
+                Some(letter) => match self.projection_twin(&letter).await? {
+                    Some(twin) => Some(twin),
+                    None => Some(Entry::events(letter)),
+                },
+                None => None,
+            },
             EntryId::Projections { projection, event_id } => {
                 projections::dead_letters::get(&self.pool, projection.name(), *event_id)
                     .await?
@@ -376,6 +432,23 @@ impl Sources {
             .await?
             .remove(&entry.id);
         Ok(Some(entry.with_action(record)))
+    }
+
+    /// The `projections` entry a JetStream dead letter of the projection
+    /// daemon stands for, if the daemon recorded one.
+    async fn projection_twin(&self, letter: &DeadLetter) -> Result<Option<Entry>, SourceError> {
+        let Some(projection) = projections::Projection::ALL
+            .into_iter()
+            .find(|p| projections::daemon::consumer_name(p.name()) == letter.consumer)
+        else {
+            return Ok(None);
+        };
+        let Some(event_id) = letter.original_msg_id.as_deref().and_then(|id| id.parse().ok()) else {
+            return Ok(None);
+        };
+        Ok(projections::dead_letters::get(&self.pool, projection.name(), event_id)
+            .await?
+            .and_then(Entry::projections))
     }
 
     /// Re-drives `entry` (see the module doc), waiting up to `wait` to see
@@ -462,6 +535,10 @@ impl Sources {
                     },
                 }
             }
+            Raw::Gone(_) => Redrive {
+                outcome: Outcome::Unconfirmed,
+                detail: "no longer parked".to_owned(),
+            },
             Raw::Timeouts(letter) => {
                 if !commands::timeouts::redrive_dead_letter(&self.pool, &letter.order_id).await? {
                     return Ok(Redrive {

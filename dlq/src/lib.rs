@@ -455,16 +455,18 @@ async fn show(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<Exit, DlqError> {
-    let key = id.to_string();
+    let found = sources.get(id).await?;
+    // an id may stand for another entry (a projection's refusal on the stream)
+    let key = found.as_ref().map_or_else(|| id.to_string(), |entry| entry.id.clone());
     let history = audit::history(&sources.pool, &key).await?;
-    let (entry, detail) = match sources.get(id).await? {
+    let (entry, detail) = match found {
         Some(entry) => {
             let detail = entry.detail();
             (Some(entry), detail)
         }
         // an edge entry leaves Redis when re-driven: the audit kept it
         None => match audit::snapshot(&sources.pool, &key).await? {
-            Some(snapshot) => (None, snapshot),
+            Some(snapshot) => (None, snapshot["detail"].clone()),
             None => {
                 writeln!(err, "error: no dead letter {key}")?;
                 return Ok(Exit::SomeFailed);
@@ -637,7 +639,7 @@ async fn redrive_one(sources: &Sources, entry: &Entry, wait: Duration, operator:
             reason: None,
             detail: Some(&result.detail),
             operator,
-            entry: &entry.detail(),
+            entry: &entry.snapshot(),
         },
     )
     .await?;
@@ -708,7 +710,7 @@ async fn drop_entries(
                             reason: Some(reason),
                             detail: None,
                             operator,
-                            entry: &entry.detail(),
+                            entry: &entry.snapshot(),
                         },
                     )
                     .await?;

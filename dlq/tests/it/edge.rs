@@ -64,6 +64,11 @@ async fn unreadable_entries_fail_again_and_readable_ones_reach_jetstream() -> an
     let again = places.entries(&[]).await?;
     assert_eq!(again.len(), 1);
     assert_ne!(again[0]["id"], poison.as_str(), "parked again under a new id");
+    let redriven = places.entries(&["--state", "redriven"]).await?;
+    assert_eq!(redriven.len(), 1, "listed from the audit: {redriven:?}");
+    assert_eq!(redriven[0]["id"], poison.as_str());
+    assert_eq!(redriven[0]["key"], "not-an-order-id");
+    assert_eq!(redriven[0]["last_action"]["outcome"], "failed_again");
     let (exit, shown, _) = places.dlq(&["show", &poison]).await?;
     assert_eq!(exit, Exit::Done, "gone from Redis, kept by the audit");
     assert!(

@@ -87,21 +87,7 @@ impl Places {
     }
 }
 
-/// Polls `check` until it holds or `within` passes.
-pub async fn eventually<F, Fut>(within: std::time::Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "not within {within:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
+pub use testkit::eventually;
 
 #[tokio::test]
 async fn bad_usage_exits_2_and_changes_nothing() -> anyhow::Result<()> {

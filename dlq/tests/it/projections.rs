@@ -111,6 +111,10 @@ async fn a_refused_event_fails_again_until_the_projector_takes_it_then_its_docum
     let everywhere = places.entries(&[]).await?;
     assert_eq!(everywhere.len(), 1, "{everywhere:?}");
     assert_eq!(everywhere[0]["id"], id.as_str());
+    // asked for by its stream id, it is the same projections entry
+    let (_, shown, _) = places.dlq(&["show", "events:1", "--json"]).await?;
+    let shown: serde_json::Value = serde_json::from_str(&shown)?;
+    assert_eq!(shown["entry"]["id"], id.as_str(), "{shown}");
 
     let (exit, out, _) = places.dlq(&["redrive", &id]).await?;
     assert_eq!(exit, Exit::SomeFailed, "{out}");

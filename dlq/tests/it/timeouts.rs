@@ -72,6 +72,16 @@ async fn a_deadline_set_aside_goes_back_in_line_and_the_poller_decides() -> anyh
     let (exit, out, _) = places.dlq(&["redrive", &id]).await?;
     assert_eq!(exit, Exit::Done);
     assert!(out.contains("skipped") && out.contains("no longer parked"), "{out}");
+    let redriven = places.entries(&["--state", "redriven", "--source", "timeouts"]).await?;
+    assert_eq!(redriven.len(), 1, "{redriven:?}");
+    assert_eq!(redriven[0]["id"], id.as_str());
+    assert_eq!(redriven[0]["reason"], "still broken", "as it was when re-driven the second time");
+    assert!(
+        places
+            .entries(&["--state", "redriven", "--source", "edge"])
+            .await?
+            .is_empty()
+    );
 
     // nothing runs the deadlines: back in line, unconfirmed
     let other = Uuid::now_v7();
