@@ -75,7 +75,10 @@ async fn a_deadline_set_aside_goes_back_in_line_and_the_poller_decides() -> anyh
     let redriven = places.entries(&["--state", "redriven", "--source", "timeouts"]).await?;
     assert_eq!(redriven.len(), 1, "{redriven:?}");
     assert_eq!(redriven[0]["id"], id.as_str());
-    assert_eq!(redriven[0]["reason"], "still broken", "as it was when re-driven the second time");
+    assert_eq!(
+        redriven[0]["reason"], "still broken",
+        "as it was when re-driven the second time"
+    );
     assert!(
         places
             .entries(&["--state", "redriven", "--source", "edge"])

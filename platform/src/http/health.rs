@@ -7,6 +7,11 @@ use serde::Serialize;
 
 type Probe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// How long one probe may take before its dependency counts as down: a
+/// `/health` answers, and a scrape (Prometheus waits 4 s) completes, while
+/// a server hangs.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Clone, Default)]
 pub struct Health {
     /// Shared: the state holding it is cloned for every request.
@@ -37,7 +42,10 @@ impl Health {
         Self::default()
     }
 
-    /// Adds a named probe; `probe` is called on every `/health` request.
+    /// Adds a named probe; `probe` is called on every `/health` request and
+    /// every `/metrics` scrape (gauge `dependency_up{dependency}`, 1 or 0:
+    /// how Prometheus learns that a server without an exporter of its own,
+    /// NATS, is away).
     pub fn with<F, Fut>(mut self, name: &'static str, probe: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -71,7 +79,12 @@ impl Health {
     pub async fn check(&self) -> HealthReport {
         let results = futures::future::join_all(self.probes.iter().map(|(name, probe)| {
             let probe = probe.clone();
-            async move { (*name, probe().await) }
+            async move {
+                let answer = tokio::time::timeout(PROBE_TIMEOUT, probe())
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {PROBE_TIMEOUT:?}")));
+                (*name, answer)
+            }
         }))
         .await;
         let checks: Vec<CheckReport> = results
@@ -81,6 +94,8 @@ impl Health {
                 if let Err(error) = &result {
                     tracing::warn!(dependency = name, %error, "health probe failed");
                 }
+                // the probe names are a fixed few: a bounded label
+                metrics::gauge!("dependency_up", "dependency" => name).set(if result.is_ok() { 1.0 } else { 0.0 });
                 CheckReport {
                     name,
                     ok: result.is_ok(),

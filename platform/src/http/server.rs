@@ -132,6 +132,8 @@ async fn health(State(ops): State<Ops>) -> Response {
 }
 
 async fn render_metrics(State(ops): State<Ops>) -> Response {
+    // refreshes `dependency_up` (each probe sets its own, within PROBE_TIMEOUT)
+    ops.health.check().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::render_metrics(&ops.metrics),

@@ -337,6 +337,30 @@ async fn health_is_503_while_a_dependency_is_down() {
 }
 
 #[tokio::test]
+async fn a_scrape_runs_the_dependency_probes_and_exports_whether_each_answers() {
+    let health = Health::new()
+        .with("scrape_ok", || async { Ok(()) })
+        .with("scrape_refused", || async { Err("refused".to_owned()) })
+        .with("scrape_hanging", || async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        });
+    let started = Instant::now();
+    let (status, body) = send(app(health), get_with("/metrics", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a hanging probe is cut short"
+    );
+    for (dependency, up) in [("scrape_ok", 1), ("scrape_refused", 0), ("scrape_hanging", 0)] {
+        assert!(
+            body.contains(&format!(r#"dependency_up{{dependency="{dependency}"}} {up}"#)),
+            "{dependency}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn metrics_count_requests_by_route() {
     let app = app(Health::new());
     let _ = send(
