@@ -33,7 +33,9 @@ use opentelemetry_sdk::{
     trace::{Sampler, SdkTracerProvider},
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, filter::LevelFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
 
 use crate::config::{LogFormat, TelemetryConfig};
 
@@ -105,7 +107,11 @@ pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
         .with_tracked_inactivity(false)
         .with_threads(false);
 
+    // RUST_LOG filters the logs only: spans are exported at `info` whatever
+    // the log level (an operator quieting the logs keeps the traces), and
+    // the trace layer sees nothing at all while nothing is exported
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let traced = if exporting { LevelFilter::INFO } else { LevelFilter::OFF };
     // colours only for a person at a terminal, not in log files
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt_layer = match config.log_format {
@@ -121,9 +127,8 @@ pub fn init(default_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
     };
     // A second init in one process (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
-        .with(otel_layer)
+        .with(fmt_layer.with_filter(filter))
+        .with(otel_layer.with_filter(traced))
         .try_init();
 
     Ok(Telemetry {
