@@ -289,7 +289,8 @@ impl<H: BatchHandler> ConsumerRunner<H> {
                     consumer: self.name.clone(),
                     source: Box::new(source),
                 })?;
-            let mut stream = pin!(stream);
+            // boxed so it can be dropped before what it held is given back
+            let mut stream = Box::pin(stream);
             loop {
                 let first = tokio::select! {
                     // What the pull delivered but the runner has not taken comes
@@ -317,7 +318,14 @@ impl<H: BatchHandler> ConsumerRunner<H> {
                 }
                 let mut held = self.process(batch).await;
                 while !held.is_empty() {
-                    if !self.hold(&mut held, &mut stream, &stop).await {
+                    if !self.hold(&mut held, &mut stream.as_mut(), &stop).await {
+                        // The pull goes first: while it is open, JetStream sends
+                        // a Nak'd message straight back to it, and it would
+                        // leave with this process, back only after the ack wait
+                        // (measured: the first messages given back went missing
+                        // for the next runner). Unsubscribing is sent before the
+                        // Naks on the same connection, so the server has it first.
+                        drop(stream);
                         for message in &held {
                             give_back(message).await;
                         }
