@@ -24,7 +24,7 @@ pub use consumer::{
     permanent, probe,
 };
 pub use publisher::{Outgoing, PublishFailure, Publisher};
-pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology};
+pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology, ensure_topology_within};
 
 /// How long a JetStream API request or publish ack may take. A publish sent
 /// on a connection that then broke (its node of the cluster died) is never

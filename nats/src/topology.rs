@@ -150,6 +150,30 @@ pub async fn ensure_topology(
     Ok(report)
 }
 
+/// [`ensure_topology`], retried every 500 ms until it succeeds or `within`
+/// has passed (the services' start-up timeout): a JetStream cluster that
+/// has just started takes a while to place replicated streams (measured: a
+/// fresh cluster of three under load answered a stream creation after more
+/// than the 5 s a request may take), and a service should wait for it as it
+/// waits for its other servers, not exit.
+pub async fn ensure_topology_within(
+    js: &jetstream::Context,
+    topology: &Topology,
+    within: Duration,
+) -> Result<Vec<(String, StreamChange)>, TopologyError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match ensure_topology(js, topology).await {
+            Ok(report) => return Ok(report),
+            Err(error) if tokio::time::Instant::now() + Duration::from_millis(500) < deadline => {
+                tracing::warn!(%error, "JetStream topology not in place yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 async fn ensure_stream(js: &jetstream::Context, wanted: stream::Config) -> Result<StreamChange, TopologyError> {
     let name = wanted.name.clone();
     match js.get_stream(&name).await {

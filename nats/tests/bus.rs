@@ -53,6 +53,18 @@ impl Bus {
 }
 
 #[tokio::test]
+async fn ensuring_the_topology_on_a_server_that_never_answers_gives_up_after_its_bound() -> anyhow::Result<()> {
+    let js = cp_nats::jetstream(testkit::unreachable_nats().await, 100);
+    let topology = Topology::new(Namespace::new(testkit::unique_namespace())?);
+    let started = std::time::Instant::now();
+    let result = cp_nats::ensure_topology_within(&js, &topology, Duration::from_secs(2)).await;
+    assert!(result.is_err());
+    // one request's bound at most past the deadline, not forever
+    assert!(started.elapsed() < Duration::from_secs(2) + cp_nats::JETSTREAM_TIMEOUT + Duration::from_secs(2));
+    Ok(())
+}
+
+#[tokio::test]
 async fn ensure_topology_twice_is_a_no_op() -> anyhow::Result<()> {
     let namespace = Namespace::new(testkit::unique_namespace())?;
     let js = cp_nats::jetstream(testkit::nats().await?, 1_000);

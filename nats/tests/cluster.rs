@@ -50,13 +50,10 @@ async fn r3_streams_lose_nothing_acknowledged_when_the_leader_is_killed() -> any
     let js = cp_nats::jetstream(cluster.connect().await?, 1_000);
     let namespace = Namespace::new(testkit::unique_namespace())?;
     // a cluster that just started may take longer than one request's bound
-    // to place R3 streams (seen under the whole suite's load): retry
+    // to place R3 streams (seen under the whole suite's load): as a service
+    // starting on it does, wait for it
     let topology = Topology::new(namespace.clone()).with_replicas(3);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(error) = cp_nats::ensure_topology(&js, &topology).await {
-        anyhow::ensure!(Instant::now() < deadline, "no R3 topology: {error}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    cp_nats::ensure_topology_within(&js, &topology, Duration::from_secs(60)).await?;
     let stream = namespace.events_stream("Order");
     let info = js.get_stream(&stream).await?.get_info().await?;
     assert_eq!(info.config.num_replicas, 3);

@@ -187,7 +187,7 @@ pub async fn run(
     let namespace = Namespace::new(&config.nats.nats_namespace)?;
     let js = cp_nats::jetstream(nats.clone(), 5_000);
     let topology = Topology::new(namespace.clone()).with_replicas(config.nats.nats_stream_replicas.into());
-    cp_nats::ensure_topology(&js, &topology).await?;
+    cp_nats::ensure_topology_within(&js, &topology, timeout).await?;
     let ops = Ops {
         health: Health::new().postgres(pool.clone()).nats(nats.clone()),
         metrics: platform::telemetry::metrics_handle(),

@@ -211,7 +211,7 @@ pub async fn run(
     let namespace = Namespace::new(&config.nats.nats_namespace)?;
     let js = cp_nats::jetstream(nats.clone(), 5_000);
     let topology = cp_nats::Topology::new(namespace.clone()).with_replicas(config.nats.nats_stream_replicas.into());
-    cp_nats::ensure_topology(&js, &topology).await?;
+    cp_nats::ensure_topology_within(&js, &topology, timeout).await?;
     // Only a re-warm reads the event store: admission keeps working while it is down.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.postgres.database_max_connections)

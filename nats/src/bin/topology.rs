@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
     let client = platform::bus::connect(&config.nats, "citypicks-topology", config.startup.timeout()).await?;
     let js = cp_nats::jetstream(client, 1_000);
     let topology = cp_nats::Topology::new(namespace).with_replicas(config.nats.nats_stream_replicas.into());
-    let report = cp_nats::ensure_topology(&js, &topology).await?;
+    let report = cp_nats::ensure_topology_within(&js, &topology, config.startup.timeout()).await?;
     for (stream, change) in report {
         tracing::info!(%stream, ?change, "stream");
     }
