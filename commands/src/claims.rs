@@ -37,7 +37,7 @@ use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use cp_nats::{BatchHandler, HandlerError};
 use events::{EventMetadata, OrderRejectionReason, OrderRequested, VoucherEvent};
-use platform::telemetry::TraceHeaders;
+use platform::{errors::DisplayChain, telemetry::TraceHeaders};
 use uuid::Uuid;
 
 use crate::{
@@ -429,21 +429,6 @@ pub(crate) fn decode_request(payload: &[u8]) -> Result<(Uuid, SeckillClaim), Unr
                 },
             ))
         }
-    }
-}
-
-/// An error with its sources, for the log and the dead letter's reason.
-struct DisplayChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
     }
 }
 

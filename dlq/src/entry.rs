@@ -100,9 +100,7 @@ impl Entry {
     }
 
     fn projections(letter: ProjectionDeadLetter) -> Option<Self> {
-        let projection = projections::Projection::ALL
-            .into_iter()
-            .find(|p| p.name() == letter.projection)?;
+        let projection = projections::Projection::named(&letter.projection)?;
         Some(Self {
             id: EntryId::Projections {
                 projection,
@@ -312,8 +310,14 @@ impl Sources {
         let mut entries = Vec::new();
         let mut unreadable = Vec::new();
         let wanted = |source: Source| filter.sources.is_empty() || filter.sources.contains(&source);
-        // read even when only `events` is wanted: they hide their projection twins
-        let projection_letters = match projections::dead_letters::list(&self.pool, filter.since).await {
+        // read for `events` too: they hide their projection twins
+        let needed = wanted(Source::Events) || wanted(Source::Projections);
+        let read = if needed {
+            projections::dead_letters::list(&self.pool, filter.since).await
+        } else {
+            Ok(Vec::new())
+        };
+        let projection_letters = match read {
             Ok(letters) => letters,
             Err(error) => {
                 unreadable.push(Unreadable {
@@ -437,10 +441,7 @@ impl Sources {
     /// The `projections` entry a JetStream dead letter of the projection
     /// daemon stands for, if the daemon recorded one.
     async fn projection_twin(&self, letter: &DeadLetter) -> Result<Option<Entry>, SourceError> {
-        let Some(projection) = projections::Projection::ALL
-            .into_iter()
-            .find(|p| projections::daemon::consumer_name(p.name()) == letter.consumer)
-        else {
+        let Some(projection) = projections::Projection::of_consumer(&letter.consumer) else {
             return Ok(None);
         };
         let Some(event_id) = letter.original_msg_id.as_deref().and_then(|id| id.parse().ok()) else {
@@ -478,9 +479,7 @@ impl Sources {
                 }
             }
             Raw::Projections(letter) => {
-                let projection = projections::Projection::ALL
-                    .into_iter()
-                    .find(|p| p.name() == letter.projection)
+                let projection = projections::Projection::named(&letter.projection)
                     .ok_or_else(|| sqlx::Error::Protocol(format!("unknown projection {}", letter.projection)))?;
                 match projections::dead_letters::rebuild(&self.pool, projection, &letter.aggregate_id).await? {
                     Rebuild::Rebuilt { version } => Redrive {

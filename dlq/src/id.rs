@@ -98,10 +98,8 @@ impl FromStr for EntryId {
             }
             "projections" => {
                 let (name, event_id) = rest.split_once(':').ok_or_else(shape)?;
-                let projection = Projection::ALL
-                    .into_iter()
-                    .find(|p| p.name() == name)
-                    .ok_or_else(|| IdError::Projection(name.chars().take(40).collect()))?;
+                let projection =
+                    Projection::named(name).ok_or_else(|| IdError::Projection(name.chars().take(40).collect()))?;
                 let event_id = event_id.parse().map_err(|_| shape())?;
                 Ok(Self::Projections { projection, event_id })
             }

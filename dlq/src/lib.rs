@@ -23,7 +23,10 @@ use std::{io::Write, time::Duration};
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
-use platform::config::{NatsConfig, PostgresConfig, RedisConfig, StartupConfig, TelemetryConfig};
+use platform::{
+    config::{NatsConfig, PostgresConfig, RedisConfig, StartupConfig, TelemetryConfig},
+    errors::DisplayChain,
+};
 use serde_json::json;
 
 use crate::{
@@ -369,21 +372,9 @@ fn usage(err: &mut dyn Write, message: &str) -> Result<Exit, DlqError> {
 
 fn warn_unreadable(err: &mut dyn Write, unreadable: &[entry::Unreadable]) -> Result<(), DlqError> {
     for source in unreadable {
-        writeln!(err, "warning: {}", error_chain(source))?;
+        writeln!(err, "warning: {}", DisplayChain(source))?;
     }
     Ok(())
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn list(
@@ -398,7 +389,7 @@ async fn list(
     if json {
         let unreadable: Vec<_> = unreadable
             .iter()
-            .map(|u| json!({"source": u.source_name, "error": error_chain(u)}))
+            .map(|u| json!({"source": u.source_name, "error": DisplayChain(u).to_string()}))
             .collect();
         serde_json::to_writer_pretty(&mut *out, &json!({"entries": entries, "unreadable": unreadable}))?;
         writeln!(out)?;
@@ -625,7 +616,7 @@ async fn redrive_one(sources: &Sources, entry: &Entry, wait: Duration, operator:
             return Ok(Done {
                 id: entry.id.clone(),
                 outcome: "error",
-                detail: error_chain(&error),
+                detail: DisplayChain(&error).to_string(),
             });
         }
     };

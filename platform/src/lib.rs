@@ -16,10 +16,12 @@
 //!   as pure validators whose errors are 422s naming the field.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
 //! - [`clock`]: time as an injected service ([`clock::Clock`]), fixed in tests.
+//! - [`errors`]: an error with its sources on one line ([`errors::DisplayChain`]).
 
 pub mod bus;
 pub mod clock;
 pub mod config;
+pub mod errors;
 pub mod http;
 pub mod kv;
 pub mod limits;

@@ -21,6 +21,18 @@ pub enum Projection {
 impl Projection {
     pub const ALL: [Self; 4] = [Self::Orders, Self::Coupons, Self::Vouchers, Self::Products];
 
+    /// The projection called `name` (`orders`, …), as ids and tables name it.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The projection whose daemon consumer is `consumer` (`projection-orders`, …).
+    pub fn of_consumer(consumer: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| crate::daemon::consumer_name(p.name()) == consumer)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Orders => OrderProjector::NAME,
