@@ -27,7 +27,7 @@ pub fn idempotency(base: &str, user_id: &str, key: &str) -> String {
 pub struct VoucherKeys {
     base: String,
     pub meta: String,
-    /// Hash user id → `"<order id> <requested ms>"`: one order per user, ever,
+    /// Hash user id → order id (a UUIDv7 of the request's time): one order per user, ever,
     /// and the record of every request this gate admitted.
     pub buyers: String,
     /// Set of order ids whose unit is settled (given back, or never real).

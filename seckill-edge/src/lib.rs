@@ -116,6 +116,10 @@ pub struct Config {
     /// How old an admission must be before the reconciler looks for its order.
     #[arg(long, env = "SECKILL_RECONCILE_GRACE_MS", default_value_t = 30_000)]
     pub reconcile_grace_ms: u64,
+    /// The most buyers a second the reconciler reads from Redis (it walks
+    /// each voucher's buyers in pages, pausing between them); 0: no pause.
+    #[arg(long, env = "SECKILL_RECONCILE_SCAN_RATE", default_value_t = 20_000)]
+    pub reconcile_scan_rate: u32,
     #[command(flatten)]
     pub postgres: PostgresConfig,
     #[command(flatten)]
@@ -223,11 +227,12 @@ pub async fn run(
             "SECKILL_ADMIT_REPLICAS=0 on a Redis Cluster: a failover can lose admissions already answered 202; set it to 1"
         );
     }
+    let clock: platform::clock::SharedClock = Arc::new(platform::clock::SystemClock);
     let gate = Gate::new(
         redis.clone(),
         config.key_prefix.clone(),
         Duration::from_secs(config.idempotency_ttl_secs),
-        Arc::new(platform::clock::SystemClock),
+        clock.clone(),
     )
     .with_replicas(
         config.admit_replicas,
@@ -304,7 +309,10 @@ pub async fn run(
             reconciler::ReconcilerConfig {
                 every: Duration::from_millis(config.reconcile_interval_ms),
                 grace: Duration::from_millis(config.reconcile_grace_ms),
+                scan_rate: config.reconcile_scan_rate,
+                ..reconciler::ReconcilerConfig::default()
             },
+            clock.clone(),
         );
         background.spawn(reconciler.run(stop.clone()));
     }
