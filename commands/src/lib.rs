@@ -406,6 +406,15 @@ pub async fn run(
         });
     }
     background.spawn(watch_store(pool.clone(), state.api.clone(), stop.clone()));
+    // messages a consumer's process died on every time (any consumer, not
+    // only this service's): moved to the dead-letter stream
+    let sweeper = cp_nats::ExhaustedDeliveries::new(js.clone(), publisher.clone(), namespace.clone());
+    let stop_sweeping = stop.clone();
+    background.spawn(async move {
+        if let Err(error) = sweeper.run(stop_sweeping.cancelled_owned()).await {
+            tracing::error!(error = %platform::errors::DisplayChain(&error), "exhausted deliveries consumer stopped");
+        }
+    });
     if config.timeouts_enabled {
         let poller = timeouts::TimeoutPoller::new(
             pool.clone(),

@@ -19,9 +19,13 @@
 //! the ack floor (a new leader proves the recent past again) and goes back
 //! 60 s when Postgres restarted ([`event_store::reconcile::Cursor`]); then
 //! the cached vouchers, which may include lost decisions, are forgotten too.
+//!
+//! A request the claim writer's process died on at every delivery is not
+//! re-driven: it would kill this process as well. JetStream's advisories
+//! name those (`cp_nats::exhausted`), and the dead-letter stream holds them.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -62,6 +66,8 @@ impl Default for ReconcilerConfig {
 /// One admitted request as the claim writer takes it.
 #[derive(Debug, Clone)]
 struct Request {
+    /// Its sequence in the requests stream.
+    sequence: u64,
     voucher_id: Uuid,
     claim: SeckillClaim,
     trace: TraceHeaders,
@@ -75,6 +81,9 @@ pub struct PassReport {
     pub missing: usize,
     pub repaired: usize,
     pub rewound: bool,
+    /// Missing requests not re-driven: the claim writer's process died on
+    /// each of their deliveries, and they are in the dead-letter stream.
+    pub exhausted: usize,
 }
 
 #[derive(Debug)]
@@ -87,6 +96,10 @@ pub struct RequestReconciler {
     cursor: Option<Cursor>,
     /// Missing requests whose re-drive failed: tried again next pass.
     retry: Vec<Request>,
+    /// Requests the claim writer used up its deliveries on (JetStream's
+    /// advisories, `cp_nats::exhausted`), and how far those were read.
+    exhausted: HashSet<u64>,
+    advisories_read: u64,
 }
 
 impl RequestReconciler {
@@ -105,6 +118,8 @@ impl RequestReconciler {
             config,
             cursor: None,
             retry: Vec::new(),
+            exhausted: HashSet::new(),
+            advisories_read: 0,
         }
     }
 
@@ -179,6 +194,31 @@ impl RequestReconciler {
         }
         report.read_up_to = cursor.position().unsigned_abs();
         report.missing = missing.len();
+        if !missing.is_empty() {
+            // Read after the ack floor: the floor passes a request only once it
+            // is settled or exhausted, and the advisory is kept at exhaustion.
+            // Re-driving one here, in process, would kill this process too.
+            let (sequences, read) = cp_nats::exhausted::exhausted_after(
+                &self.js,
+                &self.namespace,
+                &self.namespace.seckill_requests_stream(),
+                CLAIM_WRITER_CONSUMER,
+                self.advisories_read,
+            )
+            .await
+            .map_err(ReconcileError::Stream)?;
+            self.exhausted.extend(sequences);
+            self.advisories_read = read;
+            let before = missing.len();
+            missing.retain(|request| !self.exhausted.contains(&request.sequence));
+            report.exhausted = before - missing.len();
+            if report.exhausted > 0 {
+                tracing::warn!(
+                    skipped = report.exhausted,
+                    "requests without an order that the claim writer died on every time are not re-driven: they are in the dead-letter stream"
+                );
+            }
+        }
         if !missing.is_empty() {
             tracing::warn!(
                 missing = missing.len(),
@@ -267,6 +307,7 @@ async fn read_requests(
         if let Ok((voucher_id, claim)) = decode_request(&message.payload) {
             let trace = message.headers.as_ref().map(trace_of).unwrap_or_default();
             requests.push(Request {
+                sequence,
                 voucher_id,
                 claim,
                 trace,

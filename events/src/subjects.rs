@@ -111,6 +111,12 @@ impl Namespace {
         format!("{}_DLQ", self.upper())
     }
 
+    /// Where JetStream's max-deliveries advisories for this namespace's
+    /// streams are kept (`cp_nats::exhausted`).
+    pub fn advisories_stream(&self) -> String {
+        format!("{}_ADVISORIES", self.upper())
+    }
+
     /// The dead-letter stream's one (wildcard) subject.
     pub fn dead_letter_stream_subject(&self) -> String {
         format!("{}.dlq.>", self.0)

@@ -153,6 +153,14 @@ pub struct RunnerConfig {
     pub batch: usize,
     /// After the first message of a batch, how long to wait for more.
     pub linger: Duration,
+    /// The longest a batch may take. Progress acks keep a batch in hand for
+    /// as long as the handler works on it, so a handler that hangs would
+    /// hold its messages (and its consumer) forever: past this bound the
+    /// attempt is abandoned and counts as a transient failure of every
+    /// message in it (retried with backoff, dead-lettered after
+    /// `max_deliver`). Handlers are idempotent, so an abandoned attempt that
+    /// had committed part of its work is harmless.
+    pub handler_timeout: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -163,9 +171,16 @@ impl Default for RunnerConfig {
             backoff_max: Duration::from_secs(30),
             batch: 256,
             linger: Duration::from_millis(2),
+            handler_timeout: DEFAULT_HANDLER_TIMEOUT,
         }
     }
 }
+
+/// [`RunnerConfig::handler_timeout`]'s default: far beyond any batch seen
+/// (a projection batch of 2,000 events takes well under a second; a
+/// database that is away fails a handler within its pool's 5 s acquire
+/// timeout).
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl RunnerConfig {
     /// Delay before the next delivery after the `delivered`-th failure.
@@ -458,10 +473,24 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         };
         let mut handling = pin!(self.handler.handle_batch(batch).instrument(span));
         let mut tick = tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
+        let mut deadline = pin!(tokio::time::sleep(self.config.handler_timeout));
         loop {
             tokio::select! {
                 outcomes = &mut handling => return outcomes,
                 _ = tick.tick() => keep_alive(batch).await,
+                () = &mut deadline => {
+                    tracing::error!(
+                        consumer = %self.name, messages = batch.len(), timeout_ms = self.config.handler_timeout.as_millis() as u64,
+                        "handler took too long; abandoning this attempt"
+                    );
+                    metrics::counter!("nats_consumer_messages_total", "consumer" => self.name.clone(), "outcome" => "timed_out")
+                        .increment(batch.len() as u64);
+                    let timeout = self.config.handler_timeout;
+                    return batch
+                        .iter()
+                        .map(|_| Err(format!("the handler took longer than {timeout:?}; attempt abandoned").into()))
+                        .collect();
+                }
             }
         }
     }
@@ -530,21 +559,19 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         delivered: i64,
         error: &HandlerError,
     ) {
-        let msg_id = msg_id(message).map_or_else(|| format!("{stream_name}:{stream_sequence}"), str::to_owned);
-        let mut headers = message.headers.clone().unwrap_or_default();
-        headers.insert(HDR_DLQ_ERROR, header_safe(&error.to_string()).as_str());
-        headers.insert(HDR_DLQ_CONSUMER, self.name.as_str());
-        headers.insert(HDR_DLQ_STREAM, stream_name);
-        headers.insert(HDR_DLQ_STREAM_SEQ, stream_sequence.to_string().as_str());
-        headers.insert(HDR_DLQ_SUBJECT, message.subject.as_str());
-        headers.insert(HDR_DLQ_DELIVERED, delivered.to_string().as_str());
-        let outgoing = Outgoing {
-            subject: self.namespace.dead_letter_subject(&self.name),
-            // same id again if we crash before Term: the dead-letter stream dedupes it
-            msg_id: format!("dlq:{}:{msg_id}", self.name),
-            headers: strip_msg_id(headers),
-            payload: message.payload.clone(),
-        };
+        let outgoing = dead_letter_copy(
+            &self.namespace,
+            &Failure {
+                consumer: &self.name,
+                stream: stream_name,
+                stream_sequence,
+                subject: message.subject.as_str(),
+                delivered,
+                error: &error.to_string(),
+            },
+            message.headers.as_ref(),
+            message.payload.clone(),
+        );
         match self.dead_letters.publish(outgoing).await {
             Ok(_) => {
                 self.count("dead_lettered");
@@ -563,6 +590,47 @@ impl<H: BatchHandler> ConsumerRunner<H> {
     fn count(&self, outcome: &'static str) {
         metrics::counter!("nats_consumer_messages_total", "consumer" => self.name.clone(), "outcome" => outcome)
             .increment(1);
+    }
+}
+
+/// Where and why a message failed, for its dead-letter copy.
+#[derive(Debug)]
+pub(crate) struct Failure<'a> {
+    pub consumer: &'a str,
+    pub stream: &'a str,
+    pub stream_sequence: u64,
+    /// The message's own subject (where a re-drive publishes it again).
+    pub subject: &'a str,
+    pub delivered: i64,
+    pub error: &'a str,
+}
+
+/// The dead-letter stream's copy of a message: its payload and headers (its
+/// `Nats-Msg-Id` kept under [`HDR_DLQ_ORIGINAL_MSG_ID`]), and the failure.
+/// Its own id is `dlq:<consumer>:<original id>`, the same however often and
+/// by whoever it is written, so the dead-letter stream keeps one copy.
+pub(crate) fn dead_letter_copy(
+    namespace: &Namespace,
+    failure: &Failure<'_>,
+    headers: Option<&HeaderMap>,
+    payload: bytes::Bytes,
+) -> Outgoing {
+    let original = headers.and_then(|headers| headers.get(MSG_ID)).map_or_else(
+        || format!("{}:{}", failure.stream, failure.stream_sequence),
+        |id| id.as_str().to_owned(),
+    );
+    let mut headers = headers.cloned().unwrap_or_default();
+    headers.insert(HDR_DLQ_ERROR, header_safe(failure.error).as_str());
+    headers.insert(HDR_DLQ_CONSUMER, failure.consumer);
+    headers.insert(HDR_DLQ_STREAM, failure.stream);
+    headers.insert(HDR_DLQ_STREAM_SEQ, failure.stream_sequence.to_string().as_str());
+    headers.insert(HDR_DLQ_SUBJECT, failure.subject);
+    headers.insert(HDR_DLQ_DELIVERED, failure.delivered.to_string().as_str());
+    Outgoing {
+        subject: namespace.dead_letter_subject(failure.consumer),
+        msg_id: format!("dlq:{}:{original}", failure.consumer),
+        headers: strip_msg_id(headers),
+        payload,
     }
 }
 

@@ -11,11 +11,15 @@
 //!   a copy to the dead-letter stream with the error and original headers;
 //!   progress acks under a short ack wait, messages held (not failed) while
 //!   the dependency is away, and given back (`Nak`) on shutdown.
+//! - [`exhausted`]: messages a consumer's process died on `max_deliver`
+//!   times (JetStream's max-deliveries advisories, captured in a stream),
+//!   copied to the dead-letter stream with the reason.
 //! - [`dead_letters`]: reading the dead-letter stream and re-driving an
 //!   entry to its original subject (the `citypicks-dlq` CLI's JetStream part).
 
 pub mod consumer;
 pub mod dead_letters;
+pub mod exhausted;
 pub mod publisher;
 pub mod topology;
 
@@ -23,6 +27,7 @@ pub use consumer::{
     BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, Permanent, Probe, RunnerConfig, is_permanent,
     permanent, probe,
 };
+pub use exhausted::ExhaustedDeliveries;
 pub use publisher::{Outgoing, PublishFailure, Publisher};
 pub use topology::{ConsumerSpec, Topology, ensure_consumer, ensure_topology, ensure_topology_within};
 

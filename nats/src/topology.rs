@@ -118,6 +118,22 @@ impl Topology {
             duplicate_window: EVENT_DUPLICATE_WINDOW,
             ..self.base()
         });
+        // every stream a consumer reads: the dead-letter stream has none
+        let consumed: Vec<String> = streams
+            .iter()
+            .filter(|stream| stream.name != ns.dead_letter_stream())
+            .map(|stream| crate::exhausted::max_deliveries_subject(&stream.name))
+            .collect();
+        streams.push(stream::Config {
+            name: ns.advisories_stream(),
+            description: Some(
+                "JetStream's max-deliveries advisories for these streams, moved to the dead-letter stream".to_owned(),
+            ),
+            subjects: consumed,
+            max_age: DEAD_LETTER_MAX_AGE,
+            duplicate_window: EVENT_DUPLICATE_WINDOW,
+            ..self.base()
+        });
         streams
     }
 

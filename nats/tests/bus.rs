@@ -74,7 +74,7 @@ async fn ensure_topology_twice_is_a_no_op() -> anyhow::Result<()> {
         first.iter().all(|(_, change)| *change == StreamChange::Created),
         "{first:?}"
     );
-    assert_eq!(first.len(), AGGREGATE_TYPES.len() + 2);
+    assert_eq!(first.len(), AGGREGATE_TYPES.len() + 3);
     let created = js
         .get_stream(namespace.events_stream("Order"))
         .await?
@@ -234,6 +234,7 @@ async fn start_runner(bus: &Bus, handler: Arc<Flaky>, max_deliver: i64) -> anyho
         backoff_max: Duration::from_millis(200),
         batch: 16,
         linger: Duration::from_millis(2),
+        ..RunnerConfig::default()
     };
     let runner = ConsumerRunner::new(consumer, handler, bus.publisher.clone(), bus.namespace.clone(), config);
     let (stop, stopped) = oneshot::channel();

@@ -69,6 +69,7 @@ impl Bus {
             backoff_max: Duration::from_millis(100),
             batch,
             linger: Duration::from_millis(2),
+            ..RunnerConfig::default()
         }
     }
 
@@ -283,5 +284,98 @@ async fn a_runner_stopped_while_holding_gives_its_messages_back_so_the_next_gets
     assert!(started.elapsed() < Duration::from_secs(5));
     stop.cancel();
     running.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handler_that_hangs_is_abandoned_after_its_timeout_and_ends_in_the_dead_letter_stream() -> anyhow::Result<()>
+{
+    // progress acks would keep a hung batch in hand forever
+    let bus = bus().await?;
+    bus.publish(1).await?;
+    let recorder = Recorder {
+        delay: Duration::from_secs(3_600),
+        ..Recorder::default()
+    };
+    let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
+    let runner = ConsumerRunner::new(
+        consumer,
+        recorder.clone(),
+        bus.publisher.clone(),
+        bus.namespace.clone(),
+        RunnerConfig {
+            handler_timeout: Duration::from_millis(500),
+            ..Bus::config(2, 1)
+        },
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    testkit::eventually(Duration::from_secs(10), || {
+        let bus = &bus;
+        async move { Ok(bus.dead_letters().await? == 1) }
+    })
+    .await?;
+    assert_eq!(recorder.deliveries_of("m-0"), [1, 2]);
+    let letters = cp_nats::dead_letters::DeadLetters::new(bus.js.clone(), bus.namespace.clone())
+        .list_after(0, None)
+        .await?;
+    assert!(
+        letters[0].error.contains("took longer than 500ms"),
+        "{}",
+        letters[0].error
+    );
+    stop.cancel();
+    running.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_whose_consumer_died_on_every_delivery_is_dead_lettered_from_its_advisory() -> anyhow::Result<()> {
+    let bus = bus().await?;
+    let subject = bus.namespace.events_subject("Order");
+    bus.publisher
+        .publish(Outgoing::new(&subject, "evt-poison", "poison").header("Cp-Event-Type", "OrderPlaced"))
+        .await?;
+    let consumer = bus.consumer(Duration::from_millis(500), 2).await?;
+    // a process that takes the message and dies before settling it, twice;
+    // its restart pulls again (which is when JetStream gives up on it)
+    for _ in 0..3 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_millis(1_500))
+            .messages()
+            .await?;
+        while let Some(message) = futures::StreamExt::next(&mut batch).await {
+            drop(message.map_err(|error| anyhow::anyhow!(error))?);
+        }
+    }
+    let sweeper = cp_nats::ExhaustedDeliveries::new(bus.js.clone(), bus.publisher.clone(), bus.namespace.clone());
+    let stop = CancellationToken::new();
+    let sweeping = tokio::spawn(sweeper.run(stop.clone().cancelled_owned()));
+    testkit::eventually(Duration::from_secs(10), || {
+        let bus = &bus;
+        async move { Ok(bus.dead_letters().await? == 1) }
+    })
+    .await?;
+    let letters = cp_nats::dead_letters::DeadLetters::new(bus.js.clone(), bus.namespace.clone())
+        .list_after(0, None)
+        .await?;
+    let letter = &letters[0];
+    assert_eq!(letter.consumer, "faults");
+    assert_eq!(letter.stream, bus.namespace.events_stream("Order"));
+    assert_eq!(letter.stream_sequence, 1);
+    assert_eq!(letter.subject, subject);
+    assert_eq!(letter.delivered, 2);
+    assert_eq!(letter.original_msg_id.as_deref(), Some("evt-poison"));
+    assert_eq!(letter.event_type.as_deref(), Some("OrderPlaced"));
+    assert_eq!(&letter.payload[..], b"poison");
+    assert!(
+        letter.error.contains("delivered 2 times without an outcome"),
+        "{}",
+        letter.error
+    );
+    stop.cancel();
+    sweeping.await??;
     Ok(())
 }

@@ -205,6 +205,17 @@ pub async fn run(
         );
         tokio::spawn(reconciler.run(stop.clone()))
     });
+    // messages a consumer's process died on every time (any consumer, not
+    // only this daemon's): moved to the dead-letter stream
+    let exhausted = {
+        let sweeper = cp_nats::ExhaustedDeliveries::new(js.clone(), Publisher::new(js.clone(), 64), namespace.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(error) = sweeper.run(stop.cancelled_owned()).await {
+                tracing::error!(error = %platform::errors::DisplayChain(&error), "exhausted deliveries consumer stopped");
+            }
+        })
+    };
     let daemon = Daemon {
         pool: pool.clone(),
         js,
@@ -220,6 +231,7 @@ pub async fn run(
         served = serving => {
             stop.cancel();
             projecting.await??;
+            exhausted.await?;
             if let Some(reconciling) = reconciling {
                 reconciling.await?;
             }

@@ -131,3 +131,98 @@ async fn acknowledged_requests_whose_orders_vanished_are_re_driven_into_one_orde
     assert_eq!(order_statuses(&db.pool).await?.len(), 60);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_request_the_claim_writer_died_on_every_time_is_left_to_the_dead_letter_stream() -> anyhow::Result<()> {
+    // re-driving it in process would kill the command API again, and again
+    let db = testkit::TestDb::new().await?;
+    let state = state(&db);
+    let voucher_id = seckill_voucher(&state, 100).await?;
+    let namespace = Namespace::new(testkit::unique_namespace())?;
+    let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
+    cp_nats::ensure_topology(
+        &js,
+        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
+    let publisher = Publisher::new(js.clone(), 256);
+    let consumer = ensure_consumer(
+        &js,
+        &ConsumerSpec::new(namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER)
+            .max_deliver(1)
+            .ack_wait(Duration::from_millis(500)),
+    )
+    .await?;
+    let requests: Vec<OrderRequested> = ["poison", "fine"]
+        .iter()
+        .map(|user| OrderRequested {
+            order_id: Uuid::now_v7(),
+            voucher_id,
+            user_id: (*user).to_owned(),
+            requested_at: Utc::now(),
+        })
+        .collect();
+    for request in &requests {
+        publisher
+            .publish(Outgoing::new(
+                namespace.seckill_requests_subject(),
+                request.order_id.to_string(),
+                serde_json::to_vec(request)?,
+            ))
+            .await?;
+    }
+    // the claim writer's process takes the first request and dies
+    let mut taken = consumer.fetch().max_messages(1).messages().await?;
+    while let Some(message) = futures::StreamExt::next(&mut taken).await {
+        drop(message.map_err(|error| anyhow::anyhow!(error))?);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // its restart: JetStream gives up on the first, the second is decided
+    let runner = ConsumerRunner::batched(
+        consumer.clone(),
+        state.claim_writer(),
+        publisher.clone(),
+        namespace.clone(),
+        RunnerConfig {
+            max_deliver: 1,
+            ..RunnerConfig::default()
+        },
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    testkit::eventually(Duration::from_secs(20), || {
+        let consumer = consumer.clone();
+        async move {
+            let mut consumer = consumer;
+            Ok(consumer.info().await?.ack_floor.stream_sequence == 2)
+        }
+    })
+    .await?;
+    stop.cancel();
+    running.await??;
+    testkit::eventually(Duration::from_secs(10), || {
+        let js = js.clone();
+        let stream = namespace.advisories_stream();
+        async move { Ok(js.get_stream(stream).await?.get_info().await?.state.messages == 1) }
+    })
+    .await?;
+
+    let mut reconciler = RequestReconciler::new(
+        db.pool.clone(),
+        js.clone(),
+        namespace.clone(),
+        state.claim_writer(),
+        ReconcilerConfig::default(),
+    )
+    .starting_at(0);
+    let report = reconciler.pass().await?;
+    assert_eq!(
+        (report.checked, report.missing, report.exhausted, report.repaired),
+        (2, 1, 1, 0),
+        "{report:?}"
+    );
+    let orders = order_statuses(&db.pool).await?;
+    assert!(!orders.contains_key(&requests[0].order_id.to_string()));
+    assert!(orders.contains_key(&requests[1].order_id.to_string()));
+    Ok(())
+}
