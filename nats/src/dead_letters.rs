@@ -22,12 +22,13 @@ use async_nats::{
     HeaderMap,
     jetstream::{
         self,
-        consumer::pull,
+        consumer::{DeliverPolicy, pull},
         stream::{DirectGetErrorKind, Stream},
     },
 };
 use bytes::Bytes;
 use events::subjects::{HDR_EVENT_TYPE, MSG_ID, Namespace};
+use futures::StreamExt as _;
 
 use crate::{
     consumer::{
@@ -36,6 +37,9 @@ use crate::{
     },
     publisher::{Outgoing, Publisher},
 };
+
+/// The longest a listing waits for the next entry it knows is there.
+const SCAN_IDLE: Duration = Duration::from_secs(5);
 
 /// On a re-driven message: the dead-letter entry it came from.
 pub const HDR_REDRIVEN_FROM: &str = "Cp-Redriven-From";
@@ -103,6 +107,12 @@ pub enum DeadLetterError {
         #[source]
         source: jetstream::stream::DirectGetError,
     },
+    #[error("cannot list the dead-letter stream {stream}")]
+    Scan {
+        stream: String,
+        #[source]
+        source: async_nats::Error,
+    },
     #[error("cannot read the dead-letter stream's state")]
     Info(#[source] jetstream::stream::InfoError),
     #[error("dead-letter entry {0} has no original subject: it cannot be re-driven")]
@@ -157,30 +167,59 @@ impl DeadLetters {
         after: u64,
         since: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<Vec<Parsed>, DeadLetterError> {
-        let stream = self.stream().await?;
-        let subject = self.namespace.dead_letter_stream_subject();
+        let mut stream = self.stream().await?;
+        let last = stream.info().await.map_err(DeadLetterError::Info)?.state.last_sequence;
+        if last <= after {
+            return Ok(Vec::new());
+        }
+        // One ordered consumer streams the entries in batches (no acks, gone
+        // when dropped): a direct get per entry costs a round trip each, tens
+        // of seconds for the 100,000 entries a bad month could keep.
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|source| self.scan_error(source))?;
+        let mut messages = consumer.messages().await.map_err(|source| self.scan_error(source))?;
         let mut letters = Vec::new();
-        let mut next = after + 1;
         loop {
-            // one direct get per entry: dead letters are few, and a direct
-            // get needs no consumer on the stream
-            let message = match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
-                Ok(message) => message,
-                Err(error) if matches!(error.kind(), DirectGetErrorKind::NotFound) => break,
-                Err(source) => {
-                    return Err(DeadLetterError::Read {
-                        stream: self.namespace.dead_letter_stream(),
-                        source,
-                    });
-                }
+            let next = tokio::time::timeout(SCAN_IDLE, messages.next())
+                .await
+                .map_err(|source| self.scan_error(source))?;
+            let Some(message) = next else { break };
+            let message = message.map_err(|source| self.scan_error(source))?;
+            let (sequence, time, pending) = {
+                let info = message.info().map_err(|source| self.scan_error(source))?;
+                (info.stream_sequence, info.published, info.pending)
             };
-            next = message.sequence + 1;
-            let letter = parse_with_id(message);
+            let message = message.split().0;
+            let letter = parse_with_id(jetstream::message::StreamMessage {
+                subject: message.subject,
+                sequence,
+                headers: message.headers.unwrap_or_default(),
+                payload: message.payload,
+                time,
+            });
             if since.is_none_or(|since| letter.letter.time >= since) {
                 letters.push(letter);
             }
+            // the entries parked meanwhile are for the next listing
+            if pending == 0 || sequence >= last {
+                break;
+            }
         }
         Ok(letters)
+    }
+
+    fn scan_error(&self, source: impl Into<async_nats::Error>) -> DeadLetterError {
+        DeadLetterError::Scan {
+            stream: self.namespace.dead_letter_stream(),
+            source: source.into(),
+        }
     }
 
     /// One entry by its sequence.
