@@ -409,12 +409,7 @@ pub async fn run(
     // messages a consumer's process died on every time (any consumer, not
     // only this service's): moved to the dead-letter stream
     let sweeper = cp_nats::ExhaustedDeliveries::new(js.clone(), publisher.clone(), namespace.clone());
-    let stop_sweeping = stop.clone();
-    background.spawn(async move {
-        if let Err(error) = sweeper.run(stop_sweeping.cancelled_owned()).await {
-            tracing::error!(error = %platform::errors::DisplayChain(&error), "exhausted deliveries consumer stopped");
-        }
-    });
+    background.spawn(sweeper.run(stop.clone().cancelled_owned()));
     if config.timeouts_enabled {
         let poller = timeouts::TimeoutPoller::new(
             pool.clone(),

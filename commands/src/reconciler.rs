@@ -20,16 +20,19 @@
 //! 60 s when Postgres restarted ([`event_store::reconcile::Cursor`]); then
 //! the cached vouchers, which may include lost decisions, are forgotten too.
 //!
-//! A request the claim writer's process died on at every delivery is not
-//! re-driven: it would kill this process as well. JetStream's advisories
-//! name those (`cp_nats::exhausted`), and the dead-letter stream holds them.
+//! A request the claim writer used up its deliveries on (JetStream's
+//! advisories name those, `cp_nats::exhausted`, and the dead-letter stream
+//! holds them) is not re-driven in process: if it killed the claim writer's
+//! process every time, it would kill this one too. It gets one more chance
+//! through the requests stream, and stays parked if it is exhausted again
+//! ([`RequestReconciler`]'s `second_chance`).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use async_nats::jetstream::{self, consumer::DeliverPolicy, stream::DirectGetErrorKind};
 use event_store::reconcile::{self, Cursor};
 use events::{AggregateEvents as _, Namespace, OrderEvent};
 use futures::StreamExt as _;
@@ -66,8 +69,8 @@ impl Default for ReconcilerConfig {
 /// One admitted request as the claim writer takes it.
 #[derive(Debug, Clone)]
 struct Request {
-    /// Its sequence in the requests stream.
-    sequence: u64,
+    /// As published: sent again as it was.
+    payload: bytes::Bytes,
     voucher_id: Uuid,
     claim: SeckillClaim,
     trace: TraceHeaders,
@@ -81,8 +84,11 @@ pub struct PassReport {
     pub missing: usize,
     pub repaired: usize,
     pub rewound: bool,
-    /// Missing requests not re-driven: the claim writer's process died on
-    /// each of their deliveries, and they are in the dead-letter stream.
+    /// Missing requests the claim writer used up its deliveries on once,
+    /// sent through the requests stream once more.
+    pub second_chances: usize,
+    /// Missing requests it used up its deliveries on twice: not re-driven,
+    /// left in the dead-letter stream.
     pub exhausted: usize,
 }
 
@@ -96,10 +102,12 @@ pub struct RequestReconciler {
     cursor: Option<Cursor>,
     /// Missing requests whose re-drive failed: tried again next pass.
     retry: Vec<Request>,
-    /// Requests the claim writer used up its deliveries on (JetStream's
-    /// advisories, `cp_nats::exhausted`), and how far those were read.
-    exhausted: HashSet<u64>,
+    /// Per order, how often the claim writer used up its deliveries on its
+    /// request (JetStream's advisories, `cp_nats::exhausted`), and how far
+    /// those were read.
+    exhausted: HashMap<Uuid, u32>,
     advisories_read: u64,
+    publisher: cp_nats::Publisher,
 }
 
 impl RequestReconciler {
@@ -110,6 +118,7 @@ impl RequestReconciler {
         writer: ClaimWriter,
         config: ReconcilerConfig,
     ) -> Self {
+        let publisher = cp_nats::Publisher::new(js.clone(), 256);
         Self {
             pool,
             js,
@@ -118,8 +127,9 @@ impl RequestReconciler {
             config,
             cursor: None,
             retry: Vec::new(),
-            exhausted: HashSet::new(),
+            exhausted: HashMap::new(),
             advisories_read: 0,
+            publisher,
         }
     }
 
@@ -176,7 +186,7 @@ impl RequestReconciler {
             report.rewound = true;
         }
         let from = cursor.position();
-        let mut missing = std::mem::take(&mut self.retry);
+        let mut missing = Vec::new();
         if floor > from {
             let requests = read_requests(&stream, from.unsigned_abs() + 1, floor.unsigned_abs()).await?;
             report.checked = requests.len();
@@ -192,32 +202,25 @@ impl RequestReconciler {
             }
             cursor.advance(floor, now);
         }
+        // taken only now: a read above that failed left them in place
+        missing.append(&mut self.retry);
+        // one order's request may be in the stream twice (a second chance)
+        let mut seen = std::collections::HashSet::new();
+        missing.retain(|request| seen.insert(request.claim.order_id));
         report.read_up_to = cursor.position().unsigned_abs();
         report.missing = missing.len();
         if !missing.is_empty() {
             // Read after the ack floor: the floor passes a request only once it
             // is settled or exhausted, and the advisory is kept at exhaustion.
-            // Re-driving one here, in process, would kill this process too.
-            let (sequences, read) = cp_nats::exhausted::exhausted_after(
-                &self.js,
-                &self.namespace,
-                &self.namespace.seckill_requests_stream(),
-                CLAIM_WRITER_CONSUMER,
-                self.advisories_read,
-            )
-            .await
-            .map_err(ReconcileError::Stream)?;
-            self.exhausted.extend(sequences);
-            self.advisories_read = read;
-            let before = missing.len();
-            missing.retain(|request| !self.exhausted.contains(&request.sequence));
-            report.exhausted = before - missing.len();
-            if report.exhausted > 0 {
-                tracing::warn!(
-                    skipped = report.exhausted,
-                    "requests without an order that the claim writer died on every time are not re-driven: they are in the dead-letter stream"
-                );
+            if let Err(error) = self.read_exhausted(&stream).await {
+                self.retry = missing;
+                return Err(error);
             }
+            let (exhausted, redrivable): (Vec<Request>, Vec<Request>) = missing
+                .into_iter()
+                .partition(|request| self.exhausted.contains_key(&request.claim.order_id));
+            missing = redrivable;
+            self.second_chance(exhausted, &mut report).await;
         }
         if !missing.is_empty() {
             tracing::warn!(
@@ -230,6 +233,96 @@ impl RequestReconciler {
             report.repaired = self.redrive(missing).await;
         }
         Ok(report)
+    }
+
+    /// Counts, per order, the requests the claim writer used up its
+    /// deliveries on, from the advisories not read yet. All or nothing: a
+    /// failure leaves the count and the position as they were.
+    async fn read_exhausted(&mut self, stream: &jetstream::stream::Stream) -> Result<(), ReconcileError> {
+        let (sequences, read) = cp_nats::exhausted::exhausted_after(
+            &self.js,
+            &self.namespace,
+            &self.namespace.seckill_requests_stream(),
+            CLAIM_WRITER_CONSUMER,
+            self.advisories_read,
+        )
+        .await
+        .map_err(ReconcileError::Stream)?;
+        let mut counted: HashMap<Uuid, u32> = HashMap::new();
+        for sequence in sequences {
+            match stream.direct_get(sequence).await {
+                Ok(message) => {
+                    if let Ok((_, claim)) = decode_request(&message.payload) {
+                        *counted.entry(claim.order_id).or_default() += 1;
+                    }
+                }
+                // aged out of the stream: nothing left to re-drive
+                Err(error) if matches!(error.kind(), DirectGetErrorKind::NotFound) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        for (order_id, times) in counted {
+            *self.exhausted.entry(order_id).or_default() += times;
+        }
+        self.advisories_read = read;
+        Ok(())
+    }
+
+    /// Requests the claim writer used up its deliveries on are not re-driven
+    /// here, in process: if their message killed the claim writer's process
+    /// every time, it would kill this one too, after every restart. A request
+    /// exhausted once (its deliveries may have been spent by restarts and
+    /// hand-backs, not by a fault of its own) gets one more chance, through
+    /// the requests stream under `exhausted-retry:<order id>`. One exhausted
+    /// twice stays in the dead-letter stream for an operator.
+    async fn second_chance(&mut self, exhausted: Vec<Request>, report: &mut PassReport) {
+        if exhausted.is_empty() {
+            return;
+        }
+        let (once, twice): (Vec<Request>, Vec<Request>) = exhausted
+            .into_iter()
+            .partition(|request| self.exhausted.get(&request.claim.order_id).copied().unwrap_or(0) < 2);
+        report.exhausted = twice.len();
+        if !twice.is_empty() {
+            tracing::warn!(
+                parked = twice.len(),
+                "requests without an order that the claim writer used up its deliveries on twice: left in the dead-letter stream"
+            );
+        }
+        if once.is_empty() {
+            return;
+        }
+        let subject = self.namespace.seckill_requests_subject();
+        let messages: Vec<cp_nats::Outgoing> = once
+            .iter()
+            .map(|request| {
+                let mut message = cp_nats::Outgoing::new(
+                    &subject,
+                    format!("exhausted-retry:{}", request.claim.order_id),
+                    request.payload.clone(),
+                );
+                if let Some(traceparent) = &request.trace.traceparent {
+                    message = message.header(events::subjects::TRACEPARENT, traceparent);
+                }
+                if let Some(tracestate) = &request.trace.tracestate {
+                    message = message.header(events::subjects::TRACESTATE, tracestate);
+                }
+                message
+            })
+            .collect();
+        match self.publisher.publish_all(messages).await {
+            Ok(_) => {
+                tracing::warn!(
+                    requests = once.len(),
+                    "requests without an order that the claim writer used up its deliveries on: sent through it once more"
+                );
+                report.second_chances = once.len();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "sending exhausted requests again failed; next pass retries");
+                self.retry.extend(once);
+            }
+        }
     }
 
     /// Hands missing requests to the claim writer, voucher by voucher; keeps
@@ -307,7 +400,7 @@ async fn read_requests(
         if let Ok((voucher_id, claim)) = decode_request(&message.payload) {
             let trace = message.headers.as_ref().map(trace_of).unwrap_or_default();
             requests.push(Request {
-                sequence,
+                payload: message.payload.clone(),
                 voucher_id,
                 claim,
                 trace,

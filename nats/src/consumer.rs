@@ -23,6 +23,12 @@
 //!   `Nak`s what it holds, so another instance gets them at once; what the
 //!   pull had delivered but the runner had not taken yet (and everything a
 //!   killed process held) comes back after the short ack wait.
+//!
+//! Nothing stays stuck: a batch that takes longer than
+//! [`RunnerConfig::handler_timeout`] is abandoned as a transient failure
+//! (progress acks would otherwise keep a hung handler's messages forever),
+//! and a message whose process died on every delivery is dead-lettered from
+//! JetStream's advisory by [`crate::exhausted`].
 
 use std::{future::Future, pin::Pin, pin::pin, sync::Arc, time::Duration};
 
@@ -111,14 +117,42 @@ pub trait BatchHandler: Send + Sync + 'static {
     fn traces_each_message(&self) -> bool {
         false
     }
+
+    /// Whether the handler bounds each message by the runner's
+    /// [`RunnerConfig::handler_timeout`] itself; otherwise the runner bounds
+    /// each batch by it.
+    fn bounds_each_message(&self) -> bool {
+        false
+    }
 }
 
-/// Adapts a per-message [`Handler`]: messages are handled one after another.
+/// A handler that took longer than [`RunnerConfig::handler_timeout`]: the
+/// attempt is abandoned, and counts as a transient failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler took longer than {0:?}; attempt abandoned")]
+pub struct TimedOut(pub Duration);
+
+/// Adapts a per-message [`Handler`]: messages are handled one after another,
+/// each bounded by its own timeout (one message that hangs does not fail
+/// its neighbours, and many slow ones are not one long batch).
 #[derive(Debug)]
-pub struct OneByOne<H>(pub H);
+pub struct OneByOne<H> {
+    handler: H,
+    timeout: Duration,
+}
+
+impl<H> OneByOne<H> {
+    pub fn new(handler: H, timeout: Duration) -> Self {
+        Self { handler, timeout }
+    }
+}
 
 impl<H: Handler> BatchHandler for OneByOne<H> {
     fn traces_each_message(&self) -> bool {
+        true
+    }
+
+    fn bounds_each_message(&self) -> bool {
         true
     }
 
@@ -136,8 +170,11 @@ impl<H: Handler> BatchHandler for OneByOne<H> {
                 &parent,
                 || tracing::info_span!("consume", otel.name = "consume", otel.kind = "consumer", subject = %message.subject),
             );
-            let handled = platform::telemetry::with_remote_parent(parent, self.0.handle(message));
-            outcomes.push(handled.instrument(span).await);
+            let handled = platform::telemetry::with_remote_parent(parent, self.handler.handle(message));
+            let outcome = tokio::time::timeout(self.timeout, handled.instrument(span))
+                .await
+                .unwrap_or_else(|_| Err(Box::new(TimedOut(self.timeout))));
+            outcomes.push(outcome);
         }
         outcomes
     }
@@ -153,13 +190,15 @@ pub struct RunnerConfig {
     pub batch: usize,
     /// After the first message of a batch, how long to wait for more.
     pub linger: Duration,
-    /// The longest a batch may take. Progress acks keep a batch in hand for
-    /// as long as the handler works on it, so a handler that hangs would
-    /// hold its messages (and its consumer) forever: past this bound the
-    /// attempt is abandoned and counts as a transient failure of every
-    /// message in it (retried with backoff, dead-lettered after
-    /// `max_deliver`). Handlers are idempotent, so an abandoned attempt that
-    /// had committed part of its work is harmless.
+    /// The longest a message may take (with [`ConsumerRunner::new`]'s
+    /// per-message handlers), or a batch (batch handlers, whose batch is one
+    /// unit of work). Progress acks keep messages in hand for as long as the
+    /// handler works on them, so a handler that hangs would hold them (and
+    /// its consumer) forever: past this bound the attempt is abandoned and
+    /// counts as a transient failure ([`TimedOut`]) of each message in it:
+    /// retried with backoff, dead-lettered after `max_deliver`. Handlers are
+    /// idempotent, so an abandoned attempt that had committed part of its
+    /// work is harmless.
     pub handler_timeout: Duration,
 }
 
@@ -235,7 +274,8 @@ impl<H: Handler> ConsumerRunner<OneByOne<H>> {
         namespace: Namespace,
         config: RunnerConfig,
     ) -> Self {
-        Self::batched(consumer, OneByOne(handler), dead_letters, namespace, config)
+        let handler = OneByOne::new(handler, config.handler_timeout);
+        Self::batched(consumer, handler, dead_letters, namespace, config)
     }
 }
 
@@ -473,26 +513,36 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         };
         let mut handling = pin!(self.handler.handle_batch(batch).instrument(span));
         let mut tick = tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
-        let mut deadline = pin!(tokio::time::sleep(self.config.handler_timeout));
-        loop {
+        // a handler that bounds each message is given as long as it takes
+        let timeout = self.config.handler_timeout;
+        let bound = if self.handler.bounds_each_message() {
+            None
+        } else {
+            Some(timeout)
+        };
+        let mut deadline = pin!(tokio::time::sleep(bound.unwrap_or(Duration::MAX)));
+        let outcomes = loop {
             tokio::select! {
-                outcomes = &mut handling => return outcomes,
+                outcomes = &mut handling => break outcomes,
                 _ = tick.tick() => keep_alive(batch).await,
-                () = &mut deadline => {
-                    tracing::error!(
-                        consumer = %self.name, messages = batch.len(), timeout_ms = self.config.handler_timeout.as_millis() as u64,
-                        "handler took too long; abandoning this attempt"
-                    );
-                    metrics::counter!("nats_consumer_messages_total", "consumer" => self.name.clone(), "outcome" => "timed_out")
-                        .increment(batch.len() as u64);
-                    let timeout = self.config.handler_timeout;
-                    return batch
-                        .iter()
-                        .map(|_| Err(format!("the handler took longer than {timeout:?}; attempt abandoned").into()))
-                        .collect();
+                () = &mut deadline, if bound.is_some() => {
+                    break batch.iter().map(|_| Err(Box::new(TimedOut(timeout)) as HandlerError)).collect();
                 }
             }
+        };
+        let timed_out = outcomes
+            .iter()
+            .filter(|outcome| outcome.as_ref().is_err_and(|error| error.is::<TimedOut>()))
+            .count();
+        if timed_out > 0 {
+            tracing::error!(
+                consumer = %self.name, timed_out, timeout_ms = timeout.as_millis() as u64,
+                "handler took too long; attempt abandoned"
+            );
+            metrics::counter!("nats_consumer_messages_total", "consumer" => self.name.clone(), "outcome" => "timed_out")
+                .increment(timed_out as u64);
         }
+        outcomes
     }
 
     /// Whether the probe (if any) answers within 1 s.

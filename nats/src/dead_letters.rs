@@ -168,8 +168,11 @@ impl DeadLetters {
         since: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<Vec<Parsed>, DeadLetterError> {
         let mut stream = self.stream().await?;
-        let last = stream.info().await.map_err(DeadLetterError::Info)?.state.last_sequence;
-        if last <= after {
+        let state = stream.info().await.map_err(DeadLetterError::Info)?.state.clone();
+        let last = state.last_sequence;
+        // (entries leave only from the front, by age: with any left after
+        // `after`, the consumer below has one to deliver)
+        if last <= after || state.messages == 0 {
             return Ok(Vec::new());
         }
         // One ordered consumer streams the entries in batches (no acks, gone

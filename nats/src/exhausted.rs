@@ -17,11 +17,14 @@
 //! runner and reported by an advisory is kept once. From there the
 //! dead-letter CLI shows it, re-drives it or drops it like any other.
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
 
-use async_nats::jetstream::{self, context::GetStreamErrorKind, stream::DirectGetErrorKind};
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, context::GetStreamErrorKind, stream::DirectGetErrorKind},
+};
 use bytes::Bytes;
-use events::subjects::Namespace;
+use events::subjects::{MSG_ID, Namespace};
 use serde::Deserialize;
 
 use crate::{
@@ -108,8 +111,37 @@ impl ExhaustedDeliveries {
         }
     }
 
-    /// Consumes the advisories until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ExhaustedError> {
+    /// Consumes the advisories until `shutdown` resolves. A failure (the
+    /// consumer cannot be created, the pull breaks for good) is retried
+    /// with backoff, never left stopped: nobody else would park these.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let watching = stop.clone();
+        let work = async move {
+            let mut delay = Duration::from_secs(1);
+            loop {
+                match self.clone().run_once(watching.clone().cancelled_owned()).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::error!(
+                            error = %platform::errors::DisplayChain(&error), retry_in_s = delay.as_secs(),
+                            "the consumer of exhausted deliveries stopped; starting it again"
+                        );
+                    }
+                }
+                if watching.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        };
+        tokio::join!(work, async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+
+    async fn run_once(self, shutdown: impl Future<Output = ()>) -> Result<(), ExhaustedError> {
         let spec = ConsumerSpec::new(self.namespace.advisories_stream(), EXHAUSTED_DELIVERIES_CONSUMER).max_deliver(10);
         let consumer = ensure_consumer(&self.js, &spec)
             .await
@@ -151,17 +183,12 @@ impl Handler for ExhaustedDeliveries {
             "delivered {} times without an outcome: the consumer's process crashed, hung or was stopped on it each time",
             advisory.deliveries
         );
-        let (subject, headers, payload, error) = match &original {
-            Some(original) => (
-                original.subject.to_string(),
-                Some(&original.headers),
-                original.payload.clone(),
-                why,
-            ),
+        let headers = original.as_ref().map(|original| published_headers(&original.headers));
+        let (subject, payload, error) = match &original {
+            Some(original) => (original.subject.to_string(), original.payload.clone(), why),
             // aged out of its stream since: the entry still says what was lost
             None => (
                 String::new(),
-                None,
                 Bytes::new(),
                 format!("{why}; it is no longer in its stream"),
             ),
@@ -176,7 +203,7 @@ impl Handler for ExhaustedDeliveries {
                 delivered: advisory.deliveries,
                 error: &error,
             },
-            headers,
+            headers.as_ref(),
             payload,
         );
         self.dead_letters.publish(copy).await?;
@@ -189,4 +216,21 @@ impl Handler for ExhaustedDeliveries {
             .increment(1);
         Ok(())
     }
+}
+
+/// The headers the message was published with: a direct get adds the
+/// server's own (`Nats-Stream`, `Nats-Sequence`, `Nats-Time-Stamp`,
+/// `Nats-Subject`), which a re-drive must not publish again.
+fn published_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut published = HeaderMap::new();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        if name.starts_with("Nats-") && name != MSG_ID {
+            continue;
+        }
+        for value in values {
+            published.append(name.to_owned(), value.as_str());
+        }
+    }
+    published
 }

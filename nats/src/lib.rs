@@ -24,8 +24,8 @@ pub mod publisher;
 pub mod topology;
 
 pub use consumer::{
-    BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, Permanent, Probe, RunnerConfig, is_permanent,
-    permanent, probe,
+    BatchHandler, ConsumerRunner, Handler, HandlerError, OneByOne, Permanent, Probe, RunnerConfig, TimedOut,
+    is_permanent, permanent, probe,
 };
 pub use exhausted::ExhaustedDeliveries;
 pub use publisher::{Outgoing, PublishFailure, Publisher};

@@ -73,6 +73,36 @@ impl Bus {
         }
     }
 
+    /// `recorder` handling `consumer`'s messages until [`Running::stop`].
+    fn run(
+        &self,
+        consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+        recorder: &Recorder,
+        config: RunnerConfig,
+        probe: Option<cp_nats::Probe>,
+    ) -> Running {
+        let mut runner = ConsumerRunner::new(
+            consumer,
+            recorder.clone(),
+            self.publisher.clone(),
+            self.namespace.clone(),
+            config,
+        );
+        if let Some(probe) = probe {
+            runner = runner.with_probe(probe);
+        }
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+        Running { stop, task }
+    }
+
+    async fn until_dead_letters(&self, count: u64) -> anyhow::Result<()> {
+        testkit::eventually(Duration::from_secs(10), || async move {
+            Ok(self.dead_letters().await? == count)
+        })
+        .await
+    }
+
     async fn dead_letters(&self) -> anyhow::Result<u64> {
         Ok(self
             .js
@@ -85,6 +115,20 @@ impl Bus {
     }
 }
 
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), cp_nats::consumer::RunnerError>>,
+}
+
+impl Running {
+    /// Stops the runner and waits until it has given back what it held.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
 /// Records every delivery (body → delivery count as JetStream reports it);
 /// fails while `down` is set, as a handler whose database is away does;
 /// sleeps `delay` per message.
@@ -94,6 +138,8 @@ struct Recorder {
     handled: Arc<Mutex<Vec<String>>>,
     down: Arc<AtomicBool>,
     delay: Duration,
+    /// The one message it hangs on, if any.
+    hangs_on: Option<&'static str>,
 }
 
 impl Recorder {
@@ -123,6 +169,9 @@ impl Handler for Recorder {
         if self.down.load(Ordering::SeqCst) {
             return Err("connection refused (the database is away)".into());
         }
+        if self.hangs_on == Some(body.as_str()) {
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(self.delay).await;
         self.handled.lock().map_err(|_| "poisoned")?.push(body);
         Ok(())
@@ -142,16 +191,7 @@ async fn messages_are_held_not_dead_lettered_while_the_probe_says_the_dependency
     });
     // two deliveries at most, and an ack wait far shorter than the outage
     let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
-    let runner = ConsumerRunner::new(
-        consumer,
-        recorder.clone(),
-        bus.publisher.clone(),
-        bus.namespace.clone(),
-        Bus::config(2, 32),
-    )
-    .with_probe(probe);
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    let running = bus.run(consumer, &recorder, Bus::config(2, 32), Some(probe));
 
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(recorder.handled().is_empty());
@@ -167,8 +207,7 @@ async fn messages_are_held_not_dead_lettered_while_the_probe_says_the_dependency
         assert!(deliveries.iter().all(|d| *d == 1), "m-{i} delivered {deliveries:?}");
     }
     assert_eq!(bus.dead_letters().await?, 0);
-    stop.cancel();
-    running.await??;
+    running.stop().await?;
     Ok(())
 }
 
@@ -181,22 +220,9 @@ async fn without_a_probe_a_failing_dependency_still_ends_in_the_dead_letter_stre
     let recorder = Recorder::default();
     recorder.down.store(true, Ordering::SeqCst);
     let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
-    let runner = ConsumerRunner::new(
-        consumer,
-        recorder.clone(),
-        bus.publisher.clone(),
-        bus.namespace.clone(),
-        Bus::config(2, 32),
-    );
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
-    testkit::eventually(Duration::from_secs(10), || {
-        let bus = &bus;
-        async move { Ok(bus.dead_letters().await? == 3) }
-    })
-    .await?;
-    stop.cancel();
-    running.await??;
+    let running = bus.run(consumer, &recorder, Bus::config(2, 32), None);
+    bus.until_dead_letters(3).await?;
+    running.stop().await?;
     Ok(())
 }
 
@@ -210,15 +236,7 @@ async fn a_long_handler_gets_progress_acks_instead_of_a_redelivery() -> anyhow::
     };
     // each message takes longer than the ack wait
     let consumer = bus.consumer(Duration::from_secs(1), 5).await?;
-    let runner = ConsumerRunner::new(
-        consumer,
-        recorder.clone(),
-        bus.publisher.clone(),
-        bus.namespace.clone(),
-        Bus::config(5, 2),
-    );
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    let running = bus.run(consumer, &recorder, Bus::config(5, 2), None);
     testkit::eventually(Duration::from_secs(10), || {
         let handled = recorder.handled().len();
         async move { Ok(handled == 2) }
@@ -228,8 +246,7 @@ async fn a_long_handler_gets_progress_acks_instead_of_a_redelivery() -> anyhow::
     for i in 0..2 {
         assert_eq!(recorder.deliveries_of(&format!("m-{i}")), [1], "m-{i}");
     }
-    stop.cancel();
-    running.await??;
+    running.stop().await?;
     Ok(())
 }
 
@@ -242,16 +259,12 @@ async fn a_runner_stopped_while_holding_gives_its_messages_back_so_the_next_gets
     let consumer = bus.consumer(Duration::from_secs(30), 5).await?;
     let first = Recorder::default();
     first.down.store(true, Ordering::SeqCst);
-    let runner = ConsumerRunner::new(
+    let running = bus.run(
         consumer.clone(),
-        first.clone(),
-        bus.publisher.clone(),
-        bus.namespace.clone(),
+        &first,
         Bus::config(5, 32),
-    )
-    .with_probe(cp_nats::probe(|| async { false }));
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+        Some(cp_nats::probe(|| async { false })),
+    );
     // the first batch fails and is held; whatever else the pull delivers
     // meanwhile joins the held messages without being handled
     testkit::eventually(Duration::from_secs(5), || {
@@ -260,21 +273,12 @@ async fn a_runner_stopped_while_holding_gives_its_messages_back_so_the_next_gets
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    running.await??;
+    running.stop().await?;
     assert!(first.handled().is_empty());
 
     let second = Recorder::default();
-    let runner = ConsumerRunner::new(
-        consumer,
-        second.clone(),
-        bus.publisher.clone(),
-        bus.namespace.clone(),
-        Bus::config(5, 32),
-    );
-    let stop = CancellationToken::new();
     let started = tokio::time::Instant::now();
-    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    let running = bus.run(consumer, &second, Bus::config(5, 32), None);
     testkit::eventually(Duration::from_secs(5), || {
         let handled = second.handled().len();
         async move { Ok(handled == 20) }
@@ -282,8 +286,7 @@ async fn a_runner_stopped_while_holding_gives_its_messages_back_so_the_next_gets
     .await
     .map_err(|e| anyhow::anyhow!("{e}: the second runner handled {:?}", second.handled()))?;
     assert!(started.elapsed() < Duration::from_secs(5));
-    stop.cancel();
-    running.await??;
+    running.stop().await?;
     Ok(())
 }
 
@@ -298,23 +301,16 @@ async fn a_handler_that_hangs_is_abandoned_after_its_timeout_and_ends_in_the_dea
         ..Recorder::default()
     };
     let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
-    let runner = ConsumerRunner::new(
+    let running = bus.run(
         consumer,
-        recorder.clone(),
-        bus.publisher.clone(),
-        bus.namespace.clone(),
+        &recorder,
         RunnerConfig {
             handler_timeout: Duration::from_millis(500),
             ..Bus::config(2, 1)
         },
+        None,
     );
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
-    testkit::eventually(Duration::from_secs(10), || {
-        let bus = &bus;
-        async move { Ok(bus.dead_letters().await? == 1) }
-    })
-    .await?;
+    bus.until_dead_letters(1).await?;
     assert_eq!(recorder.deliveries_of("m-0"), [1, 2]);
     let letters = cp_nats::dead_letters::DeadLetters::new(bus.js.clone(), bus.namespace.clone())
         .list_after(0, None)
@@ -324,8 +320,7 @@ async fn a_handler_that_hangs_is_abandoned_after_its_timeout_and_ends_in_the_dea
         "{}",
         letters[0].error
     );
-    stop.cancel();
-    running.await??;
+    running.stop().await?;
     Ok(())
 }
 
@@ -353,11 +348,7 @@ async fn a_message_whose_consumer_died_on_every_delivery_is_dead_lettered_from_i
     let sweeper = cp_nats::ExhaustedDeliveries::new(bus.js.clone(), bus.publisher.clone(), bus.namespace.clone());
     let stop = CancellationToken::new();
     let sweeping = tokio::spawn(sweeper.run(stop.clone().cancelled_owned()));
-    testkit::eventually(Duration::from_secs(10), || {
-        let bus = &bus;
-        async move { Ok(bus.dead_letters().await? == 1) }
-    })
-    .await?;
+    bus.until_dead_letters(1).await?;
     let letters = cp_nats::dead_letters::DeadLetters::new(bus.js.clone(), bus.namespace.clone())
         .list_after(0, None)
         .await?;
@@ -376,6 +367,64 @@ async fn a_message_whose_consumer_died_on_every_delivery_is_dead_lettered_from_i
         letter.error
     );
     stop.cancel();
-    sweeping.await??;
+    sweeping.await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_that_hangs_does_not_fail_its_neighbours() -> anyhow::Result<()> {
+    // per-message handlers are bounded message by message
+    let bus = bus().await?;
+    bus.publish(3).await?;
+    let recorder = Recorder {
+        hangs_on: Some("m-1"),
+        ..Recorder::default()
+    };
+    let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
+    let config = RunnerConfig {
+        handler_timeout: Duration::from_millis(300),
+        ..Bus::config(2, 3)
+    };
+    let running = bus.run(consumer, &recorder, config, None);
+    bus.until_dead_letters(1).await?;
+    let mut handled = recorder.handled();
+    handled.sort();
+    assert_eq!(handled, ["m-0", "m-2"]);
+    assert_eq!(recorder.deliveries_of("m-0"), [1]);
+    assert_eq!(recorder.deliveries_of("m-2"), [1]);
+    assert_eq!(recorder.deliveries_of("m-1"), [1, 2]);
+    running.stop().await?;
+    Ok(())
+}
+
+/// A batch handler that never answers.
+struct HangingBatch;
+
+impl cp_nats::BatchHandler for HangingBatch {
+    async fn handle_batch(&self, _messages: &[jetstream::Message]) -> Vec<Result<(), HandlerError>> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_batch_that_hangs_is_abandoned_as_a_whole_and_ends_in_the_dead_letter_stream() -> anyhow::Result<()> {
+    let bus = bus().await?;
+    bus.publish(2).await?;
+    let consumer = bus.consumer(Duration::from_secs(1), 2).await?;
+    let runner = ConsumerRunner::batched(
+        consumer,
+        HangingBatch,
+        bus.publisher.clone(),
+        bus.namespace.clone(),
+        RunnerConfig {
+            handler_timeout: Duration::from_millis(300),
+            ..Bus::config(2, 2)
+        },
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(runner.run(stop.clone().cancelled_owned()));
+    bus.until_dead_letters(2).await?;
+    stop.cancel();
+    running.await??;
     Ok(())
 }

@@ -207,15 +207,10 @@ pub async fn run(
     });
     // messages a consumer's process died on every time (any consumer, not
     // only this daemon's): moved to the dead-letter stream
-    let exhausted = {
-        let sweeper = cp_nats::ExhaustedDeliveries::new(js.clone(), Publisher::new(js.clone(), 64), namespace.clone());
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if let Err(error) = sweeper.run(stop.cancelled_owned()).await {
-                tracing::error!(error = %platform::errors::DisplayChain(&error), "exhausted deliveries consumer stopped");
-            }
-        })
-    };
+    let exhausted = tokio::spawn(
+        cp_nats::ExhaustedDeliveries::new(js.clone(), Publisher::new(js.clone(), 64), namespace.clone())
+            .run(stop.clone().cancelled_owned()),
+    );
     let daemon = Daemon {
         pool: pool.clone(),
         js,

@@ -61,8 +61,9 @@ pub struct ReconcilerConfig {
     pub grace: Duration,
     /// Buyers asked for per `HSCAN` (a hint to Redis, which may answer more).
     pub page: usize,
-    /// The most buyers a pass reads per second: the pause after each page is
-    /// `page / scan_rate`. 0 means no pause.
+    /// The most buyers a pass reads per second, over all vouchers: after
+    /// each page, the walk pauses for as long as the buyers it got take at
+    /// this rate. 0 means no pause.
     pub scan_rate: u32,
 }
 
@@ -78,11 +79,12 @@ impl Default for ReconcilerConfig {
 }
 
 impl ReconcilerConfig {
-    fn pause(&self) -> Duration {
+    /// How long reading `buyers` takes at the scan rate.
+    fn pause(&self, buyers: usize) -> Duration {
         if self.scan_rate == 0 {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64(self.page.max(1) as f64 / f64::from(self.scan_rate))
+        Duration::from_secs_f64(buyers as f64 / f64::from(self.scan_rate))
     }
 }
 
@@ -198,7 +200,6 @@ impl AdmissionReconciler {
         // Judged once per walk: a buyer admitted during the walk is not due.
         let due =
             self.clock.now().timestamp_millis() - i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX);
-        let pause = self.config.pause();
         let mut seen = HashSet::new();
         let mut candidates: Vec<(Uuid, String)> = Vec::new();
         // Some buyer is not confirmed yet: too young, or sent again.
@@ -212,15 +213,18 @@ impl AdmissionReconciler {
                 .arg(self.config.page.max(1))
                 .query_async(&mut self.redis)
                 .await?;
+            let pause = self.config.pause(page.len());
             let buyers = self.vouchers.entry(voucher_id).or_default();
             for (user, order) in page {
-                let Ok(order) = order.parse::<Uuid>() else {
+                // an order id without a time cannot be judged or sent again:
+                // not written by this edge's script
+                let Some((order, at)) = order.parse::<Uuid>().ok().and_then(|o| Some((o, order_millis(o)?))) else {
                     continue;
                 };
                 if buyers.confirmed.contains(&order) {
                     continue;
                 }
-                if order_millis(order).is_some_and(|at| at > due) {
+                if at > due {
                     open = true;
                 } else if seen.insert(order) {
                     // (HSCAN may answer an entry twice while Redis rehashes)
@@ -230,12 +234,14 @@ impl AdmissionReconciler {
             if candidates.len() >= LOOKUP_CHUNK {
                 open |= self.settle(voucher_id, std::mem::take(&mut candidates), report).await? > 0;
             }
+            // the pause bounds the pass's rate over every voucher, the last
+            // page of each included
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
             cursor = next;
             if cursor == 0 {
                 break;
-            }
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
             }
         }
         if !candidates.is_empty() {
@@ -286,7 +292,7 @@ impl AdmissionReconciler {
             let sent = self.resend(voucher_id, &missing).await?;
             metrics::counter!("reconciler_repairs_total", "chain" => "admissions").increment(sent as u64);
             report.resent += sent;
-            resent += missing.len();
+            resent += sent;
         }
         Ok(resent)
     }

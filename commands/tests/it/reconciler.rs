@@ -17,19 +17,47 @@ use uuid::Uuid;
 
 use crate::claims::{order_statuses, seckill_voucher, state};
 
+/// A seckill voucher of 100 units, and a JetStream namespace of the test's own.
+struct Sale {
+    state: commands::AppState,
+    voucher_id: Uuid,
+    namespace: Namespace,
+    js: async_nats::jetstream::Context,
+    publisher: Publisher,
+}
+
+impl Sale {
+    async fn open(db: &testkit::TestDb) -> anyhow::Result<Self> {
+        let state = state(db);
+        let voucher_id = seckill_voucher(&state, 100).await?;
+        let namespace = Namespace::new(testkit::unique_namespace())?;
+        let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
+        cp_nats::ensure_topology(
+            &js,
+            &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+        )
+        .await?;
+        let publisher = Publisher::new(js.clone(), 256);
+        Ok(Self {
+            state,
+            voucher_id,
+            namespace,
+            js,
+            publisher,
+        })
+    }
+}
+
 #[tokio::test]
 async fn acknowledged_requests_whose_orders_vanished_are_re_driven_into_one_order_each() -> anyhow::Result<()> {
     let db = testkit::TestDb::new().await?;
-    let state = state(&db);
-    let voucher_id = seckill_voucher(&state, 100).await?;
-    let namespace = Namespace::new(testkit::unique_namespace())?;
-    let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
-    cp_nats::ensure_topology(
-        &js,
-        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
-    )
-    .await?;
-    let publisher = Publisher::new(js.clone(), 256);
+    let Sale {
+        state,
+        voucher_id,
+        namespace,
+        js,
+        publisher,
+    } = Sale::open(&db).await?;
     let consumer = ensure_consumer(
         &js,
         &ConsumerSpec::new(namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER),
@@ -132,57 +160,38 @@ async fn acknowledged_requests_whose_orders_vanished_are_re_driven_into_one_orde
     Ok(())
 }
 
-#[tokio::test]
-async fn a_request_the_claim_writer_died_on_every_time_is_left_to_the_dead_letter_stream() -> anyhow::Result<()> {
-    // re-driving it in process would kill the command API again, and again
-    let db = testkit::TestDb::new().await?;
-    let state = state(&db);
-    let voucher_id = seckill_voucher(&state, 100).await?;
-    let namespace = Namespace::new(testkit::unique_namespace())?;
-    let js = cp_nats::jetstream(testkit::nats().await?, 1_000);
-    cp_nats::ensure_topology(
-        &js,
-        &Topology::new(namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
-    )
-    .await?;
-    let publisher = Publisher::new(js.clone(), 256);
-    let consumer = ensure_consumer(
-        &js,
-        &ConsumerSpec::new(namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER)
-            .max_deliver(1)
-            .ack_wait(Duration::from_millis(500)),
-    )
-    .await?;
-    let requests: Vec<OrderRequested> = ["poison", "fine"]
-        .iter()
-        .map(|user| OrderRequested {
-            order_id: Uuid::now_v7(),
-            voucher_id,
-            user_id: (*user).to_owned(),
-            requested_at: Utc::now(),
-        })
-        .collect();
-    for request in &requests {
-        publisher
-            .publish(Outgoing::new(
-                namespace.seckill_requests_subject(),
-                request.order_id.to_string(),
-                serde_json::to_vec(request)?,
-            ))
-            .await?;
-    }
-    // the claim writer's process takes the first request and dies
+type PullConsumer = async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>;
+
+/// The claim writer's process takes a message and dies before settling it;
+/// its restart pulls again, which is when JetStream gives up on it
+/// (`max_deliver` 1).
+async fn die_on_next(consumer: &PullConsumer) -> anyhow::Result<()> {
     let mut taken = consumer.fetch().max_messages(1).messages().await?;
     while let Some(message) = futures::StreamExt::next(&mut taken).await {
         drop(message.map_err(|error| anyhow::anyhow!(error))?);
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    // its restart: JetStream gives up on the first, the second is decided
+    Ok(())
+}
+
+async fn advisories(sale: &Sale) -> anyhow::Result<u64> {
+    Ok(sale
+        .js
+        .get_stream(sale.namespace.advisories_stream())
+        .await?
+        .get_info()
+        .await?
+        .state
+        .messages)
+}
+
+/// The claim writer (`max_deliver` 1) until its ack floor reaches `floor`.
+async fn decide_until(sale: &Sale, consumer: &PullConsumer, floor: u64) -> anyhow::Result<()> {
     let runner = ConsumerRunner::batched(
         consumer.clone(),
-        state.claim_writer(),
-        publisher.clone(),
-        namespace.clone(),
+        sale.state.claim_writer(),
+        sale.publisher.clone(),
+        sale.namespace.clone(),
         RunnerConfig {
             max_deliver: 1,
             ..RunnerConfig::default()
@@ -194,35 +203,122 @@ async fn a_request_the_claim_writer_died_on_every_time_is_left_to_the_dead_lette
         let consumer = consumer.clone();
         async move {
             let mut consumer = consumer;
-            Ok(consumer.info().await?.ack_floor.stream_sequence == 2)
+            Ok(consumer.info().await?.ack_floor.stream_sequence >= floor)
         }
     })
     .await?;
     stop.cancel();
     running.await??;
-    testkit::eventually(Duration::from_secs(10), || {
-        let js = js.clone();
-        let stream = namespace.advisories_stream();
-        async move { Ok(js.get_stream(stream).await?.get_info().await?.state.messages == 1) }
-    })
-    .await?;
+    Ok(())
+}
 
-    let mut reconciler = RequestReconciler::new(
+/// Two requests; the claim writer's process died on the first at its only
+/// delivery, and decided the second.
+async fn exhausted_once(db: &testkit::TestDb) -> anyhow::Result<(Sale, PullConsumer, Vec<OrderRequested>)> {
+    let sale = Sale::open(db).await?;
+    let consumer = ensure_consumer(
+        &sale.js,
+        &ConsumerSpec::new(sale.namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER)
+            .max_deliver(1)
+            .ack_wait(Duration::from_millis(500)),
+    )
+    .await?;
+    let requests: Vec<OrderRequested> = ["poison", "fine"]
+        .iter()
+        .map(|user| OrderRequested {
+            order_id: Uuid::now_v7(),
+            voucher_id: sale.voucher_id,
+            user_id: (*user).to_owned(),
+            requested_at: Utc::now(),
+        })
+        .collect();
+    for request in &requests {
+        sale.publisher
+            .publish(Outgoing::new(
+                sale.namespace.seckill_requests_subject(),
+                request.order_id.to_string(),
+                serde_json::to_vec(request)?,
+            ))
+            .await?;
+    }
+    die_on_next(&consumer).await?;
+    decide_until(&sale, &consumer, 2).await?;
+    testkit::eventually(Duration::from_secs(10), || async { Ok(advisories(&sale).await? == 1) }).await?;
+    Ok((sale, consumer, requests))
+}
+
+fn reconciler_of(db: &testkit::TestDb, sale: &Sale) -> RequestReconciler {
+    RequestReconciler::new(
         db.pool.clone(),
-        js.clone(),
-        namespace.clone(),
-        state.claim_writer(),
+        sale.js.clone(),
+        sale.namespace.clone(),
+        sale.state.claim_writer(),
         ReconcilerConfig::default(),
     )
-    .starting_at(0);
-    let report = reconciler.pass().await?;
+    .starting_at(0)
+}
+
+#[tokio::test]
+async fn a_request_the_claim_writer_used_up_its_deliveries_on_gets_one_more_chance_through_the_stream()
+-> anyhow::Result<()> {
+    // its deliveries may have gone on restarts, not on a fault of its own;
+    // and it is not re-driven in process (it may kill the process)
+    let db = testkit::TestDb::new().await?;
+    let (sale, consumer, requests) = exhausted_once(&db).await?;
+    let report = reconciler_of(&db, &sale).pass().await?;
     assert_eq!(
-        (report.checked, report.missing, report.exhausted, report.repaired),
-        (2, 1, 1, 0),
+        (report.missing, report.second_chances, report.exhausted, report.repaired),
+        (1, 1, 0, 0),
         "{report:?}"
     );
+    assert!(
+        !order_statuses(&db.pool)
+            .await?
+            .contains_key(&requests[0].order_id.to_string())
+    );
+
+    // the claim writer takes the copy and decides it
+    decide_until(&sale, &consumer, 3).await?;
     let orders = order_statuses(&db.pool).await?;
-    assert!(!orders.contains_key(&requests[0].order_id.to_string()));
-    assert!(orders.contains_key(&requests[1].order_id.to_string()));
+    let (event, user) = &orders[&requests[0].order_id.to_string()];
+    assert_eq!((event.as_str(), user.as_str()), ("OrderPlaced", "poison"));
+    let report = reconciler_of(&db, &sale).pass().await?;
+    assert_eq!((report.missing, report.second_chances), (0, 0), "{report:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_the_claim_writer_used_up_its_deliveries_on_twice_is_left_to_the_dead_letter_stream()
+-> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let (sale, consumer, requests) = exhausted_once(&db).await?;
+    let report = reconciler_of(&db, &sale).pass().await?;
+    assert_eq!(report.second_chances, 1, "{report:?}");
+    // the copy kills the claim writer's process too
+    die_on_next(&consumer).await?;
+    let mut pull = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_millis(1_500))
+        .messages()
+        .await?;
+    while futures::StreamExt::next(&mut pull).await.is_some() {}
+    testkit::eventually(Duration::from_secs(10), || async { Ok(advisories(&sale).await? == 2) }).await?;
+
+    // a restarted reconciler reads both advisories: parked, not re-driven
+    let mut reconciler = reconciler_of(&db, &sale);
+    let report = reconciler.pass().await?;
+    assert_eq!(
+        (report.missing, report.second_chances, report.exhausted, report.repaired),
+        (1, 0, 1, 0),
+        "{report:?}"
+    );
+    assert!(
+        !order_statuses(&db.pool)
+            .await?
+            .contains_key(&requests[0].order_id.to_string())
+    );
+    let stream = sale.js.get_stream(sale.namespace.seckill_requests_stream()).await?;
+    assert_eq!(stream.cached_info().state.messages, 3, "no third copy");
     Ok(())
 }
