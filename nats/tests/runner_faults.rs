@@ -361,6 +361,12 @@ async fn a_message_whose_consumer_died_on_every_delivery_is_dead_lettered_from_i
     assert_eq!(letter.original_msg_id.as_deref(), Some("evt-poison"));
     assert_eq!(letter.event_type.as_deref(), Some("OrderPlaced"));
     assert_eq!(&letter.payload[..], b"poison");
+    // as published: not the headers a direct get adds (Nats-Stream, …)
+    assert!(
+        letter.headers.iter().all(|(name, _)| !name.starts_with("Nats-")),
+        "{:?}",
+        letter.headers
+    );
     assert!(
         letter.error.contains("delivered 2 times without an outcome"),
         "{}",
