@@ -11,6 +11,9 @@
 //! - [`claims`]: the seckill claim writer, JetStream → voucher + orders;
 //!   [`reconciler`]: beside it, proves every acknowledged request has an
 //!   order and re-drives the ones a lost commit left without one.
+//! - `cp_nats::ExhaustedDeliveries` runs here (and in the projection daemon):
+//!   messages a consumer's process died on at every delivery, moved to the
+//!   dead-letter stream.
 //! - every cached aggregate is forgotten when Postgres restarted (it may
 //!   have lost commits they include).
 //! - [`lifecycle`]: the order lifecycle reactor; [`saga`]: the goods

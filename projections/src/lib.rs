@@ -16,7 +16,8 @@
 //!   documents once the projector is fixed (the `citypicks-dlq` CLI);
 //! - [`catalog`]: every projection by name;
 //! - [`Config`] (env), [`AppState`], [`router`] (`/health`, `/metrics`) and
-//!   [`run`] (the `projection-daemon` process).
+//!   [`run`] (the `projection-daemon` process, which also runs
+//!   `cp_nats::ExhaustedDeliveries`, as the command API does).
 
 pub mod catalog;
 pub mod daemon;
