@@ -18,7 +18,6 @@
 //! bucket publish it once). The claim writer decides each order id once,
 //! however many copies arrive. Each re-sent request counts in
 //! `reconciler_repairs_total{chain="admissions"}`.
-
 //!
 //! The buyers hash of a big sale holds hundreds of thousands of entries, and
 //! Redis runs the admissions of that sale. So the hash is never read whole:
