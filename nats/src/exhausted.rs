@@ -39,7 +39,11 @@ pub const EXHAUSTED_DELIVERIES_CONSUMER: &str = "exhausted-deliveries";
 
 /// The subject JetStream announces `stream`'s exhausted messages on, any consumer.
 pub fn max_deliveries_subject(stream: &str) -> String {
-    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*")
+    advisory_subject(stream, "*")
+}
+
+fn advisory_subject(stream: &str, consumer: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
 }
 
 /// The stream sequences of `stream`'s messages that `consumer` used up its
@@ -57,7 +61,7 @@ pub async fn exhausted_after(
     after: u64,
 ) -> Result<(Vec<u64>, u64), async_nats::Error> {
     let advisories = js.get_stream(namespace.advisories_stream()).await?;
-    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}");
+    let subject = advisory_subject(stream, consumer);
     let (mut sequences, mut last) = (Vec::new(), after);
     loop {
         match advisories

@@ -322,3 +322,68 @@ async fn a_request_the_claim_writer_used_up_its_deliveries_on_twice_is_left_to_t
     assert_eq!(stream.cached_info().state.messages, 3, "no third copy");
     Ok(())
 }
+
+#[tokio::test]
+async fn requests_found_missing_survive_a_pass_that_fails_after_finding_them() -> anyhow::Result<()> {
+    // the cursor has moved past them: dropped, nothing would find them again
+    let db = testkit::TestDb::new().await?;
+    let sale = Sale::open(&db).await?;
+    let consumer = ensure_consumer(
+        &sale.js,
+        &ConsumerSpec::new(sale.namespace.seckill_requests_stream(), CLAIM_WRITER_CONSUMER),
+    )
+    .await?;
+    let request = OrderRequested {
+        order_id: Uuid::now_v7(),
+        voucher_id: sale.voucher_id,
+        user_id: "ann".to_owned(),
+        requested_at: Utc::now(),
+    };
+    sale.publisher
+        .publish(Outgoing::new(
+            sale.namespace.seckill_requests_subject(),
+            request.order_id.to_string(),
+            serde_json::to_vec(&request)?,
+        ))
+        .await?;
+    // acknowledged, its decision gone (a commit that vanished)
+    let mut taken = consumer.fetch().max_messages(1).messages().await?;
+    while let Some(message) = futures::StreamExt::next(&mut taken).await {
+        message
+            .map_err(|error| anyhow::anyhow!(error))?
+            .double_ack()
+            .await
+            .map_err(|error| anyhow::anyhow!(error))?;
+    }
+
+    testkit::eventually(Duration::from_secs(10), || {
+        let consumer = consumer.clone();
+        async move {
+            let mut consumer = consumer;
+            Ok(consumer.info().await?.ack_floor.stream_sequence == 1)
+        }
+    })
+    .await?;
+
+    // the pass finds it, then cannot read the advisories
+    sale.js.delete_stream(sale.namespace.advisories_stream()).await?;
+    let mut reconciler = reconciler_of(&db, &sale);
+    assert!(reconciler.pass().await.is_err());
+    cp_nats::ensure_topology(
+        &sale.js,
+        &Topology::new(sale.namespace.clone()).with_replicas(testkit::nats_stream_replicas()),
+    )
+    .await?;
+    let report = reconciler.pass().await?;
+    assert_eq!(
+        (report.checked, report.missing, report.repaired),
+        (0, 1, 1),
+        "{report:?}"
+    );
+    assert!(
+        order_statuses(&db.pool)
+            .await?
+            .contains_key(&request.order_id.to_string())
+    );
+    Ok(())
+}

@@ -227,3 +227,35 @@ async fn on_a_redis_cluster_the_walk_is_routed_to_the_vouchers_node() -> anyhow:
     assert_eq!(reconciler.pass().await?, report(8, 8, 4));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_scan_rate_caps_a_pass_over_many_small_vouchers() -> anyhow::Result<()> {
+    // one page each: a pause per full page would never pause them
+    let db = testkit::TestDb::new().await?;
+    let harness = Harness::new(NO_RATE_LIMIT, db.pool.clone()).await?;
+    let mut redis = harness.redis.clone();
+    let minute_ago = u64::try_from((Utc::now() - chrono::Duration::minutes(1)).timestamp())?;
+    for _ in 0..4 {
+        let voucher = harness.open_sale(10).await?;
+        let buyers: Vec<(String, String)> = (0..100)
+            .map(|i| {
+                let order = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, minute_ago, i));
+                (format!("user-{i}"), order.to_string())
+            })
+            .collect();
+        let _: () = redis.hset_multiple(&harness.gate.keys(voucher).buyers, &buyers).await?;
+    }
+    let config = ReconcilerConfig {
+        scan_rate: 4_000, // 400 buyers: 100 ms
+        ..no_grace()
+    };
+    let mut reconciler = new_reconciler(&harness, &db.pool, config, Arc::new(SystemClock));
+    let started = std::time::Instant::now();
+    assert_eq!(reconciler.pass().await?, report(400, 400, 4));
+    assert!(
+        started.elapsed() >= Duration::from_millis(95),
+        "{:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
